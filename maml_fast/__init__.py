@@ -1,0 +1,17 @@
+"""maml_fast: MAML-family meta-learning with the whole meta-batch as one task-batched program.
+
+    import maml_fast as mf
+    net = mf.models.conv4(in_channels=1, num_classes=5, hidden=64, downsample="stride")
+    learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, first_order=False, backend="auto")
+    out = learner(mf.TaskBatch(support_x, support_y, query_x, query_y))
+    out.loss.backward()
+"""
+from . import models
+from .maml import MAML, FastWeights, MAMLOutput, multi_step_loss_weights
+from .task_batch import TaskBatch
+from .variants import ANIL, MAMLPlusPlus, MetaSGD
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
+           "multi_step_loss_weights"]

@@ -1,0 +1,1 @@
+"""Task-batched ops: one module per op, each with its pure-PyTorch per-task reference."""

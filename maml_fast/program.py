@@ -1,0 +1,140 @@
+"""Lowering: an `nn.Module` becomes a task-batched program of ops.
+
+A program runs a network for all T tasks at once with per-task parameters ``{name: [T, *shape]}``.
+Activations flow in the grouped layout ``[B, T*C, ...]`` (see `maml_fast.ops.conv2d`). Any
+`nn.Sequential` (nested freely) of the layers in `_LOWERINGS` lowers; anything else makes `lower`
+return the reason, and the learner falls back to `torch.func.vmap`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .ops import conv2d as conv_ops
+from .ops import linear as linear_ops
+from .ops import norm as norm_ops
+
+Layer = Callable[[torch.Tensor, dict, int], torch.Tensor]
+
+
+def _param(params: dict, prefix: str, name: str, module: nn.Module):
+    return params[prefix + name] if getattr(module, name, None) is not None else None
+
+
+def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str):
+    if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None, "only groups=1, dilation=1, zero padding given as numbers is task-batched"
+    stride, padding = module.stride, module.padding
+
+    def run(x, params, tasks):
+        return conv_ops.conv2d(x, params[prefix + "weight"], _param(params, prefix, "bias", module),
+                               stride, padding, backend)
+    return run, None
+
+
+def _lower_linear(module: nn.Linear, prefix: str, backend: str):
+    def run(x, params, tasks):
+        return linear_ops.linear(x, params[prefix + "weight"], _param(params, prefix, "bias", module))
+    return run, None
+
+
+def _lower_batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str):
+    if module.track_running_stats:
+        return None, "BatchNorm with track_running_stats=True (MAML uses per-task batch statistics)"
+
+    def run(x, params, tasks):
+        return norm_ops.batch_norm(x, _param(params, prefix, "weight", module),
+                                   _param(params, prefix, "bias", module), tasks, module.eps)
+    return run, None
+
+
+def _lower_layer_norm(module: nn.LayerNorm, prefix: str, backend: str):
+    def run(x, params, tasks):
+        return norm_ops.layer_norm(x, module.normalized_shape, _param(params, prefix, "weight", module),
+                                   _param(params, prefix, "bias", module), tasks, module.eps)
+    return run, None
+
+
+def _lower_group_norm(module: nn.GroupNorm, prefix: str, backend: str):
+    def run(x, params, tasks):
+        return norm_ops.group_norm(x, module.num_groups, _param(params, prefix, "weight", module),
+                                   _param(params, prefix, "bias", module), tasks, module.eps)
+    return run, None
+
+
+def _lower_stateless(module: nn.Module, prefix: str, backend: str):
+    # Channel-wise ops compute the same function in the grouped layout as per task.
+    return (lambda x, params, tasks: module(x)), None
+
+
+def _lower_adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, prefix: str, backend: str):
+    if module.output_size not in (1, (1, 1)):
+        return None, "only AdaptiveAvgPool2d(1) (global mean pool) is task-batched"
+    return (lambda x, params, tasks: x.mean(dim=(2, 3), keepdim=True)), None
+
+
+def _lower_flatten(module: nn.Flatten, prefix: str, backend: str):
+    if module.start_dim != 1 or module.end_dim != -1:
+        return None, "only Flatten(start_dim=1, end_dim=-1) is task-batched"
+    # [B, T*C, H, W] in logical NCHW order flattens to [B, T*(C*H*W)]: task t's features stay in block t.
+    return (lambda x, params, tasks: x.reshape(x.shape[0], -1)), None
+
+
+_LOWERINGS = {
+    nn.Conv2d: _lower_conv2d,
+    nn.Linear: _lower_linear,
+    nn.BatchNorm1d: _lower_batch_norm,
+    nn.BatchNorm2d: _lower_batch_norm,
+    nn.LayerNorm: _lower_layer_norm,
+    nn.GroupNorm: _lower_group_norm,
+    nn.ReLU: _lower_stateless,
+    nn.MaxPool2d: _lower_stateless,
+    nn.AvgPool2d: _lower_stateless,
+    nn.Identity: _lower_stateless,
+    nn.AdaptiveAvgPool2d: _lower_adaptive_avg_pool,
+    nn.Flatten: _lower_flatten,
+}
+
+
+@dataclass
+class Program:
+    layers: list[Layer]
+
+    def __call__(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """Run all tasks: params ``{name: [T, ...]}``, x task-major ``[T, B, *features]``;
+        returns task-major ``[T, B, *outputs]``."""
+        tasks, batch = x.shape[:2]
+        h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
+        for layer in self.layers:
+            h = layer(h, params, tasks)
+        return h.reshape(batch, tasks, h.shape[1] // tasks, *h.shape[2:]).transpose(0, 1)
+
+
+def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
+    """The task-batched program of `module`, or (None, reason naming the layer that prevents it)."""
+    layers: list[Layer] = []
+
+    def visit(mod: nn.Module, prefix: str) -> str | None:
+        if type(mod) is nn.Sequential:
+            for name, child in mod.named_children():
+                reason = visit(child, f"{prefix}{name}.")
+                if reason:
+                    return reason
+            return None
+        where = prefix[:-1] or "the root module"
+        lowering = _LOWERINGS.get(type(mod))
+        if lowering is None:
+            return f"layer {where!r} ({type(mod).__name__}) has no task-batched op"
+        if isinstance(mod, nn.MaxPool2d) and (mod.dilation not in (1, (1, 1)) or mod.return_indices):
+            return f"layer {where!r} (MaxPool2d with dilation or return_indices) has no task-batched op"
+        run, reason = lowering(mod, prefix, backend)
+        if reason:
+            return f"layer {where!r} ({type(mod).__name__}): {reason}"
+        layers.append(run)
+        return None
+
+    reason = visit(module, "")
+    return (None, reason) if reason else (Program(layers), None)
