@@ -310,19 +310,29 @@ class MAML(nn.Module):
         static = self._static_tensors(meta_grad)
         record: dict[str, list] = {"support_loss": [], "support_accuracy": [], "query_loss": [], "query_accuracy": []}
         objective = 0.0
+        labels_checked = support_y.is_floating_point()
+
+        def checked_loss_fn(output, labels):
+            # Labels are checked against the network's output size at the first loss, before any
+            # loss kernel could index out of range.
+            nonlocal labels_checked
+            if not labels_checked:
+                check_labels("support_y", support_y, output.shape[-1])
+                if query_y is not None:
+                    check_labels("query_y", query_y, output.shape[-1])
+                labels_checked = True
+            return loss_fn(output, labels)
 
         def query_eval(step, weight):
             nonlocal objective
             params = self._params_at(dict(zip(self.adapted_names, fast)), step, tasks, static)
             with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
-                loss, accuracy = loss_fn(forward(params, query_x), query_y)
+                loss, accuracy = checked_loss_fn(forward(params, query_x), query_y)
             if weight != 0.0:
                 objective = objective + weight * loss
             record["query_loss"].append(loss.detach())
             record["query_accuracy"].append(accuracy)
 
-        if not support_y.is_floating_point():
-            self._check_labels_against_output(forward, fast, static, tasks, support_x, support_y, query_y)
         for k in range(steps + 1):
             if query_x is not None:
                 # weights[k-1] weighs the query loss after k steps; with no steps the loss is at θ.
@@ -334,7 +344,7 @@ class MAML(nn.Module):
                     record["query_accuracy"].append(support_x.new_full((tasks,), math.nan))
             if k == steps:
                 break
-            step_fn = self._step_function(k, tasks, forward, support_x, support_y, loss_fn)
+            step_fn = self._step_function(k, tasks, forward, support_x, support_y, checked_loss_fn)
             with torch.enable_grad():
                 if self.checkpoint_inner_steps and meta_grad:
                     *fast, loss, accuracy = _CheckpointedInnerStep.apply(step_fn, len(fast), second_order, *fast, *static)
@@ -347,14 +357,6 @@ class MAML(nn.Module):
         if query_x is not None:
             stacked["objective"] = objective
         return dict(zip(self.adapted_names, fast)), stacked
-
-    def _check_labels_against_output(self, forward, fast, static, tasks, support_x, support_y, query_y):
-        with torch.no_grad():
-            params = self._params_at(dict(zip(self.adapted_names, fast)), 0, tasks, static)
-            classes = forward({n: p[:1] for n, p in params.items()}, support_x[:1, :1]).shape[-1]
-        check_labels("support_y", support_y, classes)
-        if query_y is not None:
-            check_labels("query_y", query_y, classes)
 
     def _static_tensors(self, meta_grad):
         """Tensors besides the fast weights that an inner step depends on (meta-learned): the

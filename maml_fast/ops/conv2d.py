@@ -46,7 +46,8 @@ class ConvGeometry:
 
 
 class TorchConvPrimitives:
-    """The three primitives as single grouped cuDNN/oneDNN calls (groups = T)."""
+    """The three primitives as single grouped cuDNN/oneDNN calls (groups = T). Only activations are
+    made channels-last: oneDNN then picks its channels-last kernels and reorders the (small) weights itself."""
 
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
@@ -55,14 +56,14 @@ class TorchConvPrimitives:
     def forward(self, x, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch, kh, kw = weight.shape
         return F.conv2d(
-            self._layout(x), self._layout(weight.reshape(tasks * out_ch, in_ch, kh, kw)),
+            self._layout(x), weight.reshape(tasks * out_ch, in_ch, kh, kw),
             stride=geo.stride, padding=geo.padding, groups=tasks,
         )
 
     def input_grad(self, grad_out, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch, kh, kw = weight.shape
         return F.conv_transpose2d(
-            self._layout(grad_out), self._layout(weight.reshape(tasks * out_ch, in_ch, kh, kw)),
+            self._layout(grad_out), weight.reshape(tasks * out_ch, in_ch, kh, kw),
             stride=geo.stride, padding=geo.padding, output_padding=geo.output_padding(), groups=tasks,
         )
 
@@ -72,7 +73,7 @@ class TorchConvPrimitives:
         in_ch = x.shape[1] // tasks
         weight_shape = x.new_empty((tasks * out_ch, in_ch) + geo.kernel_hw)
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            self._layout(grad_out), self._layout(x), self._layout(weight_shape), None,
+            self._layout(grad_out), self._layout(x), weight_shape, None,
             list(geo.stride), list(geo.padding), [1, 1], False, [0, 0], tasks, [False, True, False],
         )
         return grad_weight.reshape(tasks, out_ch, in_ch, *geo.kernel_hw)

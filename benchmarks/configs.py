@@ -1,0 +1,72 @@
+"""The benchmarked meta-step configurations, shared by the pytest-benchmark suite, the ratio table
+and the memory script. Inputs are random (speed does not depend on the pixel values)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import maml_fast as mf
+
+
+@dataclass(frozen=True)
+class MetaStepConfig:
+    name: str
+    tasks: int
+    ways: int
+    shots: int
+    queries_per_class: int
+    inner_steps: int
+    channels: int
+    image_size: int
+    hidden: int
+    downsample: str
+    inner_lr: float
+
+    def make_net(self, device="cpu", dtype=torch.float32):
+        torch.manual_seed(0)
+        net = mf.models.conv4(self.channels, self.ways, self.hidden, self.downsample, image_size=self.image_size)
+        return net.to(device=device, dtype=dtype)
+
+    def make_batch(self, device="cpu", dtype=torch.float32, seed=0) -> mf.TaskBatch:
+        gen = torch.Generator().manual_seed(seed)
+        image = (self.channels, self.image_size, self.image_size)
+
+        def split(per_class):
+            x = torch.randn(self.tasks, self.ways * per_class, *image, generator=gen, dtype=dtype)
+            y = torch.arange(self.ways).repeat_interleave(per_class).expand(self.tasks, -1).contiguous()
+            return x.to(device), y.to(device)
+
+        return mf.TaskBatch(*split(self.shots), *split(self.queries_per_class))
+
+
+CONFIGS = {
+    "omniglot_5w1s": MetaStepConfig("omniglot_5w1s", tasks=32, ways=5, shots=1, queries_per_class=1, inner_steps=1,
+                                    channels=1, image_size=28, hidden=64, downsample="stride", inner_lr=0.4),
+    "miniimagenet_5w1s": MetaStepConfig("miniimagenet_5w1s", tasks=4, ways=5, shots=1, queries_per_class=15,
+                                        inner_steps=5, channels=3, image_size=84, hidden=32, downsample="maxpool",
+                                        inner_lr=0.01),
+}
+
+
+PEERS = ("loop", "vmap", "functorch", "torch")
+
+
+def meta_step(peer: str, config: MetaStepConfig, device="cpu", dtype=torch.float32):
+    """A zero-argument callable running one second-order meta-step (inner loop, query loss,
+    meta-backward) of ``peer`` on ``config``; per-step metrics are off so every peer does the same work."""
+    from .functorch_peer import functorch_meta_loss
+
+    net = config.make_net(device, dtype)
+    batch = config.make_batch(device, dtype)
+    if peer == "functorch":
+        def step():
+            net.zero_grad(set_to_none=True)
+            functorch_meta_loss(net, batch, config.inner_lr, config.inner_steps).backward()
+        return step
+    learner = mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=peer, step_metrics=False)
+
+    def step():
+        learner.zero_grad(set_to_none=True)
+        learner(batch).loss.backward()
+    return step

@@ -1,0 +1,178 @@
+// maml_fast::fast_weight_update: input checks, operand layouts and the CPU kernel.
+#include "fast_weight_update.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace maml_fast {
+namespace {
+
+constexpr const char* kOpName = "maml_fast::fast_weight_update";
+// Elements below which at::parallel_for stays on one thread (ATen's own default).
+constexpr std::int64_t kGrainSize = 32768;
+
+// Layout of a [T, *s] operand with at least one element; copies only what no layout can describe.
+Operand describe_task_major(const at::Tensor& tensor) {
+  if (tensor.is_contiguous()) {
+    return {tensor, OperandLayout::kPerTask};
+  }
+  if (tensor.stride(0) == 0) {  // broadcast over tasks: keep the one task-sized copy
+    return {tensor.select(0, 0).contiguous(), OperandLayout::kShared};
+  }
+  return {tensor.contiguous(), OperandLayout::kPerTask};
+}
+
+// Layout of a learning rate; its shape was checked to be [], s or [T, *s].
+Operand describe_lr(const at::Tensor& lr, std::int64_t param_dim) {
+  if (lr.dim() == 0) {
+    return {lr, OperandLayout::kScalar};
+  }
+  if (lr.dim() == param_dim) {
+    return describe_task_major(lr);
+  }
+  return {lr.contiguous(), OperandLayout::kShared};
+}
+
+void check_matches_first(
+    const char* name, std::size_t index, const at::Tensor& tensor, const at::Tensor& first_param) {
+  TORCH_CHECK_TYPE(
+      tensor.scalar_type() == first_param.scalar_type(), kOpName, ": ", name, "[", index,
+      "] has dtype ", tensor.scalar_type(), " but params[0] has ", first_param.scalar_type(),
+      "; all tensors must share one dtype");
+  TORCH_CHECK_VALUE(
+      tensor.device() == first_param.device(), kOpName, ": ", name, "[", index, "] is on ",
+      tensor.device(), " but params[0] is on ", first_param.device());
+}
+
+// out[k] = param[k] - lr[k] * grad[k] over one contiguous run inside a task.
+template <typename scalar_t, bool kScalarLr>
+void update_run(
+    scalar_t* __restrict__ out, const scalar_t* param, const scalar_t* grad, const scalar_t* lr,
+    std::int64_t count) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t scalar_lr = kScalarLr ? static_cast<opmath_t>(lr[0]) : opmath_t(0);
+  for (std::int64_t k = 0; k < count; ++k) {
+    const opmath_t rate = kScalarLr ? scalar_lr : static_cast<opmath_t>(lr[k]);
+    out[k] = static_cast<scalar_t>(
+        static_cast<opmath_t>(param[k]) - rate * static_cast<opmath_t>(grad[k]));
+  }
+}
+
+// Elements [begin, end) of one entry, split at task boundaries where the operands are contiguous.
+template <typename scalar_t>
+void update_entry_range(const UpdateEntry& entry, std::int64_t begin, std::int64_t end) {
+  scalar_t* out = entry.out.mutable_data_ptr<scalar_t>();
+  const scalar_t* param = entry.param.tensor.const_data_ptr<scalar_t>();
+  const scalar_t* grad = entry.grad.tensor.const_data_ptr<scalar_t>();
+  const scalar_t* lr = entry.lr.tensor.const_data_ptr<scalar_t>();
+  const bool scalar_lr = entry.lr.layout == OperandLayout::kScalar;
+  for (std::int64_t index = begin; index < end;) {
+    const std::int64_t index_in_task = index % entry.inner;
+    const std::int64_t count = std::min(entry.inner - index_in_task, end - index);
+    const scalar_t* param_run = param + element_offset(entry.param.layout, index, index_in_task);
+    const scalar_t* grad_run = grad + element_offset(entry.grad.layout, index, index_in_task);
+    const scalar_t* lr_run = lr + element_offset(entry.lr.layout, index, index_in_task);
+    if (scalar_lr) {
+      update_run<scalar_t, true>(out + index, param_run, grad_run, lr_run, count);
+    } else {
+      update_run<scalar_t, false>(out + index, param_run, grad_run, lr_run, count);
+    }
+    index += count;
+  }
+}
+
+// One parallel loop over the elements of all entries, laid end to end.
+template <typename scalar_t>
+void update_entries_cpu(const std::vector<UpdateEntry>& entries) {
+  std::vector<std::int64_t> starts(entries.size() + 1, 0);
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    starts[i + 1] = starts[i] + entries[i].out.numel();
+  }
+  at::parallel_for(0, starts.back(), kGrainSize, [&](std::int64_t begin, std::int64_t end) {
+    // Entries are non-empty, so `starts` is strictly increasing and this finds begin's entry.
+    std::size_t entry = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    while (begin < end) {
+      const std::int64_t stop = std::min(end, starts[entry + 1]);
+      update_entry_range<scalar_t>(entries[entry], begin - starts[entry], stop - starts[entry]);
+      begin = stop;
+      ++entry;
+    }
+  });
+}
+
+std::vector<at::Tensor> fast_weight_update_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList lrs) {
+  UpdatePlan plan = plan_fast_weight_update(params, grads, lrs);
+  if (!plan.entries.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, params[0].scalar_type(), "fast_weight_update_cpu",
+        [&] { update_entries_cpu<scalar_t>(plan.entries); });
+  }
+  return plan.outputs;
+}
+
+}  // namespace
+
+UpdatePlan plan_fast_weight_update(at::TensorList params, at::TensorList grads, at::TensorList lrs) {
+  TORCH_CHECK_VALUE(
+      grads.size() == params.size(), kOpName, ": grads has ", grads.size(),
+      " tensors but params has ", params.size());
+  TORCH_CHECK_VALUE(
+      lrs.size() == params.size(), kOpName, ": lrs has ", lrs.size(), " tensors but params has ",
+      params.size());
+  UpdatePlan plan;
+  if (params.empty()) {
+    return plan;
+  }
+  const at::Tensor& first_param = params[0];
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(first_param.scalar_type()), kOpName,
+      ": params[0] must be a floating-point tensor, got ", first_param.scalar_type());
+  TORCH_CHECK_VALUE(
+      first_param.dim() >= 1, kOpName,
+      ": params[0] must have a leading task dimension [T, ...], got a 0-dim tensor");
+  const std::int64_t tasks = first_param.size(0);
+
+  plan.outputs.reserve(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    const at::Tensor& grad = grads[i];
+    const at::Tensor& lr = lrs[i];
+    check_matches_first("params", i, param, first_param);
+    check_matches_first("grads", i, grad, first_param);
+    check_matches_first("lrs", i, lr, first_param);
+    TORCH_CHECK_VALUE(
+        param.dim() >= 1 && param.size(0) == tasks, kOpName, ": params[", i, "] has shape ",
+        param.sizes(), " but params[0] has ", tasks, " tasks in dim 0");
+    TORCH_CHECK_VALUE(
+        grad.sizes() == param.sizes(), kOpName, ": grads[", i, "] has shape ", grad.sizes(),
+        " but params[", i, "] has shape ", param.sizes());
+    const at::IntArrayRef task_shape = param.sizes().slice(1);
+    TORCH_CHECK_VALUE(
+        lr.dim() == 0 || lr.sizes() == task_shape || lr.sizes() == param.sizes(), kOpName,
+        ": lrs[", i, "] has shape ", lr.sizes(), "; for params[", i, "] of shape ", param.sizes(),
+        " it must be [] (one rate), ", task_shape, " (per element, shared by the tasks) or ",
+        param.sizes(), " (per task and element)");
+
+    at::Tensor out = at::empty(param.sizes(), param.options());
+    plan.outputs.push_back(out);
+    if (param.numel() == 0) {
+      continue;
+    }
+    plan.entries.push_back(
+        {out, describe_task_major(param), describe_task_major(grad), describe_lr(lr, param.dim()),
+         param.numel() / tasks});
+  }
+  return plan;
+}
+
+}  // namespace maml_fast
+
+TORCH_LIBRARY_IMPL(maml_fast, CPU, m) {
+  m.impl("fast_weight_update", &maml_fast::fast_weight_update_cpu);
+}

@@ -1,0 +1,193 @@
+"""Few-shot episodes: whole meta-batches of N-way K-shot tasks, drawn on the device with one gather.
+
+A dataset for `EpisodeSampler` is anything with ``images``, a tensor
+``[num_classes, examples_per_class, *example_shape]`` (uint8, read as intensity ``value / 255``, or
+floating, used as is), and ``num_classes`` (see `ClassImageDataset`). `Omniglot` and `MiniImageNet`
+store uint8 to keep the whole set on the device cheaply (full MiniImageNet: 1.3 GB instead of 5 GB);
+episodes come out floating.
+
+Task sources (`EpisodeSampler`, `SinusoidTasks`) share one interface, so a trainer can use either:
+``sample()``, ``fixed_episodes(num_episodes, seed)``, ``state_dict()`` / ``load_state_dict()``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+from maml_fast.task_batch import TaskBatch
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return `value` if it is an int >= 1, else raise naming `name` (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def images_as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Images as `dtype`: uint8 is read as intensity ``value / 255`` (so [0, 1]); floating is cast."""
+    if images.dtype == torch.uint8:
+        return images.to(dtype).div_(255)
+    if images.is_floating_point():
+        return images.to(dtype)
+    raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+
+
+class ClassImageDataset(Protocol):
+    """What `EpisodeSampler` reads from a dataset."""
+
+    images: torch.Tensor  # [num_classes, examples_per_class, *example_shape], uint8 or floating
+    num_classes: int
+
+
+class SeededTaskSource:
+    """Shared part of the task sources: a seeded generator on the device, resumable and repeatable.
+
+    A subclass draws the random numbers of `num_tasks` tasks as a tuple of tensors whose first dim is
+    the task (`_draw`) and turns any task slice of them into a `TaskBatch` (`_build`); drawing all
+    tasks first lets `fixed_episodes` give episode i the same content whatever the batch size.
+    The random stream depends on the seed and on the device type (CPU and CUDA generators differ).
+    """
+
+    def __init__(self, device: torch.device | str | None, seed: int, meta_batch_size: int | None) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.meta_batch_size = None if meta_batch_size is None else check_positive_int("meta_batch_size", meta_batch_size)
+        self.device = torch.device("cpu" if device is None else device)
+        self.seed = seed
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed)
+
+    def _draw(self, generator: torch.Generator, num_tasks: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _build(self, *draws: torch.Tensor) -> TaskBatch:
+        raise NotImplementedError
+
+    def _batch_size(self, meta_batch_size: int | None) -> int:
+        if meta_batch_size is not None:
+            return check_positive_int("meta_batch_size", meta_batch_size)
+        if self.meta_batch_size is None:
+            raise ValueError("meta_batch_size is not set: pass it here or to the constructor")
+        return self.meta_batch_size
+
+    def sample(self, meta_batch_size: int | None = None) -> TaskBatch:
+        """The next meta-batch from the training stream (the constructor's meta_batch_size by default)."""
+        return self._build(*self._draw(self._generator, self._batch_size(meta_batch_size)))
+
+    def fixed_episodes(self, num_episodes: int, seed: int = 0, meta_batch_size: int | None = None) -> Iterator[TaskBatch]:
+        """The same `num_episodes` tasks on every call (e.g. 600 for the paper's evaluation), in
+        meta-batches (the last one may be smaller). Uses its own generator seeded with `seed`, so it
+        neither reads nor advances the training stream."""
+        num_episodes = check_positive_int("num_episodes", num_episodes)
+        batch_size = self._batch_size(meta_batch_size)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        draws = self._draw(generator, num_episodes)
+        for start in range(0, num_episodes, batch_size):
+            yield self._build(*(draw[start : start + batch_size] for draw in draws))
+
+    def state_dict(self) -> dict:
+        """The training stream's position: `load_state_dict` of it makes the next `sample` repeat."""
+        return {"generator": self._generator.get_state(), "device_type": self.device.type}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "generator" not in state:
+            raise ValueError("state must be a dict from state_dict(), with a 'generator' entry")
+        if state.get("device_type", self.device.type) != self.device.type:
+            raise ValueError(
+                f"state was saved from a {state['device_type']} generator but this one is on "
+                f"{self.device.type}: the streams differ by device type, so it cannot resume there"
+            )
+        self._generator.set_state(state["generator"])
+
+
+class EpisodeSampler(SeededTaskSource):
+    """N-way K-shot meta-batches from a `ClassImageDataset`, built on `device` with one gather.
+
+    Each task picks `ways` distinct classes and gives them labels 0..ways-1 in a random order, then
+    picks `shots + queries` distinct examples of each class: the first `shots` go to the support set,
+    the rest to the query set, so support and query never share an example. Both sets are ordered by
+    label (all examples of label 0 first): ``support_x [T, ways*shots, *example_shape]``,
+    ``support_y [T, ways*shots]`` (int64), ``query_x [T, ways*queries, ...]``, ``query_y``.
+    """
+
+    def __init__(
+        self,
+        dataset: ClassImageDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        meta_batch_size: int,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        images = getattr(dataset, "images", None)
+        if not isinstance(images, torch.Tensor) or images.dim() < 3:
+            raise TypeError(
+                "dataset.images must be a tensor [num_classes, examples_per_class, *example_shape], got "
+                + (f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__)
+            )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"dataset.images must be uint8 or floating, got {images.dtype}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        super().__init__(images.device if device is None else device, seed, meta_batch_size)
+        self.ways = check_positive_int("ways", ways)
+        self.shots = check_positive_int("shots", shots)
+        self.queries = check_positive_int("queries", queries)
+        num_classes, examples_per_class = images.shape[:2]
+        if ways > num_classes:
+            raise ValueError(f"ways={ways} is more than the dataset's {num_classes} classes")
+        if shots + queries > examples_per_class:
+            raise ValueError(
+                f"shots + queries = {shots} + {queries} = {shots + queries} is more than the dataset's "
+                f"{examples_per_class} examples per class (support and query examples are distinct)"
+            )
+        self.dtype = dtype
+        self.images = images.to(self.device).contiguous()
+        self._image_rows = self.images.flatten(0, 1)  # a view: row c * examples_per_class + e
+        labels = torch.arange(ways, device=self.device)
+        self._support_labels = labels.repeat_interleave(shots)
+        self._query_labels = labels.repeat_interleave(queries)
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.images.shape[1]
+
+    def _draw(self, generator: torch.Generator, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Sampling without replacement, all tasks at once: the indices of the k largest of iid uniform
+        # keys are a uniform random k-subset in random order (float64 keys, so ties never happen).
+        # Row t of `classes` is task t's classes in label order: the class-to-label map is random too.
+        def random_subsets(rows: int, population: int, size: int) -> torch.Tensor:
+            keys = torch.rand(rows, population, generator=generator, device=self.device, dtype=torch.float64)
+            return keys.topk(size, dim=1).indices
+
+        classes = random_subsets(num_tasks, self.num_classes, self.ways)
+        examples = random_subsets(num_tasks * self.ways, self.examples_per_class, self.shots + self.queries)
+        return classes, examples.view(num_tasks, self.ways, self.shots + self.queries)
+
+    def _build(self, classes: torch.Tensor, examples: torch.Tensor) -> TaskBatch:
+        num_tasks = classes.shape[0]
+        example_shape = self.images.shape[2:]
+        # One gather for the whole meta-batch, as rows of the flattened images (index_select is much
+        # faster than 2-d advanced indexing on CPU).
+        rows = (classes.unsqueeze(-1) * self.examples_per_class + examples).view(-1)
+        picked = self._image_rows.index_select(0, rows)
+        picked = images_as_float(picked, self.dtype).view(num_tasks, self.ways, self.shots + self.queries, *example_shape)
+        support_x = picked[:, :, : self.shots].reshape(num_tasks, self.ways * self.shots, *example_shape)
+        query_x = picked[:, :, self.shots :].reshape(num_tasks, self.ways * self.queries, *example_shape)
+        return TaskBatch(
+            support_x,
+            self._support_labels.repeat(num_tasks, 1),
+            query_x,
+            self._query_labels.repeat(num_tasks, 1),
+        )

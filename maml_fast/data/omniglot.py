@@ -1,0 +1,356 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum 2015): 1623 handwritten characters x 20 drawers, 28x28.
+
+Sources, all giving the same arrays (`load_omniglot_characters`):
+
+* ``root=None``: the compact copy bundled in ``maml_fast/data/assets`` (no network, no files);
+* a packed ``omniglot28.npz`` (a file path, or a folder holding one);
+* the official layout in a folder: ``images_background/<Alphabet>/characterNN/NNNN_DD.png`` and
+  ``images_evaluation/...``, extracted or as the official ``images_background.zip`` and
+  ``images_evaluation.zip``; ``download=True`` fetches those zips.
+
+Pixels (`pixels=`): ``"grayscale"`` (default) is the 105x105 image as 8-bit grayscale resized with
+LANCZOS (anti-aliased); ``"binary"`` is what cbfinn/maml's ``resize_images.py`` produces, i.e.
+``Image.open(png).resize((28, 28), LANCZOS)`` on the mode-1 PNG, which Pillow performs as NEAREST.
+Character IDs are the official ``NNNN`` of the PNG names (1..1623, background 1..964 first).
+"""
+from __future__ import annotations
+
+import io
+import random
+import re
+import shutil
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+NUM_CHARACTERS = 1623
+DRAWERS_PER_CHARACTER = 20
+IMAGE_SIZE = 28
+OFFICIAL_SETS = ("images_background", "images_evaluation")
+OFFICIAL_SPLIT_NAMES = ("background", "evaluation")
+VINYALS_SPLIT_NAMES = ("train", "val", "test")
+OFFICIAL_ZIP_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{set_name}.zip"
+PACKED_NPZ_NAME = "omniglot28.npz"
+BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / "omniglot28_compact.npz"
+PIXELS = ("grayscale", "binary")
+PROTOCOLS = ("paper", "vinyals", "official")
+SPLITS = ("train", "val", "test")
+# The MAML reference code shuffles the character folders with random.seed(1), then takes 1200 for
+# meta-training (of which its code holds out the last 100 for validation) and the rest for testing.
+PAPER_SPLIT_SEED = 1
+PAPER_TRAIN_CHARACTERS = 1200
+
+_PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class OmniglotCharacters:
+    """All 1623 characters, sorted by official character ID, in the files' polarity (255 = paper)."""
+
+    images: np.ndarray  # [1623, 20, 28, 28] uint8, index [char_id - 1, drawer - 1]
+    char_id: np.ndarray  # [1623] int64, 1..1623
+    official_split: np.ndarray  # [1623] str: "background" or "evaluation"
+    vinyals_split: np.ndarray  # [1623] str: "train", "val" or "test" (Vinyals et al. 2016)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _slot_order(char_id: np.ndarray, drawer: np.ndarray, where: str) -> np.ndarray:
+    """[1623, 20] indices into per-image arrays: entry [c - 1, d - 1] is the image of character c by
+    drawer d. Raises if any of the 32,460 slots is missing or filled twice."""
+    slot = (char_id.astype(np.int64) - 1) * DRAWERS_PER_CHARACTER + drawer.astype(np.int64) - 1
+    expected = NUM_CHARACTERS * DRAWERS_PER_CHARACTER
+    in_range = (slot >= 0) & (slot < expected)
+    counts = np.bincount(slot[in_range], minlength=expected)
+    if not in_range.all() or (counts != 1).any():
+        raise ValueError(
+            f"{where} holds {slot.size} Omniglot images but needs each of the {expected} "
+            f"(1623 characters x 20 drawers) exactly once: {int((counts == 0).sum())} missing, "
+            f"{int((counts > 1).sum())} duplicated, {int((~in_range).sum())} with IDs out of range"
+        )
+    order = np.empty(expected, np.int64)
+    order[slot] = np.arange(slot.size)
+    return order.reshape(NUM_CHARACTERS, DRAWERS_PER_CHARACTER)
+
+
+def read_omniglot_npz(path: str | Path, pixels: str = "grayscale") -> OmniglotCharacters:
+    """Read the bundled compact npz or a full ``omniglot28.npz`` (keys as in its README)."""
+    _check_choice("pixels", pixels, PIXELS)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Omniglot npz file {path} does not exist")
+    with np.load(path) as data:
+        if "gray_ink_mask" in data.files:
+            return _unpack_compact(data, pixels)
+        image_key = "images" if pixels == "grayscale" else "images_nearest"
+        needed = (image_key, "char_id", "drawer", "split", "vinyals_split")
+        if any(key not in data.files for key in needed):
+            raise ValueError(
+                f"{path} is neither the bundled compact file nor an omniglot28.npz: pixels={pixels!r} "
+                f"needs the keys {needed}, found {data.files}"
+            )
+        images = data[image_key]
+        if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"{path}[{image_key!r}] holds images of shape {images.shape[1:]}, expected 28x28")
+        order = _slot_order(data["char_id"], data["drawer"], str(path))
+        # Per-character labels: the file repeats them per image; take each character's first drawing.
+        first_drawing = order[:, 0]
+        return OmniglotCharacters(
+            images=images[order],
+            char_id=np.arange(1, NUM_CHARACTERS + 1),
+            official_split=data["split"][first_drawing].astype(str),
+            vinyals_split=data["vinyals_split"][first_drawing].astype(str),
+        )
+
+
+def _unpack_compact(data: np.lib.npyio.NpzFile, pixels: str) -> OmniglotCharacters:
+    """Undo ``assets/make_compact_omniglot.py`` (its docstring describes the layout)."""
+    shape = (NUM_CHARACTERS, DRAWERS_PER_CHARACTER, IMAGE_SIZE, IMAGE_SIZE)
+    count = int(np.prod(shape))
+    if pixels == "grayscale":
+        ink = np.unpackbits(data["gray_ink_mask"], count=count).reshape(shape).astype(bool)
+        column_major = np.full(shape, 255, np.uint8)
+        column_major[ink] = data["gray_ink_values"]
+        images = np.ascontiguousarray(column_major.transpose(0, 1, 3, 2))
+    else:
+        ink = np.unpackbits(data["binary_ink_bits"], count=count).reshape(shape)
+        images = np.where(ink == 1, 0, 255).astype(np.uint8)
+    return OmniglotCharacters(
+        images=images,
+        char_id=data["char_id"].astype(np.int64),
+        official_split=data["official_split_names"][data["official_split"]],
+        vinyals_split=data["vinyals_split_names"][data["vinyals_split"]],
+    )
+
+
+def _official_sources(root: Path) -> dict[str, Path]:
+    """The official sets present under `root`: set name -> extracted folder (preferred) or zip."""
+    sources = {}
+    for set_name in OFFICIAL_SETS:
+        if (root / set_name).is_dir():
+            sources[set_name] = root / set_name
+        elif (root / f"{set_name}.zip").is_file():
+            sources[set_name] = root / f"{set_name}.zip"
+    return sources
+
+
+def _where_to_put(root: Path) -> str:
+    return (
+        f"Put one of these under {root}: the official zips images_background.zip and images_evaluation.zip "
+        f"(from https://github.com/brendenlake/omniglot/tree/master/python) as {root / 'images_background.zip'} "
+        f"and {root / 'images_evaluation.zip'}; or the extracted folders "
+        f"{root / 'images_background'}/<Alphabet>/characterNN/NNNN_DD.png and {root / 'images_evaluation'}/...; "
+        f"or a packed {root / PACKED_NPZ_NAME}. Or pass download=True (needs network), or root=None for "
+        "the copy bundled with maml_fast."
+    )
+
+
+def download_omniglot(root: str | Path) -> None:
+    """Fetch the official images_background.zip and images_evaluation.zip into `root` (skipping sets
+    already there). Raises RuntimeError, saying where to put the files by hand, when offline."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for set_name in OFFICIAL_SETS:
+        if set_name in _official_sources(root):
+            continue
+        url = OFFICIAL_ZIP_URL.format(set_name=set_name)
+        target = root / f"{set_name}.zip"
+        partial = root / f"{set_name}.zip.part"  # renamed only when complete, so a cut leaves no bad zip
+        try:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:  # urllib.error.URLError, timeouts and socket errors are all OSError
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"download=True could not fetch {url} ({error}). {_where_to_put(root)}") from error
+        if not zipfile.is_zipfile(partial):
+            partial.unlink()
+            raise RuntimeError(f"{url} did not return a zip file. {_where_to_put(root)}")
+        partial.replace(target)
+
+
+def _png_files(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(file name, PNG bytes) of every NNNN_DD.png in an official set folder or zip."""
+    if source.is_dir():
+        for path in sorted(source.rglob("*.png")):
+            yield path.name, path.read_bytes()
+    else:
+        with zipfile.ZipFile(source) as archive:
+            for name in sorted(archive.namelist()):
+                if name.endswith(".png"):
+                    yield name.rsplit("/", 1)[-1], archive.read(name)
+
+
+def _resize_png(png: bytes, pixels: str) -> np.ndarray:
+    from PIL import Image  # only the PNG layout needs Pillow; the npz sources do not
+
+
+    with Image.open(io.BytesIO(png)) as image:
+        if pixels == "binary":
+            # Pillow resizes mode-1 images with NEAREST whatever filter is asked for: cbfinn/maml asks
+            # for LANCZOS and gets exactly this.
+            resized = image.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
+        else:
+            resized = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        return np.asarray(resized.convert("L"))
+
+
+def read_omniglot_pngs(root: str | Path, pixels: str = "grayscale") -> dict[str, np.ndarray]:
+    """Every PNG of the official sets present under `root` (folders or zips), resized to 28x28.
+
+    Returns ``images`` [n, 28, 28] uint8 (255 = paper), ``char_id`` and ``drawer`` (from the
+    ``NNNN_DD.png`` names) and ``official_split`` ("background"/"evaluation", from the set), each [n].
+    Works on any subset of files; `Omniglot` then requires all 32,460.
+    """
+    _check_choice("pixels", pixels, PIXELS)
+    root = Path(root)
+    sources = _official_sources(root)
+    if not sources:
+        raise FileNotFoundError(f"no official Omniglot sets under {root}. {_where_to_put(root)}")
+    images, char_id, drawer, official_split = [], [], [], []
+    for set_name, source in sources.items():
+        for file_name, png in _png_files(source):
+            match = _PNG_NAME.fullmatch(file_name)
+            if match is None:
+                raise ValueError(f"{source} holds {file_name}, not named NNNN_DD.png as in the official layout")
+            images.append(_resize_png(png, pixels))
+            char_id.append(int(match.group(1)))
+            drawer.append(int(match.group(2)))
+            official_split.append(OFFICIAL_SPLIT_NAMES[OFFICIAL_SETS.index(set_name)])
+    return {
+        "images": np.stack(images) if images else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+        "char_id": np.array(char_id, np.int64),
+        "drawer": np.array(drawer, np.int64),
+        "official_split": np.array(official_split, dtype=str),
+    }
+
+
+def load_omniglot_characters(
+    root: str | Path | None = None, pixels: str = "grayscale", download: bool = False
+) -> OmniglotCharacters:
+    """All 1623 characters from the bundled copy (``root=None``), an npz, or the official layout."""
+    _check_choice("pixels", pixels, PIXELS)
+    if root is None:
+        if download:
+            raise ValueError("download=True needs a root folder to download into (root=None is the bundled copy)")
+        if not BUNDLED_PATH.is_file():
+            raise FileNotFoundError(f"the bundled Omniglot copy {BUNDLED_PATH} is missing: reinstall maml_fast")
+        return read_omniglot_npz(BUNDLED_PATH, pixels)
+    root = Path(root)
+    if root.suffix == ".npz":
+        return read_omniglot_npz(root, pixels)
+    if (root / PACKED_NPZ_NAME).is_file():
+        return read_omniglot_npz(root / PACKED_NPZ_NAME, pixels)
+    if len(_official_sources(root)) < len(OFFICIAL_SETS):
+        if not download:
+            present = sorted(_official_sources(root))
+            raise FileNotFoundError(
+                f"Omniglot not found under {root}"
+                + (f" (only {', '.join(present)} is there; both sets are needed)" if present else "")
+                + f". {_where_to_put(root)}"
+            )
+        download_omniglot(root)
+    pngs = read_omniglot_pngs(root, pixels)
+    order = _slot_order(pngs["char_id"], pngs["drawer"], str(root))
+    # The PNG layout has no Vinyals split; it comes from the bundled copy (sorted by character ID).
+    with np.load(BUNDLED_PATH) as bundled:
+        vinyals_split = bundled["vinyals_split_names"][bundled["vinyals_split"]]
+    return OmniglotCharacters(
+        images=pngs["images"][order],
+        char_id=np.arange(1, NUM_CHARACTERS + 1),
+        official_split=pngs["official_split"][order[:, 0]],
+        vinyals_split=vinyals_split,
+    )
+
+
+def split_characters(
+    characters: OmniglotCharacters, protocol: str, split: str, paper_val_characters: int = 0
+) -> np.ndarray:
+    """Indices (into `characters`, ascending) of the characters in `split` under `protocol`.
+
+    * ``"paper"``: the MAML reference procedure: the characters (in ID order) shuffled with Python's
+      ``random.Random(1)``, the first 1200 for training, the other 423 for testing. The reference
+      shuffles ``os.listdir`` order, which is not portable, so the exact assignment differs; the
+      sizes and the procedure are the same. ``paper_val_characters=v`` moves the last v of the 1200
+      into split ``"val"`` (the reference code uses 100: 1100 train, 100 val).
+    * ``"vinyals"``: Vinyals et al. (2016): 1028 train, 172 val, 423 test characters.
+    * ``"official"``: images_background (964) for ``"train"``, images_evaluation (659) for ``"test"``.
+    """
+    _check_choice("protocol", protocol, PROTOCOLS)
+    _check_choice("split", split, SPLITS)
+    if protocol == "vinyals":
+        return np.flatnonzero(characters.vinyals_split == split)
+    if protocol == "official":
+        if split == "val":
+            raise ValueError("protocol='official' has no 'val' split (only 'train' = background, 'test' = evaluation)")
+        official_set = {"train": "background", "test": "evaluation"}[split]
+        return np.flatnonzero(characters.official_split == official_set)
+    if isinstance(paper_val_characters, bool) or not isinstance(paper_val_characters, int):
+        raise TypeError(f"paper_val_characters must be an int, got {type(paper_val_characters).__name__}")
+    if not 0 <= paper_val_characters < PAPER_TRAIN_CHARACTERS:
+        raise ValueError(f"paper_val_characters must be in [0, {PAPER_TRAIN_CHARACTERS}), got {paper_val_characters}")
+    if split == "val" and paper_val_characters == 0:
+        raise ValueError(
+            "protocol='paper' has no 'val' split unless paper_val_characters > 0 "
+            "(the reference code holds out 100 of the 1200 training characters)"
+        )
+    order = list(range(len(characters.char_id)))
+    random.Random(PAPER_SPLIT_SEED).shuffle(order)
+    train_end = PAPER_TRAIN_CHARACTERS - paper_val_characters
+    bounds = {"train": (0, train_end), "val": (train_end, PAPER_TRAIN_CHARACTERS), "test": (PAPER_TRAIN_CHARACTERS, None)}
+    start, stop = bounds[split]
+    return np.sort(np.array(order[start:stop], np.int64))
+
+
+class Omniglot:
+    """The characters of one split as classes, ready for `EpisodeSampler`.
+
+    ``images``: uint8 tensor ``[num_classes, 20, 1, 28, 28]``, ink-high: value / 255 is
+    ``1 - pixel / 255`` of the files (ink = 1, paper = 0); `images_as_float` or the sampler give the
+    float32 images. ``char_ids[c]`` is class c's official character ID and ``rotation_degrees[c]`` its
+    rotation. With ``rotations=True`` (training split only, as in the MAML reference code) every
+    character also appears rotated by 90, 180 and 270 degrees (counter-clockwise) as three more
+    classes: classes ``[k * n, (k + 1) * n)`` are the n characters rotated by ``90 * k``.
+    See `split_characters` for the protocols and `load_omniglot_characters` for `root`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "train",
+        protocol: str = "paper",
+        *,
+        rotations: bool = False,
+        pixels: str = "grayscale",
+        paper_val_characters: int = 0,
+        download: bool = False,
+    ) -> None:
+        _check_choice("split", split, SPLITS)
+        _check_choice("protocol", protocol, PROTOCOLS)
+        if rotations and split != "train":
+            raise ValueError(f"rotations=True adds rotated classes to the training split only, got split={split!r}")
+        characters = load_omniglot_characters(root, pixels, download)
+        chosen = split_characters(characters, protocol, split, paper_val_characters)
+        ink = torch.from_numpy(255 - characters.images[chosen]).unsqueeze(2)
+        char_ids = torch.from_numpy(characters.char_id[chosen])
+        turns = range(4) if rotations else range(1)
+        self.images = torch.cat([torch.rot90(ink, k, dims=(-2, -1)) for k in turns])
+        self.char_ids = char_ids.repeat(len(turns))
+        self.rotation_degrees = torch.arange(len(turns)).repeat_interleave(len(chosen)) * 90
+        self.split, self.protocol, self.pixels = split, protocol, pixels
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.images.shape[1]
