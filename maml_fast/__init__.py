@@ -6,12 +6,19 @@
     out = learner(mf.TaskBatch(support_x, support_y, query_x, query_y))
     out.loss.backward()
 """
-from . import models
+import warnings
+
+from . import _extension, models
+from .backends import available_backends
 from .maml import MAML, FastWeights, MAMLOutput, multi_step_loss_weights
 from .task_batch import TaskBatch
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
 
 __version__ = "0.1.0"
 
+if _extension.LOAD_ERROR:
+    warnings.warn(f"maml_fast: compiled ops unavailable, using the pure-PyTorch ops: {_extension.LOAD_ERROR}",
+                  stacklevel=2)
+
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
-           "multi_step_loss_weights"]
+           "multi_step_loss_weights", "available_backends"]

@@ -59,3 +59,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if reasons:
         raise ValueError(f"backend={name!r} cannot run on {device}: " + "; ".join(reasons))
     return name
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, list[str]]:
+    """Every known backend with the reasons it cannot run on `device` (empty list: it can)."""
+    return {name: unavailable_reasons(name, device) for name in backend_names()}

@@ -47,7 +47,7 @@ def _lower_batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str, back
 
     def run(x, params, tasks):
         return norm_ops.batch_norm(x, _param(params, prefix, "weight", module),
-                                   _param(params, prefix, "bias", module), tasks, module.eps)
+                                   _param(params, prefix, "bias", module), tasks, module.eps, backend)
     return run, None
 
 
