@@ -170,7 +170,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     geo = ConvGeometry(tasks, _pair(stride, "stride"), _pair(padding, "padding"), tuple(x.shape[2:]), (kh, kw))
     if min(geo.output_hw()) < 1:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with padding {padding}")
-    y = conv2d_forward(x, weight, geo, backend)
+    # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
+    # differentiable copy here serves the forward and all derivatives that save it.
+    y = conv2d_forward(x, weight.contiguous(), geo, backend)
     if bias is not None:
         y = y + bias.reshape(1, tasks * out_ch, 1, 1)
     return y

@@ -62,34 +62,42 @@ class _BatchNormRows(torch.autograd.Function):
       y = gamma * x_hat + beta;   gx = gamma * r * P(gy),  g_gamma = sum(gy * x_hat),  g_beta = sum(gy).
     The backward is `_BatchNormRowsBackward`, whose own backward is the closed-form second derivative,
     so second-order MAML through BatchNorm costs a handful of passes instead of autograd's long graph
-    of elementwise ops (and aten's batch_norm double backward)."""
+    of elementwise ops (and aten's batch_norm double backward). x_hat is recomputed from x (one pass)
+    where needed rather than stored."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
-        mean = x.mean(0)
-        centred = x - mean
-        r = torch.rsqrt(centred.pow(2).mean(0) + eps)
-        x_hat = centred * r
-        ctx.save_for_backward(x, gamma, x_hat, r)
-        return torch.addcmul(beta, x_hat, gamma)
+        var, mean = torch.var_mean(x, 0, correction=0)
+        r = torch.rsqrt(var + eps)
+        scale = gamma * r
+        ctx.save_for_backward(x, gamma, mean, r)
+        return torch.addcmul(beta - mean * scale, x, scale)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gamma, x_hat, r = ctx.saved_tensors
-        grad_x, grad_gamma, grad_beta = _BatchNormRowsBackward.apply(grad_y, x, gamma, x_hat, r)
+        x, gamma, mean, r = ctx.saved_tensors
+        grad_x, grad_gamma, grad_beta = _BatchNormRowsBackward.apply(grad_y, x, gamma, mean, r)
         return grad_x, grad_gamma, grad_beta, None
 
 
+def _normalised(x, mean, r):
+    return torch.addcmul(-mean * r, x, r)
+
+
 class _BatchNormRowsBackward(torch.autograd.Function):
-    """(gy, x, gamma) -> (gx, g_gamma, g_beta). x_hat and r are x's cached statistics: x is the
+    """(gy, x, gamma) -> (gx, g_gamma, g_beta). mean and r are x's cached statistics: x is the
     differentiable input, and the backward returns the true derivative with respect to it."""
 
     @staticmethod
-    def forward(ctx, grad_y, x, gamma, x_hat, r):
-        projected, mean_gy, mean_gy_xhat = _project(grad_y, x_hat)
+    def forward(ctx, grad_y, x, gamma, mean, r):
+        x_hat = _normalised(x, mean, r)
         rows = x.shape[0]
-        ctx.save_for_backward(grad_y, gamma, x_hat, r)
-        return projected * (gamma * r), mean_gy_xhat * rows, mean_gy * rows
+        mean_gy = grad_y.mean(0)
+        mean_gy_xhat = (grad_y * x_hat).mean(0)
+        scale = gamma * r
+        grad_x = torch.addcmul(torch.addcmul(-scale * mean_gy, grad_y, scale), x_hat, -scale * mean_gy_xhat)
+        ctx.save_for_backward(grad_y, x, gamma, mean, r)
+        return grad_x, mean_gy_xhat * rows, mean_gy * rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -100,7 +108,8 @@ class _BatchNormRowsBackward(torch.autograd.Function):
         #   dL/dgamma = r sum(gg_x P(gy))
         #   dL/dx     = gg_gamma r P(gy) - gamma r^2 [S1/N x_hat + mean(gy x_hat) P(gg_x) + S2/N P(gy)]
         # with S1 = sum(gg_x P(gy)) and S2 = sum(gg_x x_hat).
-        grad_y, gamma, x_hat, r = ctx.saved_tensors
+        grad_y, x, gamma, mean, r = ctx.saved_tensors
+        x_hat = _normalised(x, mean, r)
         rows = x_hat.shape[0]
         proj_gy, _, mean_gy_xhat = _project(grad_y, x_hat)
         proj_ggx, _, mean_ggx_xhat = _project(gg_x, x_hat)
