@@ -7,7 +7,7 @@ that names the argument.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,9 @@ class TaskBatch:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    # NaN/inf scanning reads every value (and on a GPU waits for it); a sampler drawing from data it
+    # has already checked passes False. Shapes, dtypes and devices are always checked.
+    check_values: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _FIELDS:
@@ -89,8 +92,9 @@ class TaskBatch:
         devices = {getattr(self, name).device for name in _FIELDS}
         if len(devices) != 1:
             raise ValueError(f"support_x, support_y, query_x and query_y must be on one device, got {devices}")
-        for name in _FIELDS:
-            check_finite(name, getattr(self, name))
+        if self.check_values:
+            for name in _FIELDS:
+                check_finite(name, getattr(self, name))
 
     @property
     def num_tasks(self) -> int:
@@ -111,8 +115,8 @@ class TaskBatch:
                 device_args = [a for a in args if not isinstance(a, torch.dtype)]
                 device_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
                 moved[name] = value.to(*device_args, **device_kwargs)
-        return TaskBatch(**moved)
+        return TaskBatch(**moved, check_values=False)
 
     def split_tasks(self, start: int, stop: int) -> "TaskBatch":
         """The tasks ``start:stop`` (views, no copy): used to split a meta-batch across ranks."""
-        return TaskBatch(*(getattr(self, name)[start:stop] for name in _FIELDS))
+        return TaskBatch(*(getattr(self, name)[start:stop] for name in _FIELDS), check_values=False)
