@@ -53,6 +53,7 @@ class FastWeights:
 
     params: dict[str, torch.Tensor]
     steps: int
+    example_shape: tuple[int, ...]
     num_tasks: int = field(init=False)
 
     def __post_init__(self):
@@ -129,7 +130,8 @@ class MAML(nn.Module):
             step); "per_element" (Meta-SGD: a learned α of each parameter's shape).
         multi_step_loss_iterations: MAML++ multi-step loss: for the first N training iterations the
             meta-loss weights the query loss after every step (`multi_step_loss_weights`).
-        per_step_bn: MAML++ per-step BatchNorm weights and biases: step k uses its own copy (not adapted).
+        per_step_bn: MAML++ per-step BatchNorm weights and biases: inner step k (and the query after k
+            steps) uses copy k; these are meta-learned, never adapted.
         inner_loss: "mean" (mean over the support examples, default) or "reference" — the paper code's
             sum(CE)/K, which for N-way classification is N x the mean: α_reference = α_mean / N.
         loss: "cross_entropy" | "mse" | None (chosen by the label dtype).
@@ -176,7 +178,12 @@ class MAML(nn.Module):
 
         named = dict(model.named_parameters())
         norm_params = _norm_parameter_names(model)
-        self.adapted_names = [n for n in named if _selected(n, adapt, named) and (adapt_bn_affine or n not in norm_params)]
+        # Per-step BN weights are meta-parameters indexed by step, never adapted (as in MAML++).
+        bn_params = _norm_parameter_names(model, batch_norm_only=True) if per_step_bn else set()
+        if per_step_bn and not bn_params:
+            raise ValueError("per_step_bn=True but the model has no BatchNorm affine parameters")
+        self.adapted_names = [n for n in named if _selected(n, adapt, named) and n not in bn_params
+                              and (adapt_bn_affine or n not in norm_params)]
         if not self.adapted_names and max(inner_steps, eval_inner_steps) > 0:
             raise ValueError("adapt selects no parameter of the model: nothing would adapt in the inner loop")
         max_steps = max(inner_steps, eval_inner_steps)
@@ -189,8 +196,7 @@ class MAML(nn.Module):
                 [nn.Parameter(torch.full_like(named[n], self.inner_lr)) for n in self.adapted_names])
         self.per_step_bn_names = []
         if per_step_bn:
-            bn_names = [n for n in named if n in _norm_parameter_names(model, batch_norm_only=True)]
-            self.per_step_bn_names = [n for n in bn_names if n not in self.adapted_names]
+            self.per_step_bn_names = [n for n in named if n in bn_params]
             self.per_step_bn = nn.ParameterList(
                 [nn.Parameter(named[n].detach().unsqueeze(0).repeat(max_steps + 1, *[1] * named[n].dim()))
                  for n in self.per_step_bn_names])
@@ -234,7 +240,7 @@ class MAML(nn.Module):
                                        meta_grad=False)
             fast_all.append(self._params_at(fast, steps, len(range(*group.indices(batch.num_tasks)))))
         params = {n: torch.cat([f[n] for f in fast_all]).detach() for n in fast_all[0]}
-        return FastWeights(params, steps)
+        return FastWeights(params, steps, tuple(support_x.shape[2:]))
 
     def predict(self, fast: FastWeights, query_x: torch.Tensor) -> torch.Tensor:
         """Outputs ``[T, Q, ...]`` of each task's adapted network on ``query_x [T, Q, ...]``."""
@@ -244,6 +250,9 @@ class MAML(nn.Module):
             raise ValueError("query_x must be a tensor of shape [tasks, examples, *features]")
         if query_x.shape[0] != fast.num_tasks:
             raise ValueError(f"query_x has {query_x.shape[0]} tasks but fast holds {fast.num_tasks}")
+        if tuple(query_x.shape[2:]) != fast.example_shape:
+            raise ValueError(f"query_x has examples of shape {tuple(query_x.shape[2:])} but the support set "
+                             f"they were adapted on had {fast.example_shape}")
         forward, groups = self._engine(query_x.device)
         return torch.cat([forward({n: p[g] for n, p in fast.params.items()}, query_x[g])
                           for g in groups(fast.num_tasks)])
@@ -283,7 +292,8 @@ class MAML(nn.Module):
         return functional_call(self.model, params, (x,))
 
     def _vmap_forward(self, params, x):
-        return torch.func.vmap(self._functional)(params, x)
+        # randomness="different": each task draws its own dropout mask, as in the loop backend.
+        return torch.func.vmap(self._functional, randomness="different")(params, x)
 
     def _loop_forward(self, params, x):
         return self._functional({n: p[0] for n, p in params.items()}, x[0]).unsqueeze(0)
@@ -321,6 +331,12 @@ class MAML(nn.Module):
                 if query_y is not None:
                     check_labels("query_y", query_y, output.shape[-1])
                 labels_checked = True
+            elif labels.is_floating_point() and output.shape[2:].numel() != labels.shape[2:].numel():
+                which = "support_y" if labels is support_y else "query_y"
+                raise ValueError(
+                    f"{which} holds floating targets of shape {tuple(labels.shape[2:])} per example but the model "
+                    f"outputs {tuple(output.shape[2:])}; pass integer class labels (or loss='cross_entropy') "
+                    "for classification")
             return loss_fn(output, labels)
 
         def query_eval(step, weight):

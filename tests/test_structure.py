@@ -1,0 +1,181 @@
+"""Structure: the "torch" backend dispatches the same aten ops for any number of tasks (no per-task
+loop), the "loop" backend does not (the counter can tell), and unsupported layers fall back to
+torch.func.vmap with one warning naming the layer and the same numbers as "loop"."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import maml_fast as mf
+import reference_maml as ref
+
+
+class AtenCounter(TorchDispatchMode):
+    """Counts every aten op dispatched (forward and autograd backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_meta_step(backend, tasks, make_batch, norm="layer", **options):
+    torch.manual_seed(0)
+    net = mf.models.conv4(1, 2, hidden=3, downsample="stride", norm=norm)
+    learner = mf.MAML(net, inner_lr=0.4, inner_steps=2, backend=backend, **options)
+    batch = make_batch(tasks, 2, 1, 2, (1, 8, 8), dtype=torch.float32)
+    learner(batch).loss.backward()  # warm-up (lowering, caches) outside the counter
+    learner.zero_grad(set_to_none=True)
+    with AtenCounter() as counter:
+        learner(batch).loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    return counter
+
+
+@pytest.mark.parametrize("options", [{}, {"norm": "batch"}, {"inner_lr_mode": "per_layer_per_step"},
+                                     {"first_order": True}])
+def test_torch_backend_op_count_does_not_grow_with_tasks(options, make_batch):
+    small, large = count_meta_step("torch", 2, make_batch, **options), count_meta_step("torch", 16, make_batch, **options)
+    # the counter sees the backward too: the conv primitives' grouped convolutions of the inner and outer backward
+    assert any("convolution" in name for name in small.counts)
+    assert small.total > 50
+    assert small.counts == large.counts, {k: (small.counts[k], large.counts[k])
+                                          for k in set(small.counts) | set(large.counts)
+                                          if small.counts[k] != large.counts[k]}
+
+
+def test_loop_backend_op_count_grows_with_tasks(make_batch):
+    """The same counter on the per-task baseline: it must grow (about linearly) with T."""
+    small, large = count_meta_step("loop", 2, make_batch), count_meta_step("loop", 6, make_batch)
+    assert large.total > 2.5 * small.total
+
+
+# --------------------------------------------------------------------------- fallback to vmap
+class ChannelScale(nn.Module):
+    """A custom layer with a parameter (no task-batched lowering): y = x * scale[c] + shift[c]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(channels))
+        self.shift = nn.Parameter(0.1 * torch.randn(channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+
+    @staticmethod
+    def reference_forward(prefix, params, x):
+        return x * params[prefix + "scale"].view(1, -1, 1, 1) + params[prefix + "shift"].view(1, -1, 1, 1)
+
+
+def _net_with(layer):
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Sequential(layer, nn.ReLU()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).double()
+
+
+def _meta_step(learner, batch):
+    learner.zero_grad(set_to_none=True)
+    out = learner(batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in learner.named_parameters()}
+
+
+def _assert_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer,layer_name,type_name,train", [
+    (lambda: ChannelScale(3), "2.0", "ChannelScale", True),
+    (lambda: nn.Dropout(0.5), "2.0", "Dropout", False),   # eval mode: deterministic
+], ids=["custom_layer", "dropout_eval_mode"])
+def test_unsupported_layer_falls_back_to_vmap_with_one_warning(layer, layer_name, type_name, train, make_batch):
+    torch.manual_seed(0)
+    net = _net_with(layer())
+    baseline_net = _net_with(layer())
+    baseline_net.load_state_dict(net.state_dict())
+    batch = make_batch(3, 2, 2, 3, (1, 6, 6))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=2, backend="torch").train(train)
+        loss, grads = _meta_step(learner, batch)
+        _meta_step(learner, batch)                              # a second step does not warn again
+        fast = learner.adapt(batch.support_x, batch.support_y, steps=2)
+        logits = learner.predict(fast, batch.query_x)
+    messages = [str(w.message) for w in caught if "maml_fast" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert repr(layer_name) in messages[0] and type_name in messages[0] and "vmap" in messages[0]
+    assert learner.fallback_reason is not None
+    assert repr(layer_name) in learner.fallback_reason and type_name in learner.fallback_reason
+
+    baseline = mf.MAML(baseline_net, inner_lr=0.4, inner_steps=2, backend="loop").train(train)
+    assert baseline.fallback_reason is None
+    base_loss, base_grads = _meta_step(baseline, batch)
+    _assert_close(loss, base_loss)
+    for name in grads:
+        _assert_close(grads[name], base_grads[name])
+    base_fast = baseline.adapt(batch.support_x, batch.support_y, steps=2)
+    _assert_close(logits, baseline.predict(base_fast, batch.query_x))
+
+    if isinstance(net[2][0], ChannelScale):  # and the independent reference agrees
+        theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+        expected, _, _ = ref.meta_objective(net, theta, ref.Config(steps=2, inner_lr=0.4), batch)
+        _assert_close(loss, expected.detach())
+
+
+def test_supported_network_does_not_fall_back(make_batch):
+    net = mf.models.conv4(1, 2, hidden=3, downsample="stride", norm="layer").double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
+        learner(make_batch(2, 2, 1, 2, (1, 8, 8))).loss.backward()
+    assert learner.fallback_reason is None
+
+
+def test_custom_root_module_falls_back_and_names_it(make_batch):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    net = Net().double()
+    batch = make_batch(2, 2, 2, 2, (4,))
+    with pytest.warns(UserWarning, match="Net"):
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
+        loss, grads = _meta_step(learner, batch)
+    assert "Net" in learner.fallback_reason
+    baseline = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="loop")
+    base_loss, base_grads = _meta_step(baseline, batch)
+    _assert_close(loss, base_loss)
+    for name in grads:
+        _assert_close(grads[name], base_grads[name])
+
+
+def test_dropout_fallback_runs_in_training_mode(make_batch):
+    """BUG (maml_fast/maml.py, MAML._vmap_forward): the vmap fallback calls torch.func.vmap with its
+    default randomness="error", so any network with nn.Dropout (the design's example of an
+    unsupported layer) raises "vmap: called random operation while in randomness error mode" in
+    training mode instead of running. Fix: ``torch.func.vmap(self._functional, randomness="different")``
+    (independent masks per task, as the "loop" backend gives)."""
+    torch.manual_seed(0)
+    net = _net_with(nn.Dropout(0.5))
+    with pytest.warns(UserWarning, match="Dropout"):
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
+        out = learner(make_batch(2, 2, 2, 2, (1, 6, 6)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
