@@ -53,6 +53,14 @@ class TorchConvPrimitives:
     def _layout(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
 
+    @staticmethod
+    def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+        """One differentiable copy of ``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is
+        channels-last on the CPU: oneDNN would otherwise copy the weight in every primitive call."""
+        if weight.device.type != "cpu":
+            return weight.contiguous()
+        return weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
     def forward(self, x, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch, kh, kw = weight.shape
         return F.conv2d(
@@ -71,7 +79,9 @@ class TorchConvPrimitives:
         tasks = geo.tasks
         out_ch = grad_out.shape[1] // tasks
         in_ch = x.shape[1] // tasks
-        weight_shape = x.new_empty((tasks * out_ch, in_ch) + geo.kernel_hw)
+        # Only the weight's shape and layout matter here: channels-last spares oneDNN a copy.
+        weight_shape = torch.empty((tasks * out_ch, in_ch) + geo.kernel_hw, dtype=x.dtype, device=x.device,
+                                   memory_format=torch.channels_last if x.device.type == "cpu" else torch.contiguous_format)
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
             self._layout(grad_out), self._layout(x), weight_shape, None,
             list(geo.stride), list(geo.padding), [1, 1], False, [0, 0], tasks, [False, True, False],
@@ -129,11 +139,17 @@ class _ConvWeightGrad(torch.autograd.Function):
     def backward(ctx, grad_grad_w):
         x, grad_out = ctx.saved_tensors
         grad_x = grad_grad_out = None
+        grad_grad_w = _prepared_weight(grad_grad_w, ctx.backend)
         if ctx.needs_input_grad[0]:
             grad_x = conv2d_input_grad(grad_out, grad_grad_w, ctx.geo, ctx.backend)
         if ctx.needs_input_grad[1]:
             grad_grad_out = conv2d_forward(x, grad_grad_w, ctx.geo, ctx.backend)
         return grad_x, grad_grad_out, None, None
+
+
+def _prepared_weight(weight, backend: str):
+    prepare = getattr(CONV_IMPLEMENTATIONS[backend], "prepare_weight", torch.Tensor.contiguous)
+    return prepare(weight)
 
 
 def conv2d_forward(x, weight, geo: ConvGeometry, backend: str):
@@ -171,8 +187,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     if min(geo.output_hw()) < 1:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with padding {padding}")
     # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
-    # differentiable copy here serves the forward and all derivatives that save it.
-    y = conv2d_forward(x, weight.contiguous(), geo, backend)
+    # differentiable copy in the implementation's preferred layout serves the forward and all
+    # derivatives that save it.
+    y = conv2d_forward(x, _prepared_weight(weight, backend), geo, backend)
     if bias is not None:
         y = y + bias.reshape(1, tasks * out_ch, 1, 1)
     return y

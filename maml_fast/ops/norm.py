@@ -67,11 +67,13 @@ class _BatchNormRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
-        var, mean = torch.var_mean(x, 0, correction=0)
-        r = torch.rsqrt(var + eps)
+        # Two-pass statistics: torch.var_mean over dim 0 is ~10x slower than these on the CPU.
+        mean = x.mean(0)
+        centred = x - mean
+        r = torch.rsqrt((centred * centred).mean(0) + eps)
         scale = gamma * r
         ctx.save_for_backward(x, gamma, mean, r)
-        return torch.addcmul(beta - mean * scale, x, scale)
+        return torch.addcmul(beta, centred, scale)
 
     @staticmethod
     def backward(ctx, grad_y):
