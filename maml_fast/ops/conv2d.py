@@ -147,6 +147,29 @@ class _ConvWeightGrad(torch.autograd.Function):
         return grad_x, grad_grad_out, None, None
 
 
+class _ConvForwardBias(torch.autograd.Function):
+    """y = conv(x, w) + b with the bias added in the forward kernel's epilogue. Its backward is made of
+    the differentiable primitives and a sum, so every order of derivative exists."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geo, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.geo, ctx.backend = geo, backend
+        return CONV_IMPLEMENTATIONS[backend].forward(x, weight, geo, bias=bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.backend)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3)).reshape(ctx.geo.tasks, -1)
+        return grad_x, grad_w, grad_b, None, None
+
+
 def _prepared_weight(weight, backend: str):
     prepare = getattr(CONV_IMPLEMENTATIONS[backend], "prepare_weight", torch.Tensor.contiguous)
     return prepare(weight)
@@ -189,7 +212,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
     # differentiable copy in the implementation's preferred layout serves the forward and all
     # derivatives that save it.
-    y = conv2d_forward(x, _prepared_weight(weight, backend), geo, backend)
+    weight = _prepared_weight(weight, backend)
+    if bias is not None and getattr(CONV_IMPLEMENTATIONS[backend], "fuses_bias", False):
+        return _ConvForwardBias.apply(x, weight, bias, geo, backend)
+    y = conv2d_forward(x, weight, geo, backend)
     if bias is not None:
         y = y + bias.reshape(1, tasks * out_ch, 1, 1)
     return y

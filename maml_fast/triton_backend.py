@@ -1,0 +1,144 @@
+"""The "triton" backend: task-batched conv primitives as Triton implicit-GEMM kernels (`kernels.conv2d`).
+
+Importing this module registers the backend name and puts a lazy implementation into
+`maml_fast.ops.conv2d.CONV_IMPLEMENTATIONS["triton"]`; it neither imports Triton nor touches a GPU.
+The kernels module (and with it Triton) is loaded on the first conv call.
+
+Where it runs (`unavailable_reasons`): CUDA devices of compute capability >= 8.0 with Triton >= 3.0
+installed; on the CPU only when ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests; it is
+slow). It is not preferred by ``backend="auto"``: its speed against cuDNN's grouped convolution is
+unmeasured, so "auto" keeps "torch" on CUDA until benchmarks say otherwise.
+
+Only the convolutions run on Triton; every other op (linear, norms, pooling, losses) is the "torch"
+backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_bias`, see ops/conv2d.py).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .backends import register_backend
+from .ops import conv2d as conv_ops
+
+NAME = "triton"
+MIN_TRITON = (3, 0)
+MIN_CAPABILITY = (8, 0)
+_KERNELS_FILE = Path(__file__).resolve().parent.parent / "kernels" / "conv2d.py"
+_kernels = None
+
+
+def interpreter_enabled() -> bool:
+    """TRITON_INTERPRET as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _kernels_location() -> str | None:
+    """Where the kernels module would be loaded from (without importing it or Triton)."""
+    loaded = sys.modules.get("kernels.conv2d")
+    if loaded is not None and hasattr(loaded, "conv2d_weight_grad"):
+        return loaded.__file__
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if Path(folder, "conv2d.py").is_file() and "_conv_wgrad_kernel" in Path(folder, "conv2d.py").read_text():
+                return str(Path(folder, "conv2d.py"))
+    return str(_KERNELS_FILE) if _KERNELS_FILE.is_file() else None
+
+
+@functools.cache
+def _installation_reasons() -> tuple[str, ...]:
+    """What the installation lacks (checked once: the learner asks at every meta-step)."""
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    else:
+        version = _triton_version()
+        if version is not None and version < MIN_TRITON:
+            reasons.append(f"triton {'.'.join(map(str, version))} is too old (>= {'.'.join(map(str, MIN_TRITON))} needed)")
+    if _kernels_location() is None:
+        reasons.append("the Triton kernels package `kernels` (kernels/conv2d.py) is not importable")
+    return tuple(reasons)
+
+
+def unavailable_reasons(device: torch.device) -> list[str]:
+    """Why the Triton backend cannot run on `device` ([] = it can). Imports neither Triton nor the kernels."""
+    device = torch.device(device)
+    reasons = list(_installation_reasons())
+    interpreting = interpreter_enabled()
+    if _kernels is not None and _kernels.INTERPRETED != interpreting:
+        reasons.append("the Triton kernels were loaded with TRITON_INTERPRET=" + ("1" if _kernels.INTERPRETED else "0")
+                       + " and the setting changed since (restart the process)")
+    if device.type == "cuda":
+        if not interpreting:
+            if not torch.cuda.is_available():
+                reasons.append("CUDA is not available")
+            else:
+                capability = torch.cuda.get_device_capability(device)
+                if capability < MIN_CAPABILITY:
+                    reasons.append(f"{device} has compute capability {capability[0]}.{capability[1]}; the Triton "
+                                   f"conv kernels need >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
+    elif device.type == "cpu":
+        if not interpreting:
+            reasons.append("Triton kernels run on CUDA devices; on the CPU only through Triton's interpreter "
+                           "(set TRITON_INTERPRET=1 before the first use; for tests, it is slow)")
+    else:
+        reasons.append(f"Triton kernels do not run on device type {device.type!r}")
+    return reasons
+
+
+def load_kernels():
+    """The kernels module (imports Triton on the first call)."""
+    global _kernels
+    if _kernels is None:
+        try:
+            module = importlib.import_module("kernels.conv2d")
+            if not hasattr(module, "conv2d_weight_grad"):
+                raise ImportError("an unrelated package named `kernels` shadows maml_fast's")
+        except ImportError:
+            if not _KERNELS_FILE.is_file():
+                raise
+            # Source checkout whose `kernels` package is not on sys.path: load the file directly.
+            spec = importlib.util.spec_from_file_location("maml_fast._triton_conv_kernels", _KERNELS_FILE)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        _kernels = module
+    return _kernels
+
+
+class TritonConvPrimitives:
+    """The three conv primitives of `maml_fast.ops.conv2d` on Triton; loads the kernels lazily."""
+
+    fuses_bias = True
+
+    def forward(self, x, weight, geo, bias=None):
+        return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias)
+
+    def input_grad(self, grad_out, weight, geo):
+        return load_kernels().conv2d_input_grad(grad_out, weight, geo.input_hw, geo.stride, geo.padding)
+
+    def weight_grad(self, x, grad_out, geo):
+        return load_kernels().conv2d_weight_grad(x, grad_out, geo.kernel_hw, geo.tasks, geo.stride, geo.padding)
+
+
+register_backend(NAME, unavailable_reasons, prefer_on=())
+conv_ops.CONV_IMPLEMENTATIONS.setdefault(NAME, TritonConvPrimitives())

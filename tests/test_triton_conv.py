@@ -1,0 +1,403 @@
+"""The "triton" backend's conv kernels (kernels/conv2d.py) against the PyTorch reference.
+
+On a machine without CUDA the kernels run through Triton's CPU interpreter: this module sets
+TRITON_INTERPRET=1 for its own duration (module fixture; the kernels read it when they are first
+loaded) and restores it afterwards. With CUDA they run compiled on the GPU, with TF32 switched off.
+Every kernel output is allocated NaN-filled (the kernels' debug mode), so an element a kernel fails to
+write fails the comparison.
+
+Triton reads TRITON_INTERPRET when a @triton.jit function is defined, so setting it before the kernels
+module is loaded is enough for kernels/conv2d.py, which calls no @triton.jit function of Triton's own
+library (those were defined when `import maml_fast` imported torch._dynamo, which imports triton).
+The fp64 fallback's tl.sum is such a function: on the CPU that check runs in a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton = pytest.importorskip("triton")
+
+import maml_fast as mf  # noqa: E402
+from maml_fast import backends, triton_backend  # noqa: E402
+from maml_fast.ops import conv2d as conv_ops  # noqa: E402
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tf32_off():
+    """Switch TF32 off for cuDNN convolutions and matmuls (the Triton kernels follow the conv flag);
+    returns a function restoring the previous settings."""
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        saved = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+        def restore():
+            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+        return restore
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def restore_legacy():
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return restore_legacy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """The kernels module, loaded under the interpreter on the CPU, with NaN-poisoned outputs."""
+    restore = lambda: None
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            loaded = triton_backend._kernels
+            if loaded is not None and not loaded.INTERPRETED:
+                pytest.skip("the Triton kernels were loaded without TRITON_INTERPRET=1; no CUDA to run them on")
+            mp.setenv("TRITON_INTERPRET", "1")
+        else:
+            restore = _tf32_off()
+        module = triton_backend.load_kernels()
+        mp.setattr(module, "POISON_OUTPUTS", True)
+        yield module
+        restore()
+
+
+def _stdlib_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton.language.standard.sum, InterpretedFunction)
+
+
+def rand(*shape, dtype=torch.float64, grad=False):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# tasks, batch, in_ch, out_ch, H, W, kernel, stride, padding
+CASES = {
+    "T1_one_channel": (1, 2, 1, 5, 7, 7, 3, 1, 1),
+    "stride2_odd_primes": (2, 3, 3, 7, 9, 7, 3, 2, 1),
+    "anisotropic": (3, 2, 5, 2, 8, 9, (3, 1), (2, 1), (1, 0)),
+    "1x1": (2, 1, 2, 3, 6, 6, 1, 1, 0),
+    "T33_tiny": (33, 1, 1, 2, 5, 5, 3, 2, 1),
+    "stride3_kernel2": (2, 2, 3, 3, 7, 8, 2, 3, 1),
+    "many_channels_pad2": (2, 2, 17, 19, 5, 5, 3, 1, 2),
+}
+
+
+def _geometry(case):
+    tasks, batch, cin, cout, h, w, k, stride, pad = case
+    geo = conv_ops.ConvGeometry(tasks, _pair(stride), _pair(pad), (h, w), _pair(k))
+    shapes = dict(x=(batch, tasks * cin, h, w), w=(tasks, cout, cin, *_pair(k)),
+                  y=(batch, tasks * cout, *geo.output_hw()))
+    return geo, shapes
+
+
+def _reference_primitives(x, w, g, geo):
+    """forward, input grad and weight grad from the per-task F.conv2d loop (the definition)."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = conv_ops.conv2d_reference(x, w, None, geo.stride, geo.padding)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    return y.detach(), gx, gw
+
+
+# ------------------------------------------------------------------------------- the primitives
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CASES))
+def test_primitives_match_reference(kernels, name, dtype):
+    geo, s = _geometry(CASES[name])
+    x, w, g = rand(*s["x"], dtype=dtype), rand(*s["w"], dtype=dtype), rand(*s["y"], dtype=dtype)
+    y_ref, gx_ref, gw_ref = _reference_primitives(x, w, g, geo)
+    tol = TOL[dtype]
+    torch.testing.assert_close(kernels.conv2d_forward(x, w, geo.stride, geo.padding), y_ref, **tol)
+    torch.testing.assert_close(kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding), gx_ref, **tol)
+    for split in (None, 3):
+        gw = kernels.conv2d_weight_grad(x, g, geo.kernel_hw, geo.tasks, geo.stride, geo.padding, split_k=split)
+        torch.testing.assert_close(gw, gw_ref, **tol)
+
+
+@pytest.mark.parametrize("name", ["stride2_odd_primes", "many_channels_pad2"])
+def test_small_tiles_cover_every_element(kernels, name):
+    """16x16x16 tiles: several M, N and K blocks per task, partial edge tiles, split-K of 2."""
+    geo, s = _geometry(CASES[name])
+    x, w, g = rand(*s["x"]), rand(*s["w"]), rand(*s["y"])
+    y_ref, gx_ref, gw_ref = _reference_primitives(x, w, g, geo)
+    cfg = kernels.BlockConfig(16, 16, 16, 4, 2)
+    y = kernels.conv2d_forward(x, w, geo.stride, geo.padding, config=cfg)
+    gx = kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding, config=cfg)
+    gw = kernels.conv2d_weight_grad(x, g, geo.kernel_hw, geo.tasks, geo.stride, geo.padding, config=cfg, split_k=2)
+    for out, ref in ((y, y_ref), (gx, gx_ref), (gw, gw_ref)):
+        assert not torch.isnan(out).any(), "an output element was never written"
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+
+
+def test_strided_layouts_without_copies(kernels):
+    """Expanded weights (stride 0 over tasks, as MAML's θ.expand), channels-last activations and a
+    transposed-view gradient are read through their strides."""
+    geo, s = _geometry(CASES["stride2_odd_primes"])
+    tasks = geo.tasks
+    w_expanded = rand(*s["w"][1:]).expand(tasks, *s["w"][1:])
+    assert w_expanded.stride(0) == 0
+    x = rand(*s["x"]).contiguous(memory_format=torch.channels_last)
+    g = rand(s["y"][0], s["y"][1], s["y"][3], s["y"][2]).transpose(2, 3)   # non-contiguous view
+    y_ref, gx_ref, gw_ref = _reference_primitives(x, w_expanded.contiguous(), g, geo)
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(kernels.conv2d_forward(x, w_expanded, geo.stride, geo.padding), y_ref, **tol)
+    torch.testing.assert_close(kernels.conv2d_input_grad(g, w_expanded, geo.input_hw, geo.stride, geo.padding),
+                               gx_ref, **tol)
+    torch.testing.assert_close(kernels.conv2d_weight_grad(x, g, geo.kernel_hw, tasks, geo.stride, geo.padding),
+                               gw_ref, **tol)
+
+
+def test_forward_bias_epilogue(kernels):
+    geo, s = _geometry(CASES["anisotropic"])
+    x, w, b = rand(*s["x"]), rand(*s["w"]), rand(geo.tasks, s["w"][1])
+    expected = conv_ops.conv2d_reference(x, w, b, geo.stride, geo.padding)
+    torch.testing.assert_close(kernels.conv2d_forward(x, w, geo.stride, geo.padding, bias=b), expected,
+                               **TOL[torch.float64])
+
+
+_FALLBACK_CHECK = """
+import torch
+from maml_fast import triton_backend
+from maml_fast.ops import conv2d as conv_ops
+K = triton_backend.load_kernels()
+K.POISON_OUTPUTS = True
+torch.manual_seed(0)
+x, w, g = torch.randn(3, 6, 9, 7, dtype=torch.float64), torch.randn(2, 7, 3, 3, 3, dtype=torch.float64), None
+y = conv_ops.conv2d_reference(x.requires_grad_(), w.requires_grad_(), None, 2, 1)
+g = torch.randn_like(y)
+gx, gw = torch.autograd.grad(y, (x, w), g)
+tol = dict(rtol=1e-10, atol=1e-11)
+torch.testing.assert_close(K.conv2d_forward(x.detach(), w.detach(), 2, 1), y.detach(), **tol)
+torch.testing.assert_close(K.conv2d_input_grad(g, w.detach(), (9, 7), 2, 1), gx, **tol)
+torch.testing.assert_close(K.conv2d_weight_grad(x.detach(), g, (3, 3), 2, 2, 1, split_k=2), gw, **tol)
+print("ok")
+"""
+
+
+def test_fp64_without_tl_dot(kernels, monkeypatch):
+    """The broadcast-multiply-sum fallback for Triton builds whose fp64 tl.dot fails
+    (MAML_FAST_TRITON_FP64_DOT=0)."""
+    monkeypatch.setenv("MAML_FAST_TRITON_FP64_DOT", "0")
+    if DEVICE == "cpu" and not _stdlib_interpreted():
+        # tl.sum is a @triton.jit library function, defined (compiled-mode) when triton was imported:
+        # run the check in a fresh interpreter with TRITON_INTERPRET=1 set from the start.
+        env = dict(os.environ, TRITON_INTERPRET="1", MAML_FAST_TRITON_FP64_DOT="0")
+        code = "import os, sys; sys.path.insert(0, os.getcwd()); import triton\n" + _FALLBACK_CHECK
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+        assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+        return
+    geo, s = _geometry(CASES["stride2_odd_primes"])
+    x, w, g = rand(*s["x"]), rand(*s["w"]), rand(*s["y"])
+    y_ref, gx_ref, gw_ref = _reference_primitives(x, w, g, geo)
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(kernels.conv2d_forward(x, w, geo.stride, geo.padding), y_ref, **tol)
+    torch.testing.assert_close(kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding), gx_ref, **tol)
+    torch.testing.assert_close(kernels.conv2d_weight_grad(x, g, geo.kernel_hw, geo.tasks, geo.stride, geo.padding,
+                                                          split_k=2), gw_ref, **tol)
+
+
+_COMPILE_CHECK = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from maml_fast import triton_backend
+K = triton_backend.load_kernels()
+assert not K.INTERPRETED
+geometry = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1)
+variants = [(torch.float32, "fp32", "ieee"), (torch.float32, "fp32", "tf32"), (torch.float64, "fp64", "ieee"),
+            (torch.bfloat16, "bf16", "ieee")]
+for dtype, name, precision in variants:
+    for kind, fn, extra in (("fwd", K._conv_fwd_kernel, dict(HAS_BIAS=True)),
+                            ("dgrad", K._conv_dgrad_kernel, dict(KR=2, KS=2)),
+                            ("wgrad", K._conv_wgrad_kernel, {})):
+        if (name != "fp32" or precision == "tf32") and kind != "fwd":
+            continue
+        cfg = K.block_config(kind, 5000, 64, 576, dtype)        # the GPU heuristic (not interpreting)
+        acc, use_dot, _ = K._kernel_flags(dtype, torch.device("cpu"))
+        constexprs = dict(geometry, **extra, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision)
+        signature = {a: "constexpr" if a in constexprs else ("*" + name if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        if kind == "wgrad":
+            signature["out_ptr"] = "*fp32" if name != "fp64" else "*fp64"
+        compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        ptx = compiled.asm["ptx"]
+        if precision == "tf32" or name == "bf16":
+            assert "wgmma" in ptx, (kind, name, precision, "no tensor-core instruction")
+        if name == "fp64":
+            assert "mma.sync" in ptx and ".f64" in ptx, (kind, "no fp64 mma")
+        print(kind, name, precision, "ok")
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton compiles the kernels for an H100 (sm_90) with its bundled ptxas, no GPU needed: fp32 IEEE
+    and TF32 (wgmma), fp64 (DMMA), bf16 (wgmma) with the GPU block-size heuristic."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env, cwd=REPO)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_empty_batch(kernels):
+    geo, s = _geometry(CASES["1x1"])
+    x = rand(0, *s["x"][1:])
+    w = rand(*s["w"])
+    assert kernels.conv2d_forward(x, w).shape == (0, *s["y"][1:])
+    gw = kernels.conv2d_weight_grad(x, rand(0, *s["y"][1:]), geo.kernel_hw, geo.tasks)
+    torch.testing.assert_close(gw, torch.zeros_like(w))
+
+
+def test_bad_operands_fail_with_the_argument_name(kernels):
+    geo, s = _geometry(CASES["1x1"])
+    x, w = rand(*s["x"]), rand(*s["w"])
+    with pytest.raises(TypeError, match="x has dtype"):
+        kernels.conv2d_forward(x.float(), w)
+    with pytest.raises(ValueError, match="x has .* channels"):
+        kernels.conv2d_forward(x[:, :1], w)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        kernels.conv2d_input_grad(rand(1, 5, 6, 6), w, (6, 6))
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
+        kernels.conv2d_forward(x.to(torch.int32), w.to(torch.int32))
+
+
+def test_block_heuristic_and_split_k(kernels, monkeypatch):
+    for kind in ("fwd", "dgrad", "wgrad"):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for m, n, k in ((1, 1, 1), (37, 3, 9), (250_000, 64, 576), (64, 576, 2_000_000)):
+                cfg = kernels.block_config(kind, m, n, k, dtype)
+                for size in (cfg.block_m, cfg.block_n, cfg.block_k):
+                    assert size >= 16 and size & (size - 1) == 0
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    # MiniImageNet layer 2 wgrad: 4 tasks, O=32, N=288 -> 5 tiles -> 20 programs: split to fill 132 SMs
+    split = kernels.split_k_heuristic(tiles=5, tasks=4, k=80 * 42 * 42, block_k=64, device=torch.device(DEVICE))
+    assert 1 < split <= 64 and 20 * split >= 2 * 132
+    # Omniglot with 32 tasks and 9 tiles already fills the GPU
+    assert kernels.split_k_heuristic(tiles=9, tasks=32, k=10 * 14 * 14, block_k=64, device=torch.device(DEVICE)) == 1
+    # a short reduction is not split below four K blocks per slice
+    assert kernels.split_k_heuristic(tiles=1, tasks=1, k=100, block_k=64, device=torch.device(DEVICE)) == 1
+
+
+# ------------------------------------------------------------------------ autograd, every order
+def _check(fn, inputs):
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+GRAD_CASES = [(2, 1, 2, 2, 5, 4, 3, 2, 1), (1, 2, 1, 3, 4, 4, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_conv2d_gradcheck_gradgradcheck(kernels, case):
+    geo, s = _geometry(case)
+    x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
+    _check(lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, backend="triton"), (x, w, b))
+
+
+@pytest.mark.parametrize("primitive", ["input_grad", "weight_grad"])
+def test_backward_primitives_gradgradcheck(kernels, primitive):
+    geo, s = _geometry(GRAD_CASES[0] if primitive == "input_grad" else GRAD_CASES[1])
+    if primitive == "input_grad":
+        fn = lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, "triton")
+        inputs = (rand(*s["y"], grad=True), rand(*s["w"], grad=True))
+    else:
+        fn = lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, "triton")
+        inputs = (rand(*s["x"], grad=True), rand(*s["y"], grad=True))
+    _check(fn, inputs)
+
+
+def test_fused_bias_function(kernels):
+    """conv2d with a bias on the Triton backend (bias in the forward epilogue) is the same function
+    as conv + bias, to second order."""
+    geo, s = _geometry(GRAD_CASES[1])
+    x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
+    fused = lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, backend="triton")
+    _check(fused, (x, w, b))
+    expected = conv_ops.conv2d_reference(x, w, b, geo.stride, geo.padding)
+    torch.testing.assert_close(fused(x, w, b), expected, **TOL[torch.float64])
+
+
+def test_third_order_matches_torch_backend(kernels):
+    geo, s = _geometry(GRAD_CASES[0])
+    x, w = rand(*s["x"], grad=True), rand(*s["w"], grad=True)
+    v = rand(*s["y"])
+
+    def third(backend):
+        y = torch.tanh(conv_ops.conv2d(x, w, None, geo.stride, geo.padding, backend=backend))
+        gx, gw = torch.autograd.grad((y * v).sum(), (x, w), create_graph=True)
+        hx, = torch.autograd.grad((gw * gw.detach()).sum(), (x,), create_graph=True)
+        return torch.autograd.grad((hx * hx.detach()).sum() + (gx * gx.detach()).sum(), (w, x))
+    for a, b in zip(third("triton"), third("torch")):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+# ------------------------------------------------------------------ the full MAML meta-gradient
+def _meta_step(learner, batch):
+    learner.zero_grad(set_to_none=True)
+    out = learner(batch)
+    out.loss.backward()
+    return out.loss.detach(), [p.grad.detach().clone() for p in learner.model.parameters()]
+
+
+@pytest.mark.parametrize("downsample,size,dtype,steps", [("stride", 8, torch.float64, 2),
+                                                         ("maxpool", 16, torch.float64, 1),
+                                                         ("stride", 8, torch.float32, 1)])
+def test_second_order_meta_gradient_matches_loop(kernels, make_batch, downsample, size, dtype, steps):
+    torch.manual_seed(0)
+    net = mf.models.conv4(in_channels=1, num_classes=2, hidden=3, downsample=downsample, image_size=size)
+    net = net.to(device=DEVICE, dtype=dtype)
+    batch = make_batch(tasks=2, ways=2, shots=1, queries=2, example_shape=(1, size, size), dtype=dtype)
+    batch = mf.TaskBatch(*(t.to(DEVICE) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+    results = {}
+    for backend in ("triton", "loop"):
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=steps, backend=backend, step_metrics=False)
+        results[backend] = _meta_step(learner, batch)
+    (loss_t, grads_t), (loss_l, grads_l) = results["triton"], results["loop"]
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(loss_t, loss_l, **tol)
+    for a, b in zip(grads_t, grads_l):
+        torch.testing.assert_close(a, b, **tol)
+
+
+# --------------------------------------------------------------------------------- the backend
+def test_backend_registration_and_availability(kernels, monkeypatch):
+    assert "triton" in backends.backend_names()
+    assert isinstance(conv_ops.CONV_IMPLEMENTATIONS["triton"], triton_backend.TritonConvPrimitives)
+    assert backends.resolve_backend("auto", torch.device(DEVICE)) != "triton"    # "auto" never picks it (unmeasured)
+    if DEVICE == "cpu":
+        assert backends.unavailable_reasons("triton", torch.device("cpu")) == []
+        monkeypatch.delenv("TRITON_INTERPRET")
+        reasons = backends.unavailable_reasons("triton", torch.device("cpu"))
+        assert any("TRITON_INTERPRET=1" in r for r in reasons)
+        with pytest.raises(ValueError, match="triton"):
+            backends.resolve_backend("triton", torch.device("cpu"))
+    else:
+        assert backends.unavailable_reasons("triton", torch.device("cuda")) == []
+    assert backends.unavailable_reasons("triton", torch.device("meta"))
+
+
+def test_import_loads_no_kernel_and_touches_no_gpu():
+    # (triton itself may be imported: torch._dynamo, which maml_fast's imports load, imports it)
+    code = ("import sys, torch, maml_fast, maml_fast.triton_backend as tb; "
+            "assert tb._kernels is None, 'kernels loaded'; "
+            "assert not any(m.startswith('kernels') or 'triton_conv' in m for m in sys.modules), 'kernels imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'; "
+            "assert 'triton' in maml_fast.backends.backend_names()")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
