@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import CONFIGS, PEERS, meta_step
+from .configs import CONFIGS, available_peers, meta_step
 
 
 def environment(device: str) -> dict:
@@ -61,11 +61,12 @@ def time_peers(config, peers, device, rounds) -> dict[str, list[float]]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--peers", nargs="+", default=list(PEERS))
+    parser.add_argument("--peers", nargs="+", help="default: every peer available on the device")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    args.peers = args.peers or available_peers(args.device)
 
     results = {"environment": environment(args.device), "configs": {}}
     print(f"# {results['environment']}")

@@ -49,7 +49,13 @@ CONFIGS = {
 }
 
 
-PEERS = ("loop", "vmap", "functorch", "torch")
+PEERS = ("loop", "vmap", "functorch", "torch", "triton")
+
+
+def available_peers(device) -> list[str]:
+    """The peers that can run on `device` (fused backends only where their capability checks pass)."""
+    from maml_fast.backends import unavailable_reasons
+    return [peer for peer in PEERS if peer == "functorch" or not unavailable_reasons(peer, device)]
 
 
 def meta_step(peer: str, config: MetaStepConfig, device="cpu", dtype=torch.float32):
