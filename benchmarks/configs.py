@@ -49,7 +49,7 @@ CONFIGS = {
 }
 
 
-PEERS = ("loop", "vmap", "functorch", "torch", "triton")
+PEERS = ("loop", "vmap", "functorch", "torch", "cuda", "triton")
 
 
 def available_peers(device) -> list[str]:

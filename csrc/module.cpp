@@ -13,9 +13,23 @@
 #endif
 
 TORCH_LIBRARY(maml_fast, m) {
-  // Where the fake (meta) implementations live, so FakeTensor tracing can import them on demand.
+  // Where the fake (meta) implementations live, so FakeTensor tracing can import them on demand;
+  // set_python_module applies to the operators defined after it.
   m.set_python_module("maml_fast.ops.fast_weight_update");
   m.def("fast_weight_update(Tensor[] params, Tensor[] grads, Tensor[] lrs) -> Tensor[]");
+
+  // Per-task BatchNorm (batch statistics) + ReLU on the [rows, channels] view, and its closed-form
+  // backward and double backward (formulas in batch_norm_relu.h). mean and rstd are float32 for
+  // float32/float16/bfloat16 x, float64 for float64 x.
+  m.set_python_module("maml_fast.ops.batch_norm_relu");
+  m.def("batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "batch_norm_relu_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
+      "Tensor rstd) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_relu_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, "
+      "Tensor? grad_grad_bias, Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
+      "Tensor rstd) -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
 }
 
 namespace {

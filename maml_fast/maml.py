@@ -132,6 +132,10 @@ class MAML(nn.Module):
             meta-loss weights the query loss after every step (`multi_step_loss_weights`).
         per_step_bn: MAML++ per-step BatchNorm weights and biases: inner step k (and the query after k
             steps) uses copy k; these are meta-learned, never adapted.
+        per_step_bn_statistics: MAML++ per-step BatchNorm running statistics: training records, for
+            every inner step k, the support set's batch statistics at the step-k fast weights (mean over
+            tasks, momentum of the BN layer); in eval mode step k normalises with them instead of the
+            batch statistics. Off: BN always uses each task's batch statistics (transductive).
         inner_loss: "mean" (mean over the support examples, default) or "reference" — the paper code's
             sum(CE)/K, which for N-way classification is N x the mean: α_reference = α_mean / N.
         loss: "cross_entropy" | "mse" | None (chosen by the label dtype).
@@ -143,7 +147,8 @@ class MAML(nn.Module):
                  eval_inner_steps: int | None = None, first_order: bool = False, first_order_iterations: int = 0,
                  backend: str = "auto", adapt: Iterable[str] | Callable[[str], bool] | None = None,
                  adapt_bn_affine: bool = True, inner_lr_mode: str = "fixed", multi_step_loss_iterations: int = 0,
-                 per_step_bn: bool = False, inner_loss: str = "mean", loss: str | None = None,
+                 per_step_bn: bool = False, per_step_bn_statistics: bool = False, inner_loss: str = "mean",
+                 loss: str | None = None,
                  checkpoint_inner_steps: bool = False, step_metrics: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -175,6 +180,11 @@ class MAML(nn.Module):
         self.multi_step_loss_iterations = multi_step_loss_iterations
         self.checkpoint_inner_steps, self.step_metrics = bool(checkpoint_inner_steps), bool(step_metrics)
         self.register_buffer("meta_iteration", torch.zeros((), dtype=torch.long))
+        # A host mirror of meta_iteration: reading the buffer would synchronise with the device in
+        # every step (and freeze inside a CUDA graph).
+        self._iteration = 0
+        # Label-range checks read the labels back to the host; a graph-captured step turns them off.
+        self.host_checks = True
 
         named = dict(model.named_parameters())
         norm_params = _norm_parameter_names(model)
@@ -200,6 +210,21 @@ class MAML(nn.Module):
             self.per_step_bn = nn.ParameterList(
                 [nn.Parameter(named[n].detach().unsqueeze(0).repeat(max_steps + 1, *[1] * named[n].dim()))
                  for n in self.per_step_bn_names])
+        self.per_step_bn_statistics = bool(per_step_bn_statistics)
+        self._bn_layers = {}
+        if per_step_bn_statistics:
+            self._bn_layers = {name: mod for name, mod in model.named_modules()
+                               if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
+            if not self._bn_layers:
+                raise ValueError("per_step_bn_statistics=True but the model has no BatchNorm layer")
+            reference = next(model.parameters())
+            for i, (name, mod) in enumerate(self._bn_layers.items()):
+                stats_shape = (max_steps + 1, mod.num_features)
+                self.register_buffer(f"bn_step_mean_{i}", reference.new_zeros(stats_shape))
+                self.register_buffer(f"bn_step_var_{i}", reference.new_ones(stats_shape))
+                mod.register_forward_pre_hook(self._bn_statistics_hook(name))
+        self._statistics_sink: list | None = None
+        self._bn_statistic_sums: dict = {}
         self._programs: dict[str, object] = {}
         self._fallback_reason: str | None = None
 
@@ -209,18 +234,15 @@ class MAML(nn.Module):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a maml_fast.TaskBatch, got {type(batch).__name__}")
         loss_fn = self._loss_fn(batch.support_y)
-        steps = self.inner_steps if self.training else self.eval_inner_steps
-        iteration = int(self.meta_iteration)
-        second_order = not self.first_order and not (self.training and iteration < self.first_order_iterations)
-        if self.training and self.multi_step_loss_iterations and steps > 1:
-            weights = multi_step_loss_weights(steps, iteration, self.multi_step_loss_iterations)
-        else:
-            weights = [0.0] * max(steps - 1, 0) + [1.0]
+        steps, second_order, weights = self._schedule()
         meta_grad = torch.is_grad_enabled()
+        self._bn_statistic_sums = {}
         result = self._run(batch.support_x, batch.support_y, batch.query_x, batch.query_y, steps,
                            second_order and meta_grad, loss_fn, weights, meta_grad)
         if self.training:
+            self._update_bn_statistics()
             self.meta_iteration += 1
+            self._iteration += 1
         objective, metrics = result["objective"], {}
         for key in ("support_loss", "support_accuracy", "query_loss", "query_accuracy"):
             if key in result:
@@ -256,6 +278,31 @@ class MAML(nn.Module):
         forward, groups = self._engine(query_x.device)
         return torch.cat([forward({n: p[g] for n, p in fast.params.items()}, query_x[g])
                           for g in groups(fast.num_tasks)])
+
+    def graph_key(self):
+        """What a captured step depends on besides the input shapes (`maml_fast.cuda_graph`)."""
+        steps, second_order, weights = self._schedule()
+        return steps, second_order, tuple(weights)
+
+    def on_graph_replay(self) -> None:
+        """A captured training step was replayed: advance the host iteration count as forward would."""
+        if self.training:
+            self._iteration += 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._iteration = int(self.meta_iteration)
+
+    def _schedule(self):
+        """(inner steps, second order?, multi-step loss weights) for the current mode and iteration."""
+        steps = self.inner_steps if self.training else self.eval_inner_steps
+        iteration = self._iteration
+        second_order = not self.first_order and not (self.training and iteration < self.first_order_iterations)
+        if self.training and self.multi_step_loss_iterations and steps > 1:
+            weights = multi_step_loss_weights(steps, iteration, self.multi_step_loss_iterations)
+        else:
+            weights = [0.0] * max(steps - 1, 0) + [1.0]
+        return steps, second_order, weights
 
     @property
     def fallback_reason(self) -> str | None:
@@ -320,7 +367,7 @@ class MAML(nn.Module):
         static = self._static_tensors(meta_grad)
         record: dict[str, list] = {"support_loss": [], "support_accuracy": [], "query_loss": [], "query_accuracy": []}
         objective = 0.0
-        labels_checked = support_y.is_floating_point()
+        labels_checked = support_y.is_floating_point() or not self.host_checks
 
         def checked_loss_fn(output, labels):
             # Labels are checked against the network's output size at the first loss, before any
@@ -358,6 +405,8 @@ class MAML(nn.Module):
                 else:
                     record["query_loss"].append(support_x.new_full((tasks,), math.nan))
                     record["query_accuracy"].append(support_x.new_full((tasks,), math.nan))
+            if self.training and self.per_step_bn_statistics and query_x is not None:
+                self._record_bn_statistics(fast, static, k, tasks, support_x)
             if k == steps:
                 break
             step_fn = self._step_function(k, tasks, forward, support_x, support_y, checked_loss_fn)
@@ -396,7 +445,54 @@ class MAML(nn.Module):
             per_step = static[len(frozen) + i]
             params[n] = per_step[min(step, per_step.shape[0] - 1)].expand(tasks, *per_step.shape[1:])
         params.update(fast)
+        if self.per_step_bn_statistics and not self.training:
+            index = min(step, self.bn_step_mean_0.shape[0] - 1)
+            for i, name in enumerate(self._bn_layers):
+                for kind in ("mean", "var"):
+                    stats = getattr(self, f"bn_step_{kind}_{i}")[index]
+                    params[f"{name}.running_{kind}"] = stats.expand(tasks, *stats.shape)
         return params
+
+    # ----------------------------------------------------------------- per-step BN statistics
+    def _bn_statistics_hook(self, name):
+        def record(module, args):
+            if self._statistics_sink is not None:
+                x = args[0]
+                dims = [0, *range(2, x.dim())]
+                self._statistics_sink.append((name, torch.stack([x.mean(dims), x.var(dims, correction=1)])))
+        return record
+
+    @torch.no_grad()
+    def _record_bn_statistics(self, fast, static, step, tasks, support_x):
+        """Accumulate every BN layer's input batch statistics at the step-k fast weights: one vmapped
+        forward of the module (hooks collect the statistics as outputs), the same on every backend."""
+        params = self._params_at(dict(zip(self.adapted_names, fast)), step, tasks, static)
+        names = []
+
+        def statistics(task_params, x):
+            self._statistics_sink = sink = []
+            try:
+                self._functional(task_params, x)
+            finally:
+                self._statistics_sink = None
+            names[:] = [name for name, _ in sink]
+            return [stats for _, stats in sink]
+
+        per_task = torch.func.vmap(statistics, randomness="different")(params, support_x)   # [T, 2, C] each
+        for name, stats in zip(names, per_task):
+            entry = self._bn_statistic_sums.setdefault((name, step), [0.0, 0])
+            entry[0], entry[1] = entry[0] + stats.sum(0), entry[1] + stats.shape[0]
+
+    @torch.no_grad()
+    def _update_bn_statistics(self):
+        for i, (name, layer) in enumerate(self._bn_layers.items()):
+            momentum = 0.1 if layer.momentum is None else layer.momentum
+            for (recorded, step), (stats_sum, count) in self._bn_statistic_sums.items():
+                if recorded == name:
+                    mean, var = stats_sum / count
+                    getattr(self, f"bn_step_mean_{i}")[step].lerp_(mean, momentum)
+                    getattr(self, f"bn_step_var_{i}")[step].lerp_(var, momentum)
+        self._bn_statistic_sums = {}
 
     def _step_function(self, step, tasks, forward, support_x, support_y, loss_fn):
         """fast_k, static -> (fast_{k+1}, support loss [T], accuracy [T]) as a pure function of its
@@ -411,7 +507,7 @@ class MAML(nn.Module):
             scale = output.shape[-1] if self.inner_loss == "reference" and not support_y.is_floating_point() else 1.0
             grads = torch.autograd.grad(loss.sum() * scale, fast, create_graph=create_graph)
             if self.inner_lr_mode == "fixed":
-                lrs = [fast[0].new_tensor(self.inner_lr)] * len(fast)
+                lrs = [fast[0].new_full((), self.inner_lr)] * len(fast)
             else:
                 learned = static[num_frozen:]
                 lrs = [lr[min(step, lr.shape[0] - 1)] if self.inner_lr_mode == "per_layer_per_step" else lr

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_backend
+from .ops import batch_norm_relu as bn_relu_ops
 from .ops import conv2d as conv_ops
 from .ops import linear as linear_ops
 from .ops import norm as norm_ops
@@ -46,9 +49,40 @@ def _lower_batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str, back
         return None, "BatchNorm with track_running_stats=True (MAML uses per-task batch statistics)"
 
     def run(x, params, tasks):
+        if prefix + "running_mean" in params:
+            return _batch_norm_with_statistics(x, params, prefix, module)
         return norm_ops.batch_norm(x, _param(params, prefix, "weight", module),
                                    _param(params, prefix, "bias", module), tasks, module.eps, backend)
     return run, None
+
+
+def _batch_norm_with_statistics(x, params, prefix: str, module: nn.Module):
+    """Eval with MAML++ per-step running statistics (passed as ``[T, C]`` entries of params, like
+    functional_call's buffers): normalise with them instead of the batch statistics."""
+    flat = lambda t: None if t is None else t.reshape(-1)
+    return F.batch_norm(x, flat(params[prefix + "running_mean"]), flat(params[prefix + "running_var"]),
+                        flat(_param(params, prefix, "weight", module)), flat(_param(params, prefix, "bias", module)),
+                        training=False, eps=module.eps)
+
+
+def _fuses_batch_norm_relu(module: nn.Module, following: nn.Module | None, backend: str) -> bool:
+    """A BatchNorm with batch statistics directly followed by a ReLU (siblings in one Sequential), in
+    a program for a backend that uses the extension's fused ops (`cuda_backend.may_use_extension_ops`)."""
+    return (type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) and not module.track_running_stats
+            and type(following) is nn.ReLU and cuda_backend.may_use_extension_ops(backend))
+
+
+def _lower_batch_norm_relu(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str) -> Layer:
+    """BatchNorm then ReLU as one fused op with closed-form derivatives on the devices where `backend`
+    runs the extension's ops; elsewhere (and for layouts without a free [rows, channels] view) the
+    same two unfused ops as without fusion."""
+    def run(x, params, tasks):
+        if prefix + "running_mean" in params:
+            return torch.relu(_batch_norm_with_statistics(x, params, prefix, module))
+        return bn_relu_ops.batch_norm_relu(
+            x, _param(params, prefix, "weight", module), _param(params, prefix, "bias", module), tasks,
+            module.eps, backend, use_extension=cuda_backend.uses_extension_ops(backend, x.device))
+    return run
 
 
 def _lower_layer_norm(module: nn.LayerNorm, prefix: str, backend: str):
@@ -119,10 +153,19 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
 
     def visit(mod: nn.Module, prefix: str) -> str | None:
         if type(mod) is nn.Sequential:
-            for name, child in mod.named_children():
+            children = list(mod.named_children())
+            index = 0
+            while index < len(children):
+                name, child = children[index]
+                following = children[index + 1][1] if index + 1 < len(children) else None
+                if _fuses_batch_norm_relu(child, following, backend):
+                    layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend))
+                    index += 2
+                    continue
                 reason = visit(child, f"{prefix}{name}.")
                 if reason:
                     return reason
+                index += 1
             return None
         where = prefix[:-1] or "the root module"
         lowering = _LOWERINGS.get(type(mod))

@@ -1,0 +1,116 @@
+// maml_fast::batch_norm_relu{,_backward,_double_backward}: the parts shared by the CPU and CUDA
+// kernels: input checks (errors name the argument) and the per-element formulas.
+//
+// Per-task BatchNorm with batch statistics followed by ReLU, on the [rows, channels] view of a
+// task-batched activation (row-major: channel c of row n at n * channels + c). Per column c, with
+// N = rows:
+//
+//   mean = sum(x) / N,  var = sum((x - mean)^2) / N,  r = (var + eps)^-1/2,  x_hat = (x - mean) r
+//   y = relu(gamma x_hat + beta),  m = (y > 0)                  (the mask, recomputed from y)
+//
+// backward, with gz = m gy, A = sum(gz), B = sum(gz x_hat):
+//   gx = gamma r (gz - A/N - x_hat B/N),  g_gamma = B,  g_beta = A
+//
+// double backward: L = <ggx, gx> + <gg_gamma, g_gamma> + <gg_beta, g_beta> differentiated with
+// respect to (gy, x, gamma); with C = sum(ggx), D = sum(ggx x_hat), E = sum(ggx gz) and
+//   P(gz)  = gz  - A/N - x_hat B/N,     P(ggx) = ggx - C/N - x_hat D/N,     S1 = E - C A/N - D B/N:
+//   d gy    = m (gamma r P(ggx) + gg_gamma x_hat + gg_beta)
+//   d x     = (gg_gamma r - gamma r^2 D/N) P(gz) - gamma r^2 B/N P(ggx) - gamma r^2 S1/N x_hat
+//   d gamma = r S1
+// (the mask is piecewise constant, so beta and y get no gradient). mean and rstd are returned in
+// the "stats" dtype: float for float/half/bfloat16 inputs, double for double inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace maml_fast {
+namespace bn_relu {
+
+constexpr const char* kForwardName = "maml_fast::batch_norm_relu";
+constexpr const char* kBackwardName = "maml_fast::batch_norm_relu_backward";
+constexpr const char* kDoubleBackwardName = "maml_fast::batch_norm_relu_double_backward";
+
+// The dtype of mean and rstd (and of every accumulation) for activations of dtype `dtype`.
+inline at::ScalarType stats_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Each check throws TypeError / ValueError (TORCH_CHECK_TYPE / _VALUE) naming the operator and the
+// offending argument. They do not copy: the kernels take `.contiguous()` of what they read.
+void check_forward_inputs(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+void check_backward_inputs(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd);
+void check_double_backward_inputs(
+    const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
+    const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd);
+
+// Per-column coefficients of the elementwise passes, computed once per column from its sums.
+
+// Forward: y = max(x * scale + shift, 0).
+template <typename acc_t>
+struct ForwardColumn {
+  acc_t scale;  // gamma r
+  acc_t shift;  // beta - mean gamma r
+};
+
+// Backward: x_hat = (x - mean) r;  gx = coef_gz gz + coef_xhat x_hat + coef_one  (gz = m gy).
+template <typename acc_t>
+struct BackwardColumn {
+  acc_t mean, rstd;
+  acc_t coef_gz, coef_xhat, coef_one;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BackwardColumn<acc_t> backward_column(
+    acc_t mean, acc_t rstd, acc_t gamma, acc_t sum_gz, acc_t sum_gz_xhat, acc_t inv_rows) {
+  const acc_t gamma_r = gamma * rstd;
+  return {mean, rstd, gamma_r, -gamma_r * sum_gz_xhat * inv_rows, -gamma_r * sum_gz * inv_rows};
+}
+
+// Double backward, from the five column sums (A..E above):
+//   P(gz) = gz - a - x_hat b,   P(ggx) = ggx - c - x_hat d
+//   d gy = m (k_pggx P(ggx) + gg_gamma x_hat + gg_beta)
+//   d x  = k_pgz P(gz) + k_pggx_x P(ggx) + k_xhat x_hat
+template <typename acc_t>
+struct DoubleBackwardColumn {
+  acc_t mean, rstd;
+  acc_t a, b, c, d;
+  acc_t k_pggx, gg_gamma, gg_beta;
+  acc_t k_pgz, k_pggx_x, k_xhat;
+  acc_t d_gamma;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline DoubleBackwardColumn<acc_t> double_backward_column(
+    acc_t mean, acc_t rstd, acc_t gamma, acc_t gg_gamma, acc_t gg_beta, acc_t sum_gz,
+    acc_t sum_gz_xhat, acc_t sum_ggx, acc_t sum_ggx_xhat, acc_t sum_ggx_gz, acc_t inv_rows) {
+  DoubleBackwardColumn<acc_t> col;
+  col.mean = mean;
+  col.rstd = rstd;
+  col.a = sum_gz * inv_rows;
+  col.b = sum_gz_xhat * inv_rows;
+  col.c = sum_ggx * inv_rows;
+  col.d = sum_ggx_xhat * inv_rows;
+  const acc_t s1 = sum_ggx_gz - sum_ggx * col.a - sum_ggx_xhat * col.b;
+  const acc_t gamma_r = gamma * rstd;
+  const acc_t gamma_r2 = gamma_r * rstd;
+  col.k_pggx = gamma_r;
+  col.gg_gamma = gg_gamma;
+  col.gg_beta = gg_beta;
+  col.k_pgz = gg_gamma * rstd - gamma_r2 * col.d;
+  col.k_pggx_x = -gamma_r2 * col.b;
+  col.k_xhat = -gamma_r2 * s1 * inv_rows;
+  col.d_gamma = rstd * s1;
+  return col;
+}
+
+}  // namespace bn_relu
+}  // namespace maml_fast

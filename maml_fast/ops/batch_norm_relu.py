@@ -1,0 +1,287 @@
+"""Per-task BatchNorm with batch statistics followed by ReLU, as one fused op with closed-form
+backward and double backward.
+
+On the ``[rows, channels]`` view of a task-batched activation (``[B*H*W, T*C]`` for a channels-last
+``[B, T*C, H, W]``, or a ``[B, T*C]`` matrix), per column, with N = rows:
+
+    mean = sum(x)/N,  var = sum((x - mean)^2)/N,  r = (var + eps)^-1/2,  x_hat = (x - mean) r
+    y = relu(gamma x_hat + beta),                 m = (y > 0)
+
+    backward (gz = m gy):   gx = gamma r P(gz),  g_gamma = sum(gz x_hat),  g_beta = sum(gz)
+    with P(v) = v - mean(v) - x_hat mean(v x_hat)  (the projection of `norm._project`)
+
+    double backward of L = <ggx, gx> + <gg_gamma, g_gamma> + <gg_beta, g_beta>, with
+    S1 = sum(ggx P(gz)), S2 = sum(ggx x_hat):
+      dL/dgy    = m (gamma r P(ggx) + gg_gamma x_hat + gg_beta)
+      dL/dx     = gg_gamma r P(gz) - gamma r^2 [S1/N x_hat + mean(gz x_hat) P(ggx) + S2/N P(gz)]
+      dL/dgamma = r S1,    dL/dbeta = 0 (the mask is piecewise constant)
+
+These are `norm._BatchNormRows`'s formulas with gy replaced by the masked gz. The compiled operators
+(``torch.ops.maml_fast.batch_norm_relu{,_backward,_double_backward}``, CPU and CUDA) evaluate them
+with one pass for the column sums and one for the elementwise outputs; x_hat is recomputed from x,
+mean and rstd (never stored) and the ReLU mask from y.
+
+Autograd: `_BatchNormReluRows` (forward op) has a backward that applies `_BatchNormReluRowsBackward`
+(backward op), whose own backward is the double-backward op: first and second derivatives are
+exact and run on the kernels — second-order MAML differentiates through the inner-loop gradient.
+Derivatives of every order exist: when a third derivative is being recorded (``create_graph=True``
+around the second backward), the double backward runs as the same closed form in differentiable
+PyTorch ops instead of the kernel (slower, but exact).
+
+Here are the pure-PyTorch references, the input checks, the launcher and the autograd glue.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from maml_fast import _extension
+
+from . import norm
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _missing_op_reason() -> str | None:
+    if _extension.LOAD_ERROR is not None or hasattr(torch.ops.maml_fast, "batch_norm_relu"):
+        return None
+    return ("maml_fast._C has no batch_norm_relu operator (built from older sources); "
+            "rebuild it with `pip install -e . --no-build-isolation`")
+
+
+_MISSING_OP = _missing_op_reason()
+
+
+def unavailable_reasons(device: torch.device | str) -> list[str]:
+    """Why the compiled batch_norm_relu ops cannot run on `device`; an empty list means they can."""
+    reasons = _extension.extension_unavailable_reasons(device)
+    return reasons if reasons or _MISSING_OP is None else [_MISSING_OP]
+
+
+def is_available(device: torch.device | str) -> bool:
+    """True when the compiled batch_norm_relu ops can run on `device`."""
+    return _MISSING_OP is None and _extension.is_available(device)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the op's mean and rstd outputs (and of its accumulations) for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------- references
+def batch_norm_relu_rows_reference(x, weight, bias, eps: float = 1e-5):
+    """The op's definition on ``[rows, channels]``: (y, mean, rstd). Plain PyTorch, differentiable to
+    any order (through x, weight and bias; mean and rstd are computed in the stats dtype)."""
+    acc = x.to(stats_dtype(x.dtype))
+    mean = acc.mean(0)
+    rstd = torch.rsqrt((acc - mean).pow(2).mean(0) + eps)
+    x_hat = (acc - mean) * rstd
+    y = F.relu(x_hat * weight.to(acc.dtype) + bias.to(acc.dtype)).to(x.dtype)
+    return y, mean, rstd
+
+
+def batch_norm_relu_reference(x, weight, bias, tasks: int, eps: float = 1e-5):
+    """relu(batch_norm) in the grouped layout, one plain F.batch_norm per task (a Python loop)."""
+    return F.relu(norm.batch_norm_reference(x, weight, bias, tasks, eps))
+
+
+# ------------------------------------------------------------------------------------- checks
+def _check_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def check_batch_norm_relu_rows_inputs(x, weight, bias, eps) -> None:
+    """Raise TypeError / ValueError naming the argument unless the inputs fit the op:
+    x ``[rows >= 2, channels]`` of a supported floating dtype; weight, bias ``[channels]`` of x's
+    dtype on x's device; eps a finite number >= 0."""
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
+        _check_tensor(name, tensor)
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [rows, channels], got shape {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(
+            f"x needs at least 2 rows (batch statistics of a single value per channel are undefined), "
+            f"got shape {tuple(x.shape)}"
+        )
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+        if tuple(tensor.shape) != (x.shape[1],):
+            raise ValueError(
+                f"{name} must have shape ({x.shape[1]},) (one value per channel of x {tuple(x.shape)}), "
+                f"got {tuple(tensor.shape)}"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (eps >= 0 and eps != float("inf")):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+# ------------------------------------------------------------------------------ autograd glue
+class _BatchNormReluRows(torch.autograd.Function):
+    """y = relu(batch_norm(x)) by the forward op; the backward is `_BatchNormReluRowsBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, eps)
+        # x_hat is not kept: the backward recomputes it from x, mean and rstd; y gives the mask.
+        ctx.save_for_backward(x, weight, y, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, y, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _BatchNormReluRowsBackward.apply(grad_y, x, y, weight, mean, rstd, ctx.eps)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class _BatchNormReluRowsBackward(torch.autograd.Function):
+    """(gy, x, y, weight) -> (gx, g_weight, g_bias) by the backward op.
+
+    mean and rstd are x's cached statistics and y supplies the ReLU mask: none of them is
+    differentiated. x is the differentiable input and the double backward returns the true
+    derivative with respect to it (statistics included). y gets no gradient: the mask is piecewise
+    constant (so does the bias, which enters the backward only through the mask).
+
+    The double backward runs the double-backward op, except when autograd records it (a third
+    derivative was asked for: ``create_graph=True`` around the second backward); then the same
+    closed form runs as differentiable PyTorch ops (`_double_backward_composite`)."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, y, weight, mean, rstd, eps):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_y, x, y, weight, mean, rstd)
+        ctx.eps = eps
+        return tuple(torch.ops.maml_fast.batch_norm_relu_backward(grad_y, x, y, weight, mean, rstd))
+
+    @staticmethod
+    def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
+        if grad_grad_x is None and grad_grad_weight is None and grad_grad_bias is None:
+            return None, None, None, None, None, None, None
+        grad_y, x, y, weight, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            d_grad_y, d_x, d_weight = _double_backward_composite(
+                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, ctx.eps)
+        else:
+            d_grad_y, d_x, d_weight = torch.ops.maml_fast.batch_norm_relu_double_backward(
+                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd)
+        needs = ctx.needs_input_grad
+        return (d_grad_y if needs[0] else None, d_x if needs[1] else None, None,
+                d_weight if needs[3] else None, None, None, None)
+
+
+def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, eps):
+    """The double-backward op's formulas (see the module docstring) as PyTorch ops, differentiable
+    again: the statistics are recomputed from x with autograd ops, the mask (y > 0) is a constant."""
+    acc = stats_dtype(x.dtype)
+    rows = x.shape[0]
+    xf, gy, w = x.to(acc), grad_y.to(acc), weight.to(acc)
+    mean = xf.mean(0)
+    centred = xf - mean
+    r = torch.rsqrt(centred.pow(2).mean(0) + eps)
+    x_hat = centred * r
+    mask = y > 0
+    gz = torch.where(mask, gy, torch.zeros((), dtype=acc, device=x.device))
+    sum_gz, sum_gz_xhat = gz.sum(0), (gz * x_hat).sum(0)
+    p_gz = gz - sum_gz / rows - x_hat * (sum_gz_xhat / rows)
+    gamma_r = w * r
+    gamma_r2 = gamma_r * r
+    gg_w = torch.zeros_like(w) if grad_grad_weight is None else grad_grad_weight.to(acc)
+    gg_b = torch.zeros_like(w) if grad_grad_bias is None else grad_grad_bias.to(acc)
+    d_gz = gg_w * x_hat + gg_b
+    d_x = (gg_w * r) * p_gz
+    d_weight = torch.zeros_like(w)
+    if grad_grad_x is not None:
+        ggx = grad_grad_x.to(acc)
+        sum_ggx_xhat = (ggx * x_hat).sum(0)
+        p_ggx = ggx - ggx.mean(0) - x_hat * (sum_ggx_xhat / rows)
+        s1 = (ggx * p_gz).sum(0)
+        d_gz = d_gz + gamma_r * p_ggx
+        d_x = d_x - gamma_r2 * ((s1 / rows) * x_hat + (sum_gz_xhat / rows) * p_ggx + (sum_ggx_xhat / rows) * p_gz)
+        d_weight = r * s1
+    d_grad_y = torch.where(mask, d_gz, torch.zeros((), dtype=acc, device=x.device))
+    return d_grad_y.to(x.dtype), d_x.to(x.dtype), d_weight.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------------ launchers
+def batch_norm_relu_rows(x, weight, bias, eps: float = 1e-5):
+    """relu(batch_norm(x)) per column of x ``[rows, channels]`` by the compiled op (with checks),
+    differentiable twice in x, weight and bias. weight/bias ``[channels]``."""
+    check_batch_norm_relu_rows_inputs(x, weight, bias, eps)
+    if not is_available(x.device):
+        raise RuntimeError("maml_fast.batch_norm_relu cannot run: " + "; ".join(unavailable_reasons(x.device)))
+    return _BatchNormReluRows.apply(x, weight, bias, float(eps))
+
+
+def _rows_view(x):
+    """x as ``[rows, channels]`` without a copy, and the function that brings the result back to
+    x's shape and layout; None when x's layout has no such view (x is then left to the torch path)."""
+    if x.dim() == 2:
+        return x, lambda rows: rows
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        batch, total, height, width = x.shape
+        return (x.permute(0, 2, 3, 1).reshape(-1, total),
+                lambda rows: rows.reshape(batch, height, width, total).permute(0, 3, 1, 2))
+    return None
+
+
+def _affine(param, total, x, fill: float):
+    if param is None:
+        return x.new_full((total,), fill)
+    return param.reshape(total)
+
+
+def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str = "torch",
+                    use_extension: bool = False):
+    """relu(per-task batch_norm(x)) in the grouped layout: x ``[B, T*C]`` or ``[B, T*C, H, W]``;
+    weight/bias ``[T, C]`` or None. Checked like `norm.batch_norm`.
+
+    With ``use_extension``, and when the compiled op can run on x's device, x is a 2-D matrix or
+    a channels-last 4-D tensor (a free ``[rows, T*C]`` view) and weight/bias share x's dtype, the
+    fused op runs; otherwise ``relu(norm.batch_norm(..., backend))``, the unfused path, does (same
+    function)."""
+    if use_extension and isinstance(x, torch.Tensor) and is_available(x.device):
+        view = _rows_view(x)
+        same_dtype = all(p is None or (isinstance(p, torch.Tensor) and p.dtype == x.dtype) for p in (weight, bias))
+        if view is not None and x.dtype in _SUPPORTED_DTYPES and same_dtype:
+            if x.shape[1] % tasks:
+                raise ValueError(
+                    f"x must have shape [batch, tasks*channels, ...] with tasks={tasks}, got {tuple(x.shape)}"
+                )
+            channels = x.shape[1] // tasks
+            norm._check_affine("weight", weight, tasks, (channels,))
+            norm._check_affine("bias", bias, tasks, (channels,))
+            rows, restore = view
+            if rows.shape[0] < 2:
+                raise ValueError("batch_norm needs more than one value per channel (batch of 1 with no spatial dims)")
+            total = x.shape[1]
+            out = batch_norm_relu_rows(rows, _affine(weight, total, x, 1.0), _affine(bias, total, x, 0.0), eps)
+            return restore(out)
+    return F.relu(norm.batch_norm(x, weight, bias, tasks, eps, backend))
+
+
+# ---------------------------------------------------------------------------- fake (meta) kernels
+if _extension.LOAD_ERROR is None and _MISSING_OP is None:
+
+    @torch.library.register_fake("maml_fast::batch_norm_relu")
+    def _batch_norm_relu_fake(x, weight, bias, eps):
+        channels = x.shape[1]
+        stats = stats_dtype(x.dtype)
+        return x.new_empty(x.shape), x.new_empty((channels,), dtype=stats), x.new_empty((channels,), dtype=stats)
+
+    @torch.library.register_fake("maml_fast::batch_norm_relu_backward")
+    def _batch_norm_relu_backward_fake(grad_y, x, y, weight, mean, rstd):
+        channels = x.shape[1]
+        return x.new_empty(x.shape), x.new_empty((channels,)), x.new_empty((channels,))
+
+    @torch.library.register_fake("maml_fast::batch_norm_relu_double_backward")
+    def _batch_norm_relu_double_backward_fake(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y,
+                                              weight, mean, rstd):
+        channels = x.shape[1]
+        return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((channels,))
