@@ -13,7 +13,7 @@ install: .install-stamp
 	touch $@
 
 train: install
-	$(PYTHON) -m maml_fast train --preset omniglot-5w1s --time-limit 8
+	$(PYTHON) -m maml_fast train --preset omniglot-5w1s-cpu --time-limit 8
 
 test: install
 	$(PYTHON) -m pytest tests -q

@@ -11,7 +11,9 @@ import warnings
 from . import _extension, cuda_backend, data, models, triton_backend
 from .backends import available_backends
 from .maml import MAML, FastWeights, MAMLOutput, multi_step_loss_weights
+from .evaluation import evaluate
 from .task_batch import TaskBatch
+from .trainer import NonFiniteLossError, Trainer, TrainResult
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
 
 __version__ = "0.1.0"
@@ -21,4 +23,5 @@ if _extension.LOAD_ERROR:
                   stacklevel=2)
 
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
-           "multi_step_loss_weights", "available_backends"]
+           "multi_step_loss_weights", "available_backends",
+           "Trainer", "TrainResult", "NonFiniteLossError", "evaluate", "data"]

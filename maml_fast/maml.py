@@ -40,11 +40,14 @@ class MAMLOutput:
     ``metrics``: detached tensors on the batch's device, means over tasks —
     ``support_loss`` / ``support_accuracy`` ``[K]`` (before each inner step) and ``query_loss`` /
     ``query_accuracy`` ``[K+1]`` (after 0..K steps; entries not computed are NaN). Accuracies only
-    for classification. ``query_loss_per_task``: ``[T]`` after the last step, detached."""
+    for classification. ``query_loss_per_task``: ``[T]`` after the last step, detached.
+    ``per_task_metrics``: the same keys as ``metrics`` before the mean over tasks (``[K, T]`` /
+    ``[K+1, T]``)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     query_loss_per_task: torch.Tensor
+    per_task_metrics: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -243,11 +246,10 @@ class MAML(nn.Module):
             self._update_bn_statistics()
             self.meta_iteration += 1
             self._iteration += 1
-        objective, metrics = result["objective"], {}
-        for key in ("support_loss", "support_accuracy", "query_loss", "query_accuracy"):
-            if key in result:
-                metrics[key] = result[key].mean(-1)
-        return MAMLOutput(objective.mean(), metrics, result["query_loss"][-1].detach())
+        per_task = {key: result[key] for key in ("support_loss", "support_accuracy", "query_loss", "query_accuracy")
+                    if key in result}
+        metrics = {key: value.mean(-1) for key, value in per_task.items()}
+        return MAMLOutput(result["objective"].mean(), metrics, result["query_loss"][-1].detach(), per_task)
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> FastWeights:
         """Per-task fast weights after ``steps`` inner steps (default: the eval step count), detached."""

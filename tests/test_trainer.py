@@ -1,0 +1,325 @@
+"""Trainer: exact resume, NaN skip and stop, atomic checkpoints, log files, pretraining, time
+limit; evaluation: the confidence-interval math and agreement with the learner's own metrics."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import maml_fast as mf
+from maml_fast import trainer as trainer_module
+from maml_fast.data import EpisodeSampler, SinusoidTasks
+from maml_fast.evaluation import EvaluationResult, evaluate, mean_std_ci95, plot_learning_curve, read_jsonl
+from maml_fast.trainer import NonFiniteLossError, Trainer, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sinusoid_setup(seed=0, **maml_options):
+    torch.manual_seed(seed)
+    net = mf.models.mlp((1, 16, 16, 1)).double()
+    options = dict(inner_lr=0.01, inner_steps=2, eval_inner_steps=3)
+    options.update(maml_options)
+    learner = mf.MAML(net, **options)
+    source = SinusoidTasks(5, 5, seed=seed, meta_batch_size=4, dtype=torch.float64)
+    return learner, source
+
+
+def tiny_images(seed=0, classes=12, examples=6, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(images=torch.randint(0, 256, (classes, examples, 1, size, size), generator=g,
+                                                dtype=torch.uint8), num_classes=classes)
+
+
+def episode_setup(seed=0, **maml_options):
+    torch.manual_seed(seed)
+    net = mf.models.conv4(1, 3, hidden=4).double()
+    options = dict(inner_lr=0.1, inner_steps=1, eval_inner_steps=2)
+    options.update(maml_options)
+    learner = mf.MAML(net, **options)
+    source = EpisodeSampler(tiny_images(), ways=3, shots=1, queries=2, meta_batch_size=3, seed=seed,
+                            dtype=torch.float64)
+    return learner, source
+
+
+def trainer_for(setup, logdir, iterations, **options):
+    learner, source = setup()
+    defaults = dict(iterations=iterations, logdir=logdir, log_every=2, checkpoint_every=3, progress=False)
+    defaults.update(options)
+    return Trainer(learner, source, **defaults)
+
+
+def assert_same_state(a: Trainer, b: Trainer, buffers=True):
+    sa, sb = a.learner.state_dict(), b.learner.state_dict()
+    if not buffers:  # parameters only (meta_iteration counts every forward, skipped or not)
+        sa, sb = dict(a.learner.named_parameters()), dict(b.learner.named_parameters())
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for index in oa:
+        for key in oa[index]:
+            assert torch.equal(torch.as_tensor(oa[index][key]), torch.as_tensor(ob[index][key])), (index, key)
+
+
+# ------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("setup", [
+    lambda: sinusoid_setup(inner_lr_mode="per_layer_per_step"),  # learned inner lrs are checkpointed too
+    lambda: episode_setup(),
+], ids=["sinusoid-learned-lrs", "omniglot-like-episodes"])
+def test_resume_is_bitwise_exact(setup, tmp_path):
+    n = 4
+    options = dict(cosine=True, clip_norm=1.0, pretrain_iterations=1)
+    straight = trainer_for(setup, tmp_path / "straight", 2 * n - 1, checkpoint_every=n, **options)
+    straight.train()
+
+    first = trainer_for(setup, tmp_path / "resumed", 2 * n - 1, checkpoint_every=n, **options)
+    first.total_iterations = n  # stop after n iterations (the checkpoint at n is written)
+    first.train()
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == n
+
+    # A new process would build everything again; the global RNG is perturbed to show it is restored.
+    torch.manual_seed(999)
+    second = trainer_for(setup, tmp_path / "resumed", 2 * n - 1, checkpoint_every=n, resume=True, **options)
+    assert second.iteration == n
+    assert int(second.learner.meta_iteration) == n
+    second.train()
+    assert second.iteration == straight.iteration == 2 * n
+    assert_same_state(straight, second)
+    assert second.lr == straight.lr
+    # metrics.jsonl of the resumed run lists every logged iteration once, as the straight run
+    iterations = lambda d: [r["iteration"] for r in read_jsonl(d / "metrics.jsonl")]  # noqa: E731
+    assert iterations(tmp_path / "resumed") == iterations(tmp_path / "straight")
+
+
+def test_resume_drops_records_logged_after_the_checkpoint(tmp_path):
+    trainer = trainer_for(sinusoid_setup, tmp_path, 6, log_every=1, checkpoint_every=4)
+    trainer.train()
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["iteration"] == 6
+    # simulate a crash after iteration 6 of a longer run: a checkpoint at 4 and records up to 6
+    trainer.iteration = 4
+    trainer.save_checkpoint()
+    resumed = trainer_for(sinusoid_setup, tmp_path, 6, log_every=1, checkpoint_every=4, resume=True)
+    assert resumed.iteration == 4
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ NaN handling
+class NaNAt(mf.MAML):
+    """A MAML whose meta-loss is NaN on the training forwards whose index is in `bad`."""
+
+    def __init__(self, *args, bad=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.training:
+            if self.calls in self.bad or ("from" in self.bad and self.calls >= self.bad_from):
+                out.loss = out.loss * float("nan")
+            self.calls += 1
+        return out
+
+
+def nan_setup(bad=(), bad_from=None):
+    torch.manual_seed(0)
+    learner = NaNAt(mf.models.mlp((1, 16, 16, 1)).double(), inner_lr=0.01, inner_steps=1,
+                    bad=set(bad) | ({"from"} if bad_from is not None else set()))
+    learner.bad_from = bad_from
+    return learner, SinusoidTasks(5, 5, seed=0, meta_batch_size=4, dtype=torch.float64)
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    clean = trainer_for(lambda: nan_setup(), None, 3)
+    clean.train()
+    bad = trainer_for(lambda: nan_setup(bad=[3]), tmp_path, 4, log_every=4)
+    result = bad.train()
+    assert result.skipped_steps == 1 and result.stopped == "completed"
+    # the skipped step changed neither the parameters nor Adam's state (its step count included)
+    assert_same_state(clean, bad, buffers=False)
+    assert all(float(s["step"]) == 3 for s in bad.optimizer.state.values())
+    record = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert record["skipped_steps"] == 1 and record["skipped_in_record"] == 1
+    assert math.isfinite(record["meta_loss"])  # the mean is over the good steps only
+    # training goes on after a skipped step
+    more = trainer_for(lambda: nan_setup(bad=[1]), None, 4)
+    assert more.train().skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in more.learner.parameters())
+
+
+def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = trainer_for(lambda: nan_setup(bad_from=5), tmp_path, 20, checkpoint_every=2, max_bad_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf for 4 consecutive steps.*checkpoint\.pt"):
+        trainer.train()
+    assert trainer.iteration == 9  # steps 5, 6, 7, 8 were bad: the 4th in a row stops it
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["iteration"] == 4  # not 6 or 8: no checkpoint is written during a bad run
+    assert all(torch.isfinite(v).all() for v in checkpoint["learner"].values() if v.is_floating_point())
+
+
+def test_gradient_clipping_by_value():
+    trainer = trainer_for(sinusoid_setup, None, 1, clip_value=1e-4)
+    batch = trainer.source.sample()
+    trainer._forward_backward(batch, "metatrain")
+    torch.nn.utils.clip_grad_value_(trainer.params, 1e-4)
+    assert max(p.grad.abs().max().item() for p in trainer.params) <= 1e-4 + 1e-18
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    trainer = trainer_for(sinusoid_setup, tmp_path, 3, checkpoint_every=3)
+    trainer.train()
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+
+    real_save = torch.save
+
+    def crash_midway(obj, file, *args, **kwargs):
+        real_save({"partial": torch.zeros(10)}, file)  # some bytes reach the temporary file ...
+        raise OSError("disk full")  # ... then the write dies
+
+    monkeypatch.setattr(trainer_module.torch, "save", crash_midway)
+    trainer.iteration = 99
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.setattr(trainer_module.torch, "save", real_save)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # temp file removed
+    assert load_checkpoint(path)["iteration"] == 3
+
+    # a temp file left by a kill -9 mid-write does not disturb resuming
+    (tmp_path / f".checkpoint.pt.tmp-12345").write_bytes(b"\x80garbage")
+    resumed = trainer_for(sinusoid_setup, tmp_path, 3, resume=True)
+    assert resumed.iteration == 3
+
+
+def test_checkpoint_contents(tmp_path):
+    trainer = trainer_for(lambda: sinusoid_setup(inner_lr_mode="per_layer_per_step"), tmp_path, 2,
+                          checkpoint_every=2, config={"name": "x"}, keep_checkpoints=True)
+    trainer.train()
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["iteration"] == 2 and checkpoint["config"] == {"name": "x"}
+    assert int(checkpoint["learner"]["meta_iteration"]) == 2
+    assert any(k.startswith("inner_lrs.") for k in checkpoint["learner"])
+    assert {"optimizer", "scheduler", "sampler", "rng", "counters"} <= set(checkpoint)
+    assert {"torch", "numpy", "python"} <= set(checkpoint["rng"])
+    assert (tmp_path / "checkpoint_0000002.pt").is_file()
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "other.pt").write_bytes(b"")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a maml_fast Trainer checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+# ------------------------------------------------------------------------------------ logging
+def test_jsonl_and_tensorboard_files(tmp_path):
+    trainer = trainer_for(episode_setup, tmp_path, 4, log_every=2, pretrain_iterations=2)
+    trainer.train()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [2, 4, 6]
+    assert [r["phase"] for r in records] == ["pretrain", "metatrain", "metatrain"]
+    pre, meta = records[0], records[-1]
+    assert len(pre["query_loss"]) == 1 and pre["support_loss"] == []  # pretraining: 0 inner steps
+    assert len(meta["query_loss"]) == 2 and len(meta["query_accuracy"]) == 2  # after 0 and 1 steps
+    assert len(meta["support_loss"]) == 1 and 0 <= meta["support_accuracy"][0] <= 1
+    for key in ("meta_loss", "grad_norm", "lr", "steps_per_s", "elapsed_s", "skipped_steps"):
+        assert key in meta
+    assert meta["meta_loss"] == pytest.approx(meta["query_loss"][-1])
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"metatrain/meta_loss", "metatrain/query_accuracy_after_0_steps", "metatrain/query_accuracy_after_1_steps",
+            "metatrain/support_loss_before_step_1", "pretrain/query_loss_after_0_steps"} <= set(tags)
+    png = plot_learning_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretraining_trains_on_the_pre_update_support_loss():
+    trainer = trainer_for(sinusoid_setup, None, 0, pretrain_iterations=1, log_every=1)
+    learner, source = sinusoid_setup()
+    batch = source.sample()
+    learner.inner_steps = 0
+    expected = learner(mf.TaskBatch(batch.support_x, batch.support_y, batch.support_x, batch.support_y)).loss
+    result = trainer.train()
+    assert result.last_record["phase"] == "pretrain"
+    assert result.last_record["meta_loss"] == pytest.approx(expected.item(), rel=1e-12)
+    assert trainer.learner.inner_steps == 2  # restored
+
+
+def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path):
+    trainer = trainer_for(sinusoid_setup, tmp_path, 1000, time_limit=1e-6, checkpoint_every=500)
+    result = trainer.train()
+    assert result.stopped == "time_limit" and result.iteration == 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 1
+    # the limit counts from the start of train(), whatever checkpoints happen on the way
+    trainer = trainer_for(sinusoid_setup, tmp_path / "b", 10**6, time_limit=0.5, checkpoint_every=1, log_every=10)
+    result = trainer.train()
+    assert result.stopped == "time_limit" and 0.5 <= result.wall_s < 10
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["iteration"] == result.iteration
+
+
+def test_bad_arguments():
+    learner, source = sinusoid_setup()
+    with pytest.raises(ValueError, match="iterations"):
+        Trainer(learner, source, iterations=-1)
+    with pytest.raises(ValueError, match="clip_norm"):
+        Trainer(learner, source, iterations=1, clip_norm=0)
+    with pytest.raises(TypeError, match="sample"):
+        Trainer(learner, object(), iterations=1)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def test_confidence_interval_math():
+    mean, std, ci = mean_std_ci95([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(mean, [0.5, 1.0])
+    np.testing.assert_allclose(std, [0.5, 0.0])  # ddof=0, as the reference's np.std
+    np.testing.assert_allclose(ci, [1.96 * 0.5 / 2, 0.0])
+    values = np.random.default_rng(0).random(600)
+    _, _, ci = mean_std_ci95(values)
+    assert ci == pytest.approx(1.96 * values.std() / math.sqrt(600))
+    with pytest.raises(ValueError):
+        mean_std_ci95([])
+
+
+def test_evaluate_matches_the_learners_own_metrics():
+    learner, _ = episode_setup()
+    held_out = EpisodeSampler(tiny_images(seed=5), ways=3, shots=1, queries=2, meta_batch_size=4, seed=1,
+                              dtype=torch.float64)
+    result = evaluate(learner, held_out, num_episodes=10, steps=2, seed=3)
+    assert isinstance(result, EvaluationResult) and result.num_episodes == 10 and result.steps == [0, 1, 2]
+    assert learner.training  # restored
+    # the learner's forward in eval mode gives the same means over the same episodes
+    learner.eval()
+    learner.eval_inner_steps = 2
+    sums, n = 0, 0
+    for batch in held_out.fixed_episodes(10, seed=3):
+        out = learner(batch)
+        sums = sums + out.metrics["query_accuracy"].double() * batch.num_tasks
+        n += batch.num_tasks
+    np.testing.assert_allclose(result.accuracy_mean, (sums / n).tolist(), rtol=1e-12)
+    again = evaluate(learner, held_out, num_episodes=10, steps=2, seed=3)
+    assert again.to_dict() == result.to_dict()  # fixed episodes
+    assert "after 2 steps: accuracy" in result.summary()
+
+
+def test_evaluate_regression_and_result_json(tmp_path):
+    learner, source = sinusoid_setup()
+    result = evaluate(learner, source, num_episodes=7, inner_lr=0.0)
+    assert result.accuracy_mean is None and len(result.loss_mean) == 4
+    assert result.loss_mean[0] == pytest.approx(result.loss_mean[-1])  # inner lr 0: no adaptation
+    assert learner.inner_lr == 0.01  # restored
+    path = result.write_json(tmp_path / "eval.json")
+    assert json.loads(path.read_text())["num_episodes"] == 7
