@@ -75,7 +75,7 @@ def main(argv=None):
         medians = {peer: statistics.median(t) for peer, t in times.items()}
         results["configs"][name] = {"median_s": medians, "times_s": times}
         print(f"\n## {name} (median of {args.rounds}, ms; ratio = peer time / this time)")
-        print(f"| backend | ms | vs loop | vs vmap | vs functorch |")
+        print("| backend | ms | vs loop | vs vmap | vs functorch |")
         print("|---|---|---|---|---|")
         for peer, median in medians.items():
             ratios = [f"{medians[base] / median:.2f}x" if base in medians else "-" for base in ("loop", "vmap", "functorch")]

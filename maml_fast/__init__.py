@@ -8,7 +8,7 @@
 """
 import warnings
 
-from . import _extension, cuda_backend, data, models, triton_backend
+from . import _extension, cuda_backend, data, models, triton_backend  # noqa: F401  (backends register on import)
 from .backends import available_backends
 from .maml import MAML, FastWeights, MAMLOutput, multi_step_loss_weights
 from .evaluation import evaluate

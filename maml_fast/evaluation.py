@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .maml import MAMLOutput
 from .ops.losses import cross_entropy_per_task, mse_per_task
 
 CI95_Z = 1.96
-_HAS_PER_TASK_METRICS = "per_task_metrics" in getattr(MAMLOutput, "__dataclass_fields__", {})
 
 
 def mean_std_ci95(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,16 +87,14 @@ class EvaluationResult:
 def _per_task_metrics(learner, batch, steps: int):
     """Query loss and accuracy ``[steps + 1, T]`` of every task after 0..steps inner steps."""
     classification = not batch.query_y.is_floating_point()
-    if _HAS_PER_TASK_METRICS and getattr(learner, "step_metrics", False) and steps == learner.eval_inner_steps:
+    if learner.step_metrics and steps == learner.eval_inner_steps:
         # One forward when the learner reports per-task metrics (``MAMLOutput.per_task_metrics``):
         # `steps` inner steps instead of steps * (steps + 1) / 2 with adapt() per step count.
         with torch.no_grad():
             out = learner(batch)
-        per_task = getattr(out, "per_task_metrics", None)
-        if per_task is not None:
-            loss = per_task["query_loss"].double().cpu()
-            accuracy = per_task["query_accuracy"].double().cpu() if classification else None
-            return loss, accuracy
+        loss = out.per_task_metrics["query_loss"].double().cpu()
+        accuracy = out.per_task_metrics["query_accuracy"].double().cpu() if classification else None
+        return loss, accuracy
     losses, accuracies = [], []
     for k in range(steps + 1):
         fast = learner.adapt(batch.support_x, batch.support_y, steps=k)

@@ -199,7 +199,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert load_checkpoint(path)["iteration"] == 3
 
     # a temp file left by a kill -9 mid-write does not disturb resuming
-    (tmp_path / f".checkpoint.pt.tmp-12345").write_bytes(b"\x80garbage")
+    (tmp_path / ".checkpoint.pt.tmp-12345").write_bytes(b"\x80garbage")
     resumed = trainer_for(sinusoid_setup, tmp_path, 3, resume=True)
     assert resumed.iteration == 3
 
