@@ -110,14 +110,14 @@ void check_double_backward_inputs(
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
   check_saved(kDoubleBackwardName, grad_y, x, y, weight, mean, rstd);
-  if (grad_grad_x.has_value() && grad_grad_x->defined()) {
+  if (is_given(grad_grad_x)) {
     check_like_x(kDoubleBackwardName, "grad_grad_x", *grad_grad_x, x);
   }
-  if (grad_grad_weight.has_value() && grad_grad_weight->defined()) {
+  if (is_given(grad_grad_weight)) {
     check_channel_vector(
         kDoubleBackwardName, "grad_grad_weight", *grad_grad_weight, x, x.scalar_type());
   }
-  if (grad_grad_bias.has_value() && grad_grad_bias->defined()) {
+  if (is_given(grad_grad_bias)) {
     check_channel_vector(kDoubleBackwardName, "grad_grad_bias", *grad_grad_bias, x, x.scalar_type());
   }
 }
@@ -206,16 +206,7 @@ struct ForwardKernel {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = typename VecTypes<acc_t>::Vec;
-  struct Args {
-    const scalar_t* x;
-    const scalar_t* weight;
-    const scalar_t* bias;
-    scalar_t* y;
-    acc_t* mean;
-    acc_t* rstd;
-    std::int64_t rows, channels;
-    double eps;
-  };
+  using Args = ForwardArgs<scalar_t>;
 
   // Sums of (x - s) and (x - s)^2 with s = x[0, c], a value of the column: shifted, the one-pass
   // variance keeps its precision when |mean| >> std.
@@ -257,18 +248,7 @@ struct BackwardKernel {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = typename VecTypes<acc_t>::Vec;
-  struct Args {
-    const scalar_t* grad_y;
-    const scalar_t* x;
-    const scalar_t* y;
-    const scalar_t* weight;
-    const acc_t* mean;
-    const acc_t* rstd;
-    scalar_t* grad_x;
-    scalar_t* grad_weight;
-    scalar_t* grad_bias;
-    std::int64_t rows, channels;
-  };
+  using Args = BackwardArgs<scalar_t>;
 
   template <typename Width>
   static MAML_FAST_ALWAYS_INLINE void load_row(
@@ -310,24 +290,6 @@ struct BackwardKernel {
     load_row(a, offset, column, width, gz, x_hat);
     store<acc_t>(a.grad_x + offset, coefs[0] * gz + coefs[1] * x_hat + coefs[2], width);
   }
-};
-
-template <typename scalar_t>
-struct DoubleBackwardArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad_grad_x;  // null: grad_grad_x was not given (zero)
-  const scalar_t* grad_grad_weight;
-  const scalar_t* grad_grad_bias;
-  const scalar_t* grad_y;
-  const scalar_t* x;
-  const scalar_t* y;
-  const scalar_t* weight;
-  const acc_t* mean;
-  const acc_t* rstd;
-  scalar_t* grad_grad_y;
-  scalar_t* grad_x;
-  scalar_t* grad_weight;
-  std::int64_t rows, channels;
 };
 
 // kHasGgx: grad_grad_x is given (otherwise it is zero and its sums and terms drop out).
@@ -595,103 +557,50 @@ void run_kernel(const typename Kernel::Args& a) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in, double eps) {
-  check_forward_inputs(x_in, weight_in, bias_in, eps);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
-  at::Tensor mean = at::empty({x.size(1)}, stats_options);
-  at::Tensor rstd = at::empty({x.size(1)}, stats_options);
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename ForwardKernel<scalar_t>::Args args{
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-          mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), x.size(0), x.size(1),
-          eps};
-      run_kernel<ForwardKernel<scalar_t>>(args);
+TensorTriple batch_norm_relu_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_forward_inputs(x, weight, bias, eps);
+  const ForwardOp op(x, weight, bias, eps);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_cpu", [&] {
+      run_kernel<ForwardKernel<scalar_t>>(op.args<scalar_t>());
     });
   }
-  return {y, mean, rstd};
+  return op.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
-    const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  check_backward_inputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in);
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({x.size(1)}, x.options());
-  at::Tensor grad_bias = at::empty({x.size(1)}, x.options());
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename BackwardKernel<scalar_t>::Args args{
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          grad_x.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-          grad_bias.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
-      run_kernel<BackwardKernel<scalar_t>>(args);
+TensorTriple batch_norm_relu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd) {
+  check_backward_inputs(grad_y, x, y, weight, mean, rstd);
+  const BackwardOp op(grad_y, x, y, weight, mean, rstd);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_backward_cpu", [&] {
+      run_kernel<BackwardKernel<scalar_t>>(op.args<scalar_t>());
     });
   }
-  return {grad_x, grad_weight, grad_bias};
+  return op.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_double_backward_cpu(
-    const std::optional<at::Tensor>& grad_grad_x_in,
-    const std::optional<at::Tensor>& grad_grad_weight_in,
-    const std::optional<at::Tensor>& grad_grad_bias_in, const at::Tensor& grad_y_in,
-    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& weight_in,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+TensorTriple batch_norm_relu_double_backward_cpu(
+    const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
+    const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
   check_double_backward_inputs(
-      grad_grad_x_in, grad_grad_weight_in, grad_grad_bias_in, grad_y_in, x_in, y_in, weight_in,
-      mean_in, rstd_in);
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const bool has_ggx = grad_grad_x_in.has_value() && grad_grad_x_in->defined();
-  const at::Tensor grad_grad_x = has_ggx ? grad_grad_x_in->contiguous() : at::Tensor();
-  const auto given_or_zeros = [&](const std::optional<at::Tensor>& tensor) {
-    return tensor.has_value() && tensor->defined() ? tensor->contiguous()
-                                                   : at::zeros({x.size(1)}, x.options());
-  };
-  const at::Tensor grad_grad_weight = given_or_zeros(grad_grad_weight_in);
-  const at::Tensor grad_grad_bias = given_or_zeros(grad_grad_bias_in);
-  at::Tensor grad_grad_y = at::empty(x.sizes(), x.options());
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({x.size(1)}, x.options());
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_double_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const DoubleBackwardArgs<scalar_t> args{
-          has_ggx ? grad_grad_x.const_data_ptr<scalar_t>() : nullptr,
-          grad_grad_weight.const_data_ptr<scalar_t>(), grad_grad_bias.const_data_ptr<scalar_t>(),
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-          grad_weight.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
-      if (has_ggx) {
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+  const DoubleBackwardOp op(
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_double_backward_cpu", [&] {
+      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
+      if (op.has_ggx) {
         run_kernel<DoubleBackwardKernel<scalar_t, true>>(args);
       } else {
         run_kernel<DoubleBackwardKernel<scalar_t, false>>(args);
       }
     });
   }
-  return {grad_grad_y, grad_x, grad_weight};
+  return op.outputs();
 }
 
 }  // namespace

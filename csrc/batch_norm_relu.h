@@ -1,5 +1,6 @@
 // maml_fast::batch_norm_relu{,_backward,_double_backward}: the parts shared by the CPU and CUDA
-// kernels: input checks (errors name the argument) and the per-element formulas.
+// kernels: input checks (errors name the argument), the host-side preparation (contiguous inputs,
+// outputs, kernel arguments) and the per-element formulas.
 //
 // Per-task BatchNorm with batch statistics followed by ReLU, on the [rows, channels] view of a
 // task-batched activation (row-major: channel c of row n at n * channels + c). Per column c, with
@@ -21,12 +22,16 @@
 // the "stats" dtype: float for float/half/bfloat16 inputs, double for double inputs.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace maml_fast {
 namespace bn_relu {
@@ -41,7 +46,7 @@ inline at::ScalarType stats_dtype(at::ScalarType dtype) {
 }
 
 // Each check throws TypeError / ValueError (TORCH_CHECK_TYPE / _VALUE) naming the operator and the
-// offending argument. They do not copy: the kernels take `.contiguous()` of what they read.
+// offending argument. They do not copy: the *Op structs below take `.contiguous()`.
 void check_forward_inputs(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
 void check_backward_inputs(
@@ -51,6 +56,182 @@ void check_double_backward_inputs(
     const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd);
+
+// ---------------------------------------------------------------------------------------------
+// Host-side preparation shared by the CPU and CUDA launchers. After the input checks (and, on
+// CUDA, under the device guard), each launcher builds one of the *Op structs below: it holds the
+// contiguous inputs and the freshly allocated outputs, and gives the kernels' arguments (raw
+// pointers into those tensors) for the dispatched dtype. The launcher then only dispatches on
+// dtype() and runs its kernels when has_channels(), and returns outputs().
+
+// Whether an optional tensor argument was given (present and defined).
+inline bool is_given(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined();
+}
+
+// Options of mean and rstd for activations `x`.
+inline at::TensorOptions stats_options(const at::Tensor& x) {
+  return x.options().dtype(stats_dtype(x.scalar_type()));
+}
+
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* weight;
+  const scalar_t* bias;
+  scalar_t* y;
+  acc_t* mean;
+  acc_t* rstd;
+  std::int64_t rows, channels;
+  double eps;
+};
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_y;
+  const scalar_t* x;
+  const scalar_t* y;
+  const scalar_t* weight;
+  const acc_t* mean;
+  const acc_t* rstd;
+  scalar_t* grad_x;
+  scalar_t* grad_weight;
+  scalar_t* grad_bias;
+  std::int64_t rows, channels;
+};
+
+template <typename scalar_t>
+struct DoubleBackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_grad_x;  // null: grad_grad_x was not given (zero)
+  const scalar_t* grad_grad_weight;
+  const scalar_t* grad_grad_bias;
+  const scalar_t* grad_y;
+  const scalar_t* x;
+  const scalar_t* y;
+  const scalar_t* weight;
+  const acc_t* mean;
+  const acc_t* rstd;
+  scalar_t* grad_grad_y;
+  scalar_t* grad_x;
+  scalar_t* grad_weight;
+  std::int64_t rows, channels;
+};
+
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+struct ForwardOp {
+  at::Tensor x, weight, bias;  // contiguous inputs
+  at::Tensor y, mean, rstd;    // outputs
+  double eps;
+
+  ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+            double eps_in)
+      : x(x_in.contiguous()),
+        weight(weight_in.contiguous()),
+        bias(bias_in.contiguous()),
+        y(at::empty(x.sizes(), x.options())),
+        mean(at::empty({x.size(1)}, stats_options(x))),
+        rstd(at::empty({x.size(1)}, stats_options(x))),
+        eps(eps_in) {}
+
+  at::ScalarType dtype() const { return x.scalar_type(); }
+  bool has_channels() const { return x.size(1) > 0; }
+  TensorTriple outputs() const { return {y, mean, rstd}; }
+
+  template <typename scalar_t>
+  ForwardArgs<scalar_t> args() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return {x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+            mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), x.size(0), x.size(1),
+            eps};
+  }
+};
+
+// The inputs both backward ops read (the forward's inputs, outputs and statistics), contiguous.
+struct SavedInputs {
+  at::Tensor grad_y, x, y, weight, mean, rstd;
+
+  SavedInputs(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
+              const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
+      : grad_y(grad_y_in.contiguous()),
+        x(x_in.contiguous()),
+        y(y_in.contiguous()),
+        weight(weight_in.contiguous()),
+        mean(mean_in.contiguous()),
+        rstd(rstd_in.contiguous()) {}
+
+  at::ScalarType dtype() const { return x.scalar_type(); }
+  bool has_channels() const { return x.size(1) > 0; }
+};
+
+struct BackwardOp : SavedInputs {
+  at::Tensor grad_x, grad_weight, grad_bias;  // outputs
+
+  BackwardOp(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
+             const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
+      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in),
+        grad_x(at::empty(x.sizes(), x.options())),
+        grad_weight(at::empty({x.size(1)}, x.options())),
+        grad_bias(at::empty({x.size(1)}, x.options())) {}
+
+  TensorTriple outputs() const { return {grad_x, grad_weight, grad_bias}; }
+
+  template <typename scalar_t>
+  BackwardArgs<scalar_t> args() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return {grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+            grad_x.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+            grad_bias.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
+  }
+};
+
+struct DoubleBackwardOp : SavedInputs {
+  bool has_ggx;                                 // grad_grad_x was given
+  at::Tensor grad_grad_x;                       // contiguous, or undefined when not given
+  at::Tensor grad_grad_weight, grad_grad_bias;  // contiguous, zeros when not given
+  at::Tensor grad_grad_y, grad_x, grad_weight;  // outputs
+
+  DoubleBackwardOp(
+      const std::optional<at::Tensor>& grad_grad_x_in,
+      const std::optional<at::Tensor>& grad_grad_weight_in,
+      const std::optional<at::Tensor>& grad_grad_bias_in, const at::Tensor& grad_y_in,
+      const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& weight_in,
+      const at::Tensor& mean_in, const at::Tensor& rstd_in)
+      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in),
+        has_ggx(is_given(grad_grad_x_in)),
+        grad_grad_x(has_ggx ? grad_grad_x_in->contiguous() : at::Tensor()),
+        grad_grad_weight(given_or_zeros(grad_grad_weight_in)),
+        grad_grad_bias(given_or_zeros(grad_grad_bias_in)),
+        grad_grad_y(at::empty(x.sizes(), x.options())),
+        grad_x(at::empty(x.sizes(), x.options())),
+        grad_weight(at::empty({x.size(1)}, x.options())) {}
+
+  TensorTriple outputs() const { return {grad_grad_y, grad_x, grad_weight}; }
+
+  template <typename scalar_t>
+  DoubleBackwardArgs<scalar_t> args() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return {has_ggx ? grad_grad_x.const_data_ptr<scalar_t>() : nullptr,
+            grad_grad_weight.const_data_ptr<scalar_t>(), grad_grad_bias.const_data_ptr<scalar_t>(),
+            grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+            grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+            grad_weight.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
+  }
+
+ private:
+  // A given per-channel tensor (contiguous), or zeros of x's dtype and device.
+  at::Tensor given_or_zeros(const std::optional<at::Tensor>& tensor) const {
+    return is_given(tensor) ? tensor->contiguous() : at::zeros({x.size(1)}, x.options());
+  }
+};
 
 // Per-column coefficients of the elementwise passes, computed once per column from its sums.
 

@@ -45,16 +45,7 @@ struct ForwardKernel {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kSums = 2;
   static constexpr int kCoefs = 2;
-  struct Args {
-    const scalar_t* x;
-    const scalar_t* weight;
-    const scalar_t* bias;
-    scalar_t* y;
-    acc_t* mean;
-    acc_t* rstd;
-    std::int64_t rows, channels;
-    acc_t eps;
-  };
+  using Args = ForwardArgs<scalar_t>;
 
   __device__ static void accumulate(const Args& a, std::int64_t row, std::int64_t c, acc_t* acc) {
     const acc_t d = static_cast<acc_t>(a.x[row * a.channels + c]) - static_cast<acc_t>(a.x[c]);
@@ -69,7 +60,7 @@ struct ForwardKernel {
     const acc_t shifted_mean = sums[0] * inv_rows;
     const acc_t var = ::max(sums[1] * inv_rows - shifted_mean * shifted_mean, acc_t(0));
     const acc_t mean = static_cast<acc_t>(a.x[c]) + shifted_mean;
-    const acc_t r = acc_t(1) / ::sqrt(var + a.eps);
+    const acc_t r = acc_t(1) / ::sqrt(var + static_cast<acc_t>(a.eps));
     const acc_t scale = static_cast<acc_t>(a.weight[c]) * r;
     coefs[0] = scale;
     coefs[1] = static_cast<acc_t>(a.bias[c]) - mean * scale;
@@ -91,18 +82,7 @@ struct BackwardKernel {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kSums = 2;
   static constexpr int kCoefs = 5;
-  struct Args {
-    const scalar_t* grad_y;
-    const scalar_t* x;
-    const scalar_t* y;
-    const scalar_t* weight;
-    const acc_t* mean;
-    const acc_t* rstd;
-    scalar_t* grad_x;
-    scalar_t* grad_weight;
-    scalar_t* grad_bias;
-    std::int64_t rows, channels;
-  };
+  using Args = BackwardArgs<scalar_t>;
 
   __device__ static void accumulate(const Args& a, std::int64_t row, std::int64_t c, acc_t* acc) {
     const std::int64_t offset = row * a.channels + c;
@@ -135,24 +115,6 @@ struct BackwardKernel {
     const acc_t x_hat = (static_cast<acc_t>(a.x[offset]) - coefs[0]) * coefs[1];
     a.grad_x[offset] = static_cast<scalar_t>(coefs[2] * gz + coefs[3] * x_hat + coefs[4]);
   }
-};
-
-template <typename scalar_t>
-struct DoubleBackwardArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad_grad_x;  // null: grad_grad_x was not given (zero)
-  const scalar_t* grad_grad_weight;
-  const scalar_t* grad_grad_bias;
-  const scalar_t* grad_y;
-  const scalar_t* x;
-  const scalar_t* y;
-  const scalar_t* weight;
-  const acc_t* mean;
-  const acc_t* rstd;
-  scalar_t* grad_grad_y;
-  scalar_t* grad_x;
-  scalar_t* grad_weight;
-  std::int64_t rows, channels;
 };
 
 template <typename scalar_t, bool kHasGgx>
@@ -326,106 +288,53 @@ void launch(const typename Kernel::Args& a, const at::Tensor& like) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in, double eps) {
-  check_forward_inputs(x_in, weight_in, bias_in, eps);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
-  at::Tensor mean = at::empty({x.size(1)}, stats_options);
-  at::Tensor rstd = at::empty({x.size(1)}, stats_options);
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename ForwardKernel<scalar_t>::Args args{
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-          mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), x.size(0), x.size(1),
-          static_cast<acc_t>(eps)};
-      launch<ForwardKernel<scalar_t>>(args, x);
+TensorTriple batch_norm_relu_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_forward_inputs(x, weight, bias, eps);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const ForwardOp op(x, weight, bias, eps);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_cuda", [&] {
+      launch<ForwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
     });
   }
-  return {y, mean, rstd};
+  return op.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
-    const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  check_backward_inputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({x.size(1)}, x.options());
-  at::Tensor grad_bias = at::empty({x.size(1)}, x.options());
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename BackwardKernel<scalar_t>::Args args{
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          grad_x.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-          grad_bias.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
-      launch<BackwardKernel<scalar_t>>(args, x);
+TensorTriple batch_norm_relu_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd) {
+  check_backward_inputs(grad_y, x, y, weight, mean, rstd);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const BackwardOp op(grad_y, x, y, weight, mean, rstd);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_backward_cuda", [&] {
+      launch<BackwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
     });
   }
-  return {grad_x, grad_weight, grad_bias};
+  return op.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_double_backward_cuda(
-    const std::optional<at::Tensor>& grad_grad_x_in,
-    const std::optional<at::Tensor>& grad_grad_weight_in,
-    const std::optional<at::Tensor>& grad_grad_bias_in, const at::Tensor& grad_y_in,
-    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& weight_in,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+TensorTriple batch_norm_relu_double_backward_cuda(
+    const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
+    const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
   check_double_backward_inputs(
-      grad_grad_x_in, grad_grad_weight_in, grad_grad_bias_in, grad_y_in, x_in, y_in, weight_in,
-      mean_in, rstd_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const bool has_ggx = grad_grad_x_in.has_value() && grad_grad_x_in->defined();
-  const at::Tensor grad_grad_x = has_ggx ? grad_grad_x_in->contiguous() : at::Tensor();
-  const auto given_or_zeros = [&](const std::optional<at::Tensor>& tensor) {
-    return tensor.has_value() && tensor->defined() ? tensor->contiguous()
-                                                   : at::zeros({x.size(1)}, x.options());
-  };
-  const at::Tensor grad_grad_weight = given_or_zeros(grad_grad_weight_in);
-  const at::Tensor grad_grad_bias = given_or_zeros(grad_grad_bias_in);
-  at::Tensor grad_grad_y = at::empty(x.sizes(), x.options());
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({x.size(1)}, x.options());
-  if (x.size(1) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_double_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const DoubleBackwardArgs<scalar_t> args{
-          has_ggx ? grad_grad_x.const_data_ptr<scalar_t>() : nullptr,
-          grad_grad_weight.const_data_ptr<scalar_t>(), grad_grad_bias.const_data_ptr<scalar_t>(),
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-          grad_weight.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
-      if (has_ggx) {
-        launch<DoubleBackwardKernel<scalar_t, true>>(args, x);
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const DoubleBackwardOp op(
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_double_backward_cuda", [&] {
+      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
+      if (op.has_ggx) {
+        launch<DoubleBackwardKernel<scalar_t, true>>(args, op.x);
       } else {
-        launch<DoubleBackwardKernel<scalar_t, false>>(args, x);
+        launch<DoubleBackwardKernel<scalar_t, false>>(args, op.x);
       }
     });
   }
-  return {grad_grad_y, grad_x, grad_weight};
+  return op.outputs();
 }
 
 }  // namespace
