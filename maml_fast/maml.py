@@ -229,6 +229,7 @@ class MAML(nn.Module):
         self._statistics_sink: list | None = None
         self._bn_statistic_sums: dict = {}
         self._programs: dict[str, object] = {}
+        self._compiled_update = False
         self._fallback_reason: str | None = None
 
     # ----------------------------------------------------------------- public API
@@ -323,6 +324,8 @@ class MAML(nn.Module):
     def _engine(self, device):
         """(forward, task groups): the loop backend runs the engine on one task at a time."""
         backend = backends.resolve_backend(self.backend, device)
+        # The compiled multi-tensor update belongs to the extension backend; the others stay plain PyTorch.
+        self._compiled_update = backend == "cuda"
         if backend == "loop":
             return self._loop_forward, lambda tasks: [slice(t, t + 1) for t in range(tasks)]
         whole = lambda tasks: [slice(0, tasks)]
@@ -514,7 +517,7 @@ class MAML(nn.Module):
                 learned = static[num_frozen:]
                 lrs = [lr[min(step, lr.shape[0] - 1)] if self.inner_lr_mode == "per_layer_per_step" else lr
                        for lr in learned]
-            return fast_weight_update(fast, grads, lrs, use_extension=False), loss, accuracy
+            return fast_weight_update(fast, grads, lrs, use_extension=self._compiled_update), loss, accuracy
         return step_fn
 
 

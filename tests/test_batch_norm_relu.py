@@ -484,9 +484,10 @@ def _tiny_conv4_meta_gradient(backend, device="cpu", inner_steps=2):
 
 
 def _count_op_calls(monkeypatch) -> dict[str, int]:
-    """Counts the calls of the three compiled ops from here on (the glue looks them up per call)."""
+    """Counts the calls of the compiled ops from here on (the glue looks them up per call)."""
     calls = {}
-    for name in ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_double_backward"):
+    for name in ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_double_backward",
+                 "fast_weight_update"):
         op = getattr(torch.ops.maml_fast, name)
         calls[name] = 0
 
@@ -504,7 +505,7 @@ def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
     calls = _count_op_calls(monkeypatch)
     loss, grads, learner = _tiny_conv4_meta_gradient(backend, device)
     assert _fused_layers(learner._programs[backend]) == 4
-    # Forward, backward and (second order) double backward all ran on the compiled ops.
+    # Forward, backward, (second order) double backward and the inner update all ran on the compiled ops.
     assert all(calls[name] > 0 for name in calls), calls
     ref_loss, ref_grads, _ = _tiny_conv4_meta_gradient("loop")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)

@@ -11,7 +11,7 @@ Task sources (`EpisodeSampler`, `SinusoidTasks`) share one interface, so a train
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 
@@ -36,11 +36,18 @@ def images_as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
 
 
-class ClassImageDataset(Protocol):
-    """What `EpisodeSampler` reads from a dataset."""
+class ClassImageDataset:
+    """Images grouped by class, what `EpisodeSampler` reads from a dataset (and holds itself)."""
 
     images: torch.Tensor  # [num_classes, examples_per_class, *example_shape], uint8 or floating
-    num_classes: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.images.shape[1]
 
 
 class SeededTaskSource:
@@ -105,7 +112,7 @@ class SeededTaskSource:
         self._generator.set_state(state["generator"])
 
 
-class EpisodeSampler(SeededTaskSource):
+class EpisodeSampler(SeededTaskSource, ClassImageDataset):
     """N-way K-shot meta-batches from a `ClassImageDataset`, built on `device` with one gather.
 
     Each task picks `ways` distinct classes and gives them labels 0..ways-1 in a random order, then
@@ -154,14 +161,6 @@ class EpisodeSampler(SeededTaskSource):
         labels = torch.arange(ways, device=self.device)
         self._support_labels = labels.repeat_interleave(shots)
         self._query_labels = labels.repeat_interleave(queries)
-
-    @property
-    def num_classes(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def examples_per_class(self) -> int:
-        return self.images.shape[1]
 
     def _draw(self, generator: torch.Generator, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Sampling without replacement, all tasks at once: the indices of the k largest of iid uniform

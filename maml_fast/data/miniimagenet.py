@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maml_fast.data.episodes import ClassImageDataset
+
 IMAGE_SIZE = 84
 SPLITS = ("train", "val", "test")
 CSV_HEADER = ["filename", "label"]
@@ -46,7 +48,7 @@ def _read_image(path: Path) -> np.ndarray:
     return np.asarray(rgb)
 
 
-class MiniImageNet:
+class MiniImageNet(ClassImageDataset):
     """One split's classes, ready for `EpisodeSampler`.
 
     ``images``: uint8 tensor ``[num_classes, examples_per_class, 3, 84, 84]`` (RGB; value / 255 is the
@@ -80,11 +82,3 @@ class MiniImageNet:
                 images[class_index, example_index] = _read_image(path).transpose(2, 0, 1)
         self.images = torch.from_numpy(images)
         self.split = split
-
-    @property
-    def num_classes(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def examples_per_class(self) -> int:
-        return self.images.shape[1]

@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from maml_fast.data.episodes import ClassImageDataset
+
 NUM_CHARACTERS = 1623
 DRAWERS_PER_CHARACTER = 20
 IMAGE_SIZE = 28
@@ -310,7 +312,7 @@ def split_characters(
     return np.sort(np.array(order[start:stop], np.int64))
 
 
-class Omniglot:
+class Omniglot(ClassImageDataset):
     """The characters of one split as classes, ready for `EpisodeSampler`.
 
     ``images``: uint8 tensor ``[num_classes, 20, 1, 28, 28]``, ink-high: value / 255 is
@@ -346,11 +348,3 @@ class Omniglot:
         self.char_ids = char_ids.repeat(len(turns))
         self.rotation_degrees = torch.arange(len(turns)).repeat_interleave(len(chosen)) * 90
         self.split, self.protocol, self.pixels = split, protocol, pixels
-
-    @property
-    def num_classes(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def examples_per_class(self) -> int:
-        return self.images.shape[1]
