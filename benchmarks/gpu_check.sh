@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Prepared GPU check for the Triton conv backend (issue 4): build, the CUDA/Triton tests, the
-# meta-step ratio table with the "triton" peer, and the per-primitive Triton-vs-cuDNN benchmark.
+# Prepared GPU check (issues 4, 5, 6): build, the CUDA/Triton tests, compute-sanitizer memcheck and
+# racecheck over the compiled ops' CUDA tests, the meta-step ratio table with the "cuda" and "triton"
+# peers, and the per-primitive Triton-vs-cuDNN benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
 #
 # Made for the H100 device machine (Python 3.12, torch 2.11 cu130, triton 3.6, no internet) and to
-# finish in under 8 minutes: every stage has its own time limit, a failing stage does not stop the
+# finish in under 8.5 minutes: every stage has its own time limit, a failing stage does not stop the
 # next, and each stage's exit code and duration go to $OUT/status.txt (124 = hit its time limit).
 # At most 8 files are written under $OUT (what the device tool brings back).
 set -u
@@ -23,7 +24,7 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
 
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-500}))
 
 # stage NAME LIMIT_S LOGFILE COMMAND...   (the limit shrinks to what is left before the deadline)
 stage() {
@@ -55,27 +56,39 @@ stage() {
 } | tee -a "$STATUS"
 
 # 1. build (the C++/CUDA extension; maml_fast runs without it, so later stages go on if it fails)
-stage install 200 "$OUT/install.log" $PY -m pip install -e . --no-build-isolation --no-deps
+stage install 180 "$OUT/install.log" $PY -m pip install -e . --no-build-isolation --no-deps
 
 # 2. CUDA and Triton tests, TF32 off for exactness (the Triton test module switches PyTorch's flags
 #    off itself; NVIDIA_TF32_OVERRIDE=0 also keeps cuBLAS/cuDNN off TF32 in every other test)
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs $XDIST --durations=15 \
-    tests/test_triton_conv.py tests/test_fast_weight_update.py tests/test_extension.py
+# The compiled ops' test modules (each parametrised over cpu/cuda devices), present or not in this tree.
+OP_TESTS=$(ls tests/test_batch_norm_relu.py tests/test_batch_norm_relu_pool.py tests/test_loss_ops.py \
+    tests/test_direct_conv.py tests/test_fast_weight_update.py 2>/dev/null)
+GPU_TESTS="$OP_TESTS $(ls tests/test_triton_conv.py tests/test_triton_fusion.py tests/test_extension.py \
+    tests/test_cuda_graph.py tests/test_precision.py 2>/dev/null)"
+stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs $XDIST --durations=15 $GPU_TESTS
+
+# 2b. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
+#     test id). memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races.
+#     --error-exitcode makes a finding fail the stage even when pytest passes.
+for tool in memcheck racecheck; do
+    stage "sanitizer_$tool" 70 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 86 \
+        --target-processes all $PY -m pytest -q -x -p no:cacheprovider -k "cuda and not meta_gradient" $OP_TESTS
+done
 
 # 3. the meta-step ratio table with the Triton peer (maml_fast.triton_backend imported explicitly, in
 #    case maml_fast/__init__ does not import it); without "triton" again if that run fails
-BENCH_PEERS="loop vmap functorch torch triton"
+BENCH_PEERS="loop vmap functorch torch cuda triton"
 BENCH_RUN="import sys, maml_fast.triton_backend; from benchmarks.bench_table import main; main(sys.argv[1:])"
-stage bench_table 110 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 5 --out "$OUT/bench.json"
+stage bench_table 100 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 5 --out "$OUT/bench.json"
 if ! grep -q "^bench_table rc=0" "$STATUS"; then
     stage bench_table_without_triton 80 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" \
-        --peers loop vmap functorch torch --rounds 5 --out "$OUT/bench.json"
+        --peers loop vmap functorch torch cuda --rounds 5 --out "$OUT/bench.json"
 fi
 
 # 4. per-primitive benchmark: Triton vs cuDNN grouped conv at the Omniglot / MiniImageNet layers
-stage conv_primitives 120 "$OUT/conv_primitives.log" $PY -m pytest -q benchmarks/test_conv_primitives.py \
+stage conv_primitives 90 "$OUT/conv_primitives.log" $PY -m pytest -q benchmarks/test_conv_primitives.py \
     --benchmark-json="$OUT/conv_primitives.json" --benchmark-columns=min,median,mean,stddev,rounds \
     --benchmark-sort=name
 
