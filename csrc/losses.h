@@ -287,15 +287,14 @@ C10_HOST_DEVICE inline RowStatistics<acc_t> row_statistics(
       best_index = n;
     }
   }
-  // An infinite (or NaN) maximum is not subtracted: lse is then +-inf (or NaN) as it should be.
-  const acc_t shift = (best - best == acc_t(0)) ? best : acc_t(0);
+  // The maximum is subtracted even when infinite: the row is then NaN, as in F.cross_entropy.
   acc_t sum = acc_t(0);
   for (std::int64_t n = 0; n < classes; ++n) {
-    sum += exp_of(static_cast<acc_t>(logits[n]) - shift);
+    sum += exp_of(static_cast<acc_t>(logits[n]) - best);
   }
   const bool in_range = label >= 0 && label < classes;
   const acc_t label_logit = in_range ? static_cast<acc_t>(logits[label]) : acc_t(NAN);
-  return {shift + log_of(sum), label_logit, best_index == label};
+  return {best + log_of(sum), label_logit, best_index == label};
 }
 
 // One row of the backward: grad[n] = scale (exp(x_n - lse) - [n == label]), scale = g_t / B.
