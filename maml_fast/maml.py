@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import backends
+from . import backends, cuda_backend
 from .ops.fast_weight_update import fast_weight_update
-from .ops.losses import LOSSES
+from .ops.losses import LOSSES, per_task_loss
 from .program import lower
 from .task_batch import TaskBatch, check_labels
 
@@ -319,7 +319,9 @@ class MAML(nn.Module):
             raise TypeError(f"support_y must hold integer class labels for cross_entropy, got dtype {labels.dtype}")
         if name == "mse" and not labels.is_floating_point():
             raise TypeError(f"support_y must hold floating targets for mse, got dtype {labels.dtype}")
-        return LOSSES[name]
+        # Backend "cuda" takes the fused loss ops (and their derivatives) wherever the extension runs.
+        backend = backends.resolve_backend(self.backend, labels.device)
+        return per_task_loss(name, use_extension=cuda_backend.uses_extension_ops(backend, labels.device))
 
     def _engine(self, device):
         """(forward, task groups): the loop backend runs the engine on one task at a time."""
