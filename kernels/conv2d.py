@@ -9,7 +9,9 @@ rest of the program uses on CUDA) and ``[T, O, C, kh, kw]`` for weight gradients
 The task index is a grid dimension; each program computes one tile of one task's GEMM:
 
     forward  y[b, tO+o, oh, ow]  = Σ_{c,r,s}   x[b, tC+c, oh*sh-ph+r, ow*sw-pw+s] · w[t, o, c, r, s]
-             GEMM  M = B*OH*OW (pixels), N = O, K = C*kh*kw;  optional bias in the epilogue.
+             GEMM  M = B*OH*OW (pixels), N = O, K = C*kh*kw.  Optional epilogue: bias, ReLU, and
+             per-(M tile, channel) partial sums of y and y² into a [2, tiles, T*O] workspace, reduced
+             by one torch ``sum`` (BatchNorm's batch statistics without reading y again).
     dgrad    gx[b, tC+c, ih, iw] = Σ_{o,r,s}  gy[b, tO+o, (ih+ph-r)/sh, (iw+pw-s)/sw] · w[t, o, c, r, s]
              GEMM  M = input pixels of one stride phase, N = C, K = O*ceil(kh/sh)*ceil(kw/sw).
              With stride > 1 the input pixels are split into sh*sw phases ((ih+ph) mod sh, ...): all
@@ -63,14 +65,15 @@ def _mma(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, sums_ptr,
     B, C, H, W, O, OH, OW,
     sxb, sxc, sxh, sxw,
     swt, swo, swc, swh, sww,
     sbt, sbo,
     syb, syc, syh, syw,
+    ssq, sst, ssc,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -110,13 +113,25 @@ def _conv_fwd_kernel(
                     mask=b_mask, other=0.0)
         acc = _mma(a, b, acc, USE_DOT, PRECISION)
 
+    # Epilogue: bias, ReLU, and the tile's per-channel partial sums of y and y*y (for BatchNorm),
+    # taken from the accumulator (fp32/fp64) while y is still in registers.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + task * sbt + offs_n * sbo, mask=mask_n, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     y_rows = y_ptr + bb * syb + oh * syh + ow * syw
     y_cols = (task * O + offs_n) * syc
     tl.store(y_rows[:, None] + y_cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+    if SUMS:
+        # Rows past M hold bias (or relu(bias)): they must not count. tl.reduce with the library's
+        # _sum_combine is tl.sum without calling a @triton.jit function (see the note above); the
+        # interpreter recognises that combine function and reduces with numpy.
+        kept = tl.where(mask_m[:, None], acc, 0.0)
+        sums = sums_ptr + pid_m * sst + (task * O + offs_n) * ssc
+        tl.store(sums, tl.reduce(kept, 0, tl.standard._sum_combine), mask=mask_n)
+        tl.store(sums + ssq, tl.reduce(kept * kept, 0, tl.standard._sum_combine), mask=mask_n)
 
 
 @triton.jit
@@ -365,9 +380,29 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
-                   bias: torch.Tensor | None = None, config: BlockConfig | None = None) -> torch.Tensor:
-    """y ``[B, T*O, OH, OW]`` = per-task conv of x ``[B, T*C, H, W]`` with weight ``[T, O, C, kh, kw]``
-    (+ bias ``[T, O]`` fused into the epilogue)."""
+                   bias: torch.Tensor | None = None, relu: bool = False,
+                   config: BlockConfig | None = None) -> torch.Tensor:
+    """y ``[B, T*O, OH, OW]`` = per-task conv of x ``[B, T*C, H, W]`` with weight ``[T, O, C, kh, kw]``,
+    with bias ``[T, O]`` and (``relu=True``) a ReLU fused into the epilogue."""
+    y, _ = _launch_forward(x, weight, stride, padding, bias, relu, False, config)
+    return y
+
+
+def conv2d_forward_with_sums(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
+                             bias: torch.Tensor | None = None, relu: bool = False,
+                             config: BlockConfig | None = None):
+    """``(y, sums, sums_sq)``: `conv2d_forward`'s y and, from the same kernel's epilogue, the
+    per-channel ``Σ y`` and ``Σ y²`` over batch and pixels, ``[T*O]`` each (BatchNorm's statistics).
+
+    Each M tile writes its partial sums to a ``[2, tiles, T*O]`` workspace that one torch ``sum``
+    reduces: deterministic, no atomics. Accumulated in fp64 for fp64 inputs, else fp32 (also the
+    dtype of the sums), from the accumulator before y is rounded to its dtype."""
+    y, (sums, sums_sq) = _launch_forward(x, weight, stride, padding, bias, relu, True, config)
+    return y, sums, sums_sq
+
+
+def _launch_forward(x, weight, stride, padding, bias, relu: bool, with_sums: bool, config):
+    """(y, (sums, sums_sq) or None)."""
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     _check_tensor("weight", weight, 5, weight.dtype, weight.device)
     tasks, out_ch, in_ch, kh, kw = weight.shape
@@ -385,24 +420,29 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
         raise ValueError(f"input {height}x{width} is too small for kernel {kh}x{kw}, padding {(ph, pw)}")
     y = _empty((batch, tasks * out_ch, oh, ow), x)
     m, n, k = batch * oh * ow, out_ch, in_ch * kh * kw
+    sums_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if y.numel() == 0:
-        return y
+        empty_sums = torch.zeros(tasks * out_ch, dtype=sums_dtype, device=x.device)
+        return y, ((empty_sums, empty_sums.clone()) if with_sums else None)
     _check_tensor("y", y, 4, y.dtype, y.device)
     cfg = config or block_config("fwd", m, n, k, x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), tasks)
+    tiles_m = triton.cdiv(m, cfg.block_m)
+    grid = (tiles_m * triton.cdiv(n, cfg.block_n), tasks)
     bias_arg = bias if bias is not None else y
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    partial = _empty((2, tiles_m, tasks * out_ch), x, dtype=sums_dtype) if with_sums else None
     with _device_guard(x.device):
         _conv_fwd_kernel[grid](
-            x, weight, bias_arg, y,
+            x, weight, bias_arg, y, partial if with_sums else y,
             batch, in_ch, height, width, out_ch, oh, ow,
             *x.stride(), *weight.stride(), *bias_strides, *y.stride(),
-            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=bias is not None,
+            *(partial.stride() if with_sums else (0, 0, 0)),
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=bias is not None, RELU=relu, SUMS=with_sums,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return y
+    return y, (partial.sum(1).unbind(0) if with_sums else None)
 
 
 def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_hw, stride=1, padding=0,

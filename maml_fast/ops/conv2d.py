@@ -13,7 +13,9 @@ with gy) — are autograd Functions whose backwards call each other:
     wgrad    gw = wgrad(x, g)    ->  gx = dgrad(g, ggw),        gg = fwd(x, ggw)
 
 This replaces PyTorch's grouped-convolution double backward, which loops over the T groups.
-A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`.
+A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. One whose
+forward also takes ``bias=`` and ``relu=`` and has ``forward_with_sums`` sets ``fuses_epilogue``:
+`conv2d`, `conv2d_relu` and `conv2d_with_sums` then run as one kernel each (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
@@ -147,19 +149,36 @@ class _ConvWeightGrad(torch.autograd.Function):
         return grad_x, grad_grad_out, None, None
 
 
-class _ConvForwardBias(torch.autograd.Function):
-    """y = conv(x, w) + b with the bias added in the forward kernel's epilogue. Its backward is made of
-    the differentiable primitives and a sum, so every order of derivative exists."""
+class _ConvEpilogue(torch.autograd.Function):
+    """y = conv(x, w) + b, optionally relu'd, and optionally with the per-channel sums ``Σ y``, ``Σ y²``
+    (``[T*O]``, over batch and pixels), all from one forward kernel: for a backend whose forward fuses
+    the epilogue (``fuses_epilogue``).
+
+    The backward reduces to the conv's: the sums' gradients are broadcast into gy
+    (``gy + g_S + 2 y g_Q``), the ReLU masks it by ``y > 0`` (piecewise constant), and then dgrad, wgrad
+    and a sum give gx, gw, gb. All of it is differentiable torch ops and primitives on the saved
+    output y, so every order of derivative exists."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geo, backend):
-        ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.backend = geo, backend
-        return CONV_IMPLEMENTATIONS[backend].forward(x, weight, geo, bias=bias)
+    def forward(ctx, x, weight, bias, geo, backend, relu, with_sums):
+        impl = CONV_IMPLEMENTATIONS[backend]
+        if with_sums:
+            outputs = impl.forward_with_sums(x, weight, geo, bias=bias, relu=relu)
+            y = outputs[0]
+        else:
+            outputs = y = impl.forward(x, weight, geo, bias=bias, relu=relu)
+        ctx.save_for_backward(x, weight, y if relu or with_sums else None)
+        ctx.geo, ctx.backend, ctx.relu, ctx.with_sums = geo, backend, relu, with_sums
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_out, *grad_sums):
+        x, weight, y = ctx.saved_tensors
+        if ctx.with_sums:
+            grad_sum, grad_sum_sq = (g.to(grad_out.dtype).reshape(1, -1, 1, 1) for g in grad_sums)
+            grad_out = grad_out + grad_sum + 2 * y * grad_sum_sq
+        if ctx.relu:
+            grad_out = grad_out * (y > 0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.backend)
@@ -167,7 +186,7 @@ class _ConvForwardBias(torch.autograd.Function):
             grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.backend)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3)).reshape(ctx.geo.tasks, -1)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _prepared_weight(weight, backend: str):
@@ -194,8 +213,14 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
-    """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
+def _fuses_epilogue(backend: str) -> bool:
+    """Whether `backend`'s forward kernel adds the bias, applies a ReLU and computes the BatchNorm sums
+    in its epilogue (the Triton kernels do; see `_ConvEpilogue`)."""
+    return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_epilogue", False)
+
+
+def _prepare(x, weight, bias, stride, padding, backend: str):
+    """Checked arguments: (weight in the backend's preferred layout, geometry)."""
     if weight.dim() != 5:
         raise ValueError(f"weight must have shape [tasks, out, in, kh, kw], got {tuple(weight.shape)}")
     tasks, out_ch, in_ch, kh, kw = weight.shape
@@ -212,13 +237,44 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
     # differentiable copy in the implementation's preferred layout serves the forward and all
     # derivatives that save it.
-    weight = _prepared_weight(weight, backend)
-    if bias is not None and getattr(CONV_IMPLEMENTATIONS[backend], "fuses_bias", False):
-        return _ConvForwardBias.apply(x, weight, bias, geo, backend)
+    return _prepared_weight(weight, backend), geo
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
+    weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+    if bias is not None and _fuses_epilogue(backend):
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, False)
     y = conv2d_forward(x, weight, geo, backend)
     if bias is not None:
-        y = y + bias.reshape(1, tasks * out_ch, 1, 1)
+        y = y + bias.reshape(1, -1, 1, 1)
     return y
+
+
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """``relu(conv2d(x, weight, bias))``, one kernel where the backend fuses the epilogue."""
+    if _fuses_epilogue(backend):
+        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, True, False)
+    return torch.relu(conv2d(x, weight, bias, stride, padding, backend))
+
+
+def conv2d_with_sums(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """``(y, sums, sums_sq)``: y = conv2d(x, weight, bias) and its per-channel ``Σ y`` and ``Σ y²`` over
+    batch and pixels (``[T*O]``; fp32 for fp16/bf16/fp32, fp64 for fp64), the input of
+    `maml_fast.ops.norm.batch_norm_from_sums`. Where the backend fuses the epilogue, the sums come out
+    of the conv kernel and y is not read again; all three outputs are differentiable to any order."""
+    if _fuses_epilogue(backend):
+        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, True)
+    return with_channel_sums(conv2d(x, weight, bias, stride, padding, backend))
+
+
+def with_channel_sums(y):
+    """y with its per-channel ``Σ y`` and ``Σ y²`` over batch and pixels, by torch reductions (fp32 for
+    half-precision y)."""
+    wide = y if y.dtype == torch.float64 else y.float()
+    return y, wide.sum(dim=(0, 2, 3)), (wide * wide).sum(dim=(0, 2, 3))
 
 
 def conv2d_reference(x, weight, bias=None, stride=1, padding=0):
