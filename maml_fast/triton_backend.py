@@ -138,8 +138,8 @@ class TritonConvPrimitives:
     def forward(self, x, weight, geo, bias=None, relu=False):
         return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
 
-    def forward_with_sums(self, x, weight, geo, bias=None, relu=False):
-        return load_kernels().conv2d_forward_with_sums(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
+    def forward_with_stats(self, x, weight, geo, bias=None, relu=False):
+        return load_kernels().conv2d_forward_with_stats(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
 
     def input_grad(self, grad_out, weight, geo):
         return load_kernels().conv2d_input_grad(grad_out, weight, geo.input_hw, geo.stride, geo.padding)
@@ -152,9 +152,9 @@ def fuse_conv_epilogue(children, prefix: str, backend: str):
     """The fusion rule of this backend (see `program.FUSION_RULES`): a Conv2d followed by
 
     - nn.ReLU -> `conv_ops.conv2d_relu` (bias and ReLU in the conv's epilogue);
-    - nn.BatchNorm2d with batch statistics -> `conv_ops.conv2d_with_sums` (the per-channel sums of y
-      and y² from the conv's epilogue) feeding `norm_ops.batch_norm_from_sums`, which then does not
-      read y to get its statistics. The ReLU (and pooling) after the BatchNorm stay separate layers.
+    - nn.BatchNorm2d with batch statistics -> `conv_ops.conv2d_with_batch_stats` (y's per-channel mean
+      and variance from the conv's epilogue) feeding `norm_ops.batch_norm_from_statistics`, which then
+      does not read y to get them. The ReLU (and pooling) after the BatchNorm stay separate layers.
 
     nn.Identity layers in between are skipped (conv4 with ``norm="none"`` puts one there). A conv the
     per-layer lowering rejects is left to it, so that it reports the reason."""
@@ -186,10 +186,10 @@ def fuse_conv_epilogue(children, prefix: str, backend: str):
         def conv_batch_norm(x, params, tasks):
             if bn_prefix + "running_mean" in params:   # evaluation with MAML++ per-step running statistics
                 return bn_layer(conv_layer(x, params, tasks), params, tasks)
-            y, sums, sums_sq = conv_ops.conv2d_with_sums(x, params[conv_prefix + "weight"], bias(params),
-                                                         conv.stride, conv.padding, backend)
-            return norm_ops.batch_norm_from_sums(
-                y, sums, sums_sq, program._param(params, bn_prefix, "weight", following),
+            y, mean, var = conv_ops.conv2d_with_batch_stats(x, params[conv_prefix + "weight"], bias(params),
+                                                            conv.stride, conv.padding, backend)
+            return norm_ops.batch_norm_from_statistics(
+                y, mean, var, program._param(params, bn_prefix, "weight", following),
                 program._param(params, bn_prefix, "bias", following), tasks, following.eps)
         return conv_batch_norm, after + 1
     return None

@@ -14,8 +14,8 @@ with gy) — are autograd Functions whose backwards call each other:
 
 This replaces PyTorch's grouped-convolution double backward, which loops over the T groups.
 A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. One whose
-forward also takes ``bias=`` and ``relu=`` and has ``forward_with_sums`` sets ``fuses_epilogue``:
-`conv2d`, `conv2d_relu` and `conv2d_with_sums` then run as one kernel each (`_ConvEpilogue`).
+forward also takes ``bias=`` and ``relu=`` and has ``forward_with_stats`` sets ``fuses_epilogue``:
+`conv2d`, `conv2d_relu` and `conv2d_with_batch_stats` then run as one kernel each (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
@@ -150,33 +150,36 @@ class _ConvWeightGrad(torch.autograd.Function):
 
 
 class _ConvEpilogue(torch.autograd.Function):
-    """y = conv(x, w) + b, optionally relu'd, and optionally with the per-channel sums ``Σ y``, ``Σ y²``
-    (``[T*O]``, over batch and pixels), all from one forward kernel: for a backend whose forward fuses
-    the epilogue (``fuses_epilogue``).
+    """y = conv(x, w) + b, optionally relu'd, and optionally with y's per-channel batch statistics
+    (mean and biased variance over batch and pixels, ``[T*O]`` each), all from one forward kernel: for
+    a backend whose forward fuses the epilogue (``fuses_epilogue``).
 
-    The backward reduces to the conv's: the sums' gradients are broadcast into gy
-    (``gy + g_S + 2 y g_Q``), the ReLU masks it by ``y > 0`` (piecewise constant), and then dgrad, wgrad
-    and a sum give gx, gw, gb. All of it is differentiable torch ops and primitives on the saved
-    output y, so every order of derivative exists."""
+    The backward reduces to the conv's: the statistics' gradients are broadcast into gy
+    (``gy + (g_mean + 2 (y - mean) g_var) / N``, N values per channel), the ReLU masks it by ``y > 0``
+    (piecewise constant), and then dgrad, wgrad and a sum give gx, gw, gb. All of it is differentiable
+    torch ops and primitives on the saved outputs y and mean, so every order of derivative exists."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geo, backend, relu, with_sums):
+    def forward(ctx, x, weight, bias, geo, backend, relu, with_stats):
         impl = CONV_IMPLEMENTATIONS[backend]
-        if with_sums:
-            outputs = impl.forward_with_sums(x, weight, geo, bias=bias, relu=relu)
-            y = outputs[0]
+        if with_stats:
+            outputs = impl.forward_with_stats(x, weight, geo, bias=bias, relu=relu)
+            y, mean = outputs[0], outputs[1]
         else:
             outputs = y = impl.forward(x, weight, geo, bias=bias, relu=relu)
-        ctx.save_for_backward(x, weight, y if relu or with_sums else None)
-        ctx.geo, ctx.backend, ctx.relu, ctx.with_sums = geo, backend, relu, with_sums
+            mean = None
+        ctx.save_for_backward(x, weight, y if relu or with_stats else None, mean)
+        ctx.geo, ctx.backend, ctx.relu, ctx.with_stats = geo, backend, relu, with_stats
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_out, *grad_sums):
-        x, weight, y = ctx.saved_tensors
-        if ctx.with_sums:
-            grad_sum, grad_sum_sq = (g.to(grad_out.dtype).reshape(1, -1, 1, 1) for g in grad_sums)
-            grad_out = grad_out + grad_sum + 2 * y * grad_sum_sq
+    def backward(ctx, grad_out, *grad_stats):
+        x, weight, y, mean = ctx.saved_tensors
+        if ctx.with_stats:
+            count = y.numel() // y.shape[1]
+            grad_mean, grad_var = (g.reshape(1, -1, 1, 1) for g in grad_stats)
+            centred = y.to(mean.dtype) - mean.reshape(1, -1, 1, 1)
+            grad_out = grad_out + ((grad_mean + 2 * centred * grad_var) / count).to(grad_out.dtype)
         if ctx.relu:
             grad_out = grad_out * (y > 0)
         grad_x = grad_w = grad_b = None
@@ -214,8 +217,8 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 
 def _fuses_epilogue(backend: str) -> bool:
-    """Whether `backend`'s forward kernel adds the bias, applies a ReLU and computes the BatchNorm sums
-    in its epilogue (the Triton kernels do; see `_ConvEpilogue`)."""
+    """Whether `backend`'s forward kernel adds the bias, applies a ReLU and computes BatchNorm's batch
+    statistics in its epilogue (the Triton kernels do; see `_ConvEpilogue`)."""
     return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_epilogue", False)
 
 
@@ -259,22 +262,25 @@ def conv2d_relu(x, weight, bias=None, stride=1, padding=0, backend: str = "torch
     return torch.relu(conv2d(x, weight, bias, stride, padding, backend))
 
 
-def conv2d_with_sums(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
-    """``(y, sums, sums_sq)``: y = conv2d(x, weight, bias) and its per-channel ``Σ y`` and ``Σ y²`` over
+def conv2d_with_batch_stats(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """``(y, mean, var)``: y = conv2d(x, weight, bias) and its per-channel mean and biased variance over
     batch and pixels (``[T*O]``; fp32 for fp16/bf16/fp32, fp64 for fp64), the input of
-    `maml_fast.ops.norm.batch_norm_from_sums`. Where the backend fuses the epilogue, the sums come out
-    of the conv kernel and y is not read again; all three outputs are differentiable to any order."""
+    `maml_fast.ops.norm.batch_norm_from_statistics`. Where the backend fuses the epilogue, the
+    statistics come out of the conv kernel and y is not read again; all three outputs are
+    differentiable to any order."""
     if _fuses_epilogue(backend):
         weight, geo = _prepare(x, weight, bias, stride, padding, backend)
         return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, True)
-    return with_channel_sums(conv2d(x, weight, bias, stride, padding, backend))
+    return with_batch_stats(conv2d(x, weight, bias, stride, padding, backend))
 
 
-def with_channel_sums(y):
-    """y with its per-channel ``Σ y`` and ``Σ y²`` over batch and pixels, by torch reductions (fp32 for
-    half-precision y)."""
+def with_batch_stats(y):
+    """y with its per-channel mean and biased variance over batch and pixels, by torch reductions
+    (two-pass; in fp32 for half-precision y)."""
     wide = y if y.dtype == torch.float64 else y.float()
-    return y, wide.sum(dim=(0, 2, 3)), (wide * wide).sum(dim=(0, 2, 3))
+    mean = wide.mean(dim=(0, 2, 3))
+    centred = wide - mean.reshape(1, -1, 1, 1)
+    return y, mean, (centred * centred).mean(dim=(0, 2, 3))
 
 
 def conv2d_reference(x, weight, bias=None, stride=1, padding=0):
