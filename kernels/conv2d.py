@@ -9,7 +9,9 @@ rest of the program uses on CUDA) and ``[T, O, C, kh, kw]`` for weight gradients
 The task index is a grid dimension; each program computes one tile of one task's GEMM:
 
     forward  y[b, tO+o, oh, ow]  = Σ_{c,r,s}   x[b, tC+c, oh*sh-ph+r, ow*sw-pw+s] · w[t, o, c, r, s]
-             GEMM  M = B*OH*OW (pixels), N = O, K = C*kh*kw;  optional bias in the epilogue.
+             GEMM  M = B*OH*OW (pixels), N = O, K = C*kh*kw.  Optional epilogue: bias, ReLU, and
+             per-(M tile, channel) Σy and Σ(y - tile mean)² into a [2, tiles, T*O] workspace, which
+             torch combines into BatchNorm's batch mean and variance (no second pass over y).
     dgrad    gx[b, tC+c, ih, iw] = Σ_{o,r,s}  gy[b, tO+o, (ih+ph-r)/sh, (iw+pw-s)/sw] · w[t, o, c, r, s]
              GEMM  M = input pixels of one stride phase, N = C, K = O*ceil(kh/sh)*ceil(kw/sw).
              With stride > 1 the input pixels are split into sh*sw phases ((ih+ph) mod sh, ...): all
@@ -63,14 +65,15 @@ def _mma(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, stats_ptr,
     B, C, H, W, O, OH, OW,
     sxb, sxc, sxh, sxw,
     swt, swo, swc, swh, sww,
     sbt, sbo,
     syb, syc, syh, syw,
+    ssq, sst, ssc,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -110,13 +113,28 @@ def _conv_fwd_kernel(
                     mask=b_mask, other=0.0)
         acc = _mma(a, b, acc, USE_DOT, PRECISION)
 
+    # Epilogue: bias, ReLU, and the tile's per-channel statistics (for BatchNorm), taken from the
+    # accumulator (fp32/fp64) while y is still in registers.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + task * sbt + offs_n * sbo, mask=mask_n, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     y_rows = y_ptr + bb * syb + oh * syh + ow * syw
     y_cols = (task * O + offs_n) * syc
     tl.store(y_rows[:, None] + y_cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+    if STATS:
+        # Σy and the sum of squares about the tile's own mean (not Σy², whose E[y²] - E[y]² cancels in
+        # fp32 when |mean| >> std). Rows past M hold bias (or relu(bias)) and must not count.
+        # tl.reduce with the library's _sum_combine is tl.sum without calling a @triton.jit function
+        # (see the note above); the interpreter recognises that combine function and uses numpy.
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+        tile_sum = tl.reduce(tl.where(mask_m[:, None], acc, 0.0), 0, tl.standard._sum_combine)
+        centred = tl.where(mask_m[:, None], acc - (tile_sum / rows)[None, :], 0.0)
+        stats = stats_ptr + pid_m * sst + (task * O + offs_n) * ssc
+        tl.store(stats, tile_sum, mask=mask_n)
+        tl.store(stats + ssq, tl.reduce(centred * centred, 0, tl.standard._sum_combine), mask=mask_n)
 
 
 @triton.jit
@@ -365,9 +383,42 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
-                   bias: torch.Tensor | None = None, config: BlockConfig | None = None) -> torch.Tensor:
-    """y ``[B, T*O, OH, OW]`` = per-task conv of x ``[B, T*C, H, W]`` with weight ``[T, O, C, kh, kw]``
-    (+ bias ``[T, O]`` fused into the epilogue)."""
+                   bias: torch.Tensor | None = None, relu: bool = False,
+                   config: BlockConfig | None = None) -> torch.Tensor:
+    """y ``[B, T*O, OH, OW]`` = per-task conv of x ``[B, T*C, H, W]`` with weight ``[T, O, C, kh, kw]``,
+    with bias ``[T, O]`` and (``relu=True``) a ReLU fused into the epilogue."""
+    y, _ = _launch_forward(x, weight, stride, padding, bias, relu, False, config)
+    return y
+
+
+def conv2d_forward_with_stats(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
+                              bias: torch.Tensor | None = None, relu: bool = False,
+                              config: BlockConfig | None = None):
+    """``(y, mean, var)``: `conv2d_forward`'s y and, from the same kernel's epilogue, its per-channel
+    mean and biased variance over batch and pixels, ``[T*O]`` each (BatchNorm's batch statistics).
+
+    Each M tile writes its channels' Σy and Σ(y - tile mean)² to a ``[2, tiles, T*O]`` workspace;
+    torch combines the tiles (Chan et al.'s pairwise update, here for all tiles at once):
+    M2 = Σ_t M2_t + Σ_t n_t (mean_t - mean)². Deterministic, no atomics, no E[y²] - E[y]²
+    cancellation. In fp64 for fp64 inputs, else fp32 (also the statistics' dtype), from the
+    accumulator before y is rounded to its dtype."""
+    y, stats = _launch_forward(x, weight, stride, padding, bias, relu, True, config)
+    return (y, *stats)
+
+
+def _combine_tile_statistics(partial: torch.Tensor, rows: int, block_m: int):
+    """(mean, var) from the per-tile ``[2, tiles, channels]`` Σy and centred Σ(y - mean_t)²."""
+    tiles = partial.shape[1]
+    counts = torch.full((tiles, 1), float(block_m), dtype=partial.dtype, device=partial.device)
+    counts[-1] = rows - (tiles - 1) * block_m
+    tile_sums, tile_m2 = partial.unbind(0)
+    mean = tile_sums.sum(0) / rows
+    spread = tile_sums / counts - mean
+    return mean, (tile_m2.sum(0) + (counts * spread * spread).sum(0)) / rows
+
+
+def _launch_forward(x, weight, stride, padding, bias, relu: bool, with_stats: bool, config):
+    """(y, (mean, var) or None)."""
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     _check_tensor("weight", weight, 5, weight.dtype, weight.device)
     tasks, out_ch, in_ch, kh, kw = weight.shape
@@ -385,24 +436,29 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
         raise ValueError(f"input {height}x{width} is too small for kernel {kh}x{kw}, padding {(ph, pw)}")
     y = _empty((batch, tasks * out_ch, oh, ow), x)
     m, n, k = batch * oh * ow, out_ch, in_ch * kh * kw
-    if y.numel() == 0:
-        return y
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if y.numel() == 0:   # statistics of nothing are NaN, as torch's mean of an empty tensor
+        undefined = torch.full((tasks * out_ch,), float("nan"), dtype=stats_dtype, device=x.device)
+        return y, ((undefined, undefined.clone()) if with_stats else None)
     _check_tensor("y", y, 4, y.dtype, y.device)
     cfg = config or block_config("fwd", m, n, k, x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), tasks)
+    tiles_m = triton.cdiv(m, cfg.block_m)
+    grid = (tiles_m * triton.cdiv(n, cfg.block_n), tasks)
     bias_arg = bias if bias is not None else y
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    partial = _empty((2, tiles_m, tasks * out_ch), x, dtype=stats_dtype) if with_stats else None
     with _device_guard(x.device):
         _conv_fwd_kernel[grid](
-            x, weight, bias_arg, y,
+            x, weight, bias_arg, y, partial if with_stats else y,
             batch, in_ch, height, width, out_ch, oh, ow,
             *x.stride(), *weight.stride(), *bias_strides, *y.stride(),
-            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=bias is not None,
+            *(partial.stride() if with_stats else (0, 0, 0)),
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=bias is not None, RELU=relu, STATS=with_stats,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return y
+    return y, (_combine_tile_statistics(partial, m, cfg.block_m) if with_stats else None)
 
 
 def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_hw, stride=1, padding=0,

@@ -133,6 +133,12 @@ _LOWERINGS = {
 }
 
 
+# Fusions a backend module registers: rule(children, prefix, backend) gets the (name, module) pairs of
+# an nn.Sequential from the current position on and returns (layer, number of children it replaces),
+# or None to leave them to the per-layer lowerings. Tried in order, before those.
+FUSION_RULES: list[Callable] = []
+
+
 @dataclass
 class Program:
     layers: list[Layer]
@@ -157,6 +163,11 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
             index = 0
             while index < len(children):
                 name, child = children[index]
+                fused = next(filter(None, (rule(children[index:], prefix, backend) for rule in FUSION_RULES)), None)
+                if fused is not None:
+                    layers.append(fused[0])
+                    index += fused[1]
+                    continue
                 following = children[index + 1][1] if index + 1 < len(children) else None
                 if _fuses_batch_norm_relu(child, following, backend):
                     layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend))

@@ -10,7 +10,9 @@ slow). It is not preferred by ``backend="auto"``: its speed against cuDNN's grou
 unmeasured, so "auto" keeps "torch" on CUDA until benchmarks say otherwise.
 
 Only the convolutions run on Triton; every other op (linear, norms, pooling, losses) is the "torch"
-backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_bias`, see ops/conv2d.py).
+backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_epilogue`, see
+ops/conv2d.py), and `fuse_conv_epilogue` (a `program.FUSION_RULES` entry) lowers a Conv2d followed by a
+ReLU, or by a BatchNorm2d with batch statistics, to one conv kernel with that epilogue.
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from . import program
 from .backends import register_backend
 from .ops import conv2d as conv_ops
+from .ops import norm as norm_ops
 
 NAME = "triton"
 MIN_TRITON = (3, 0)
@@ -128,10 +133,13 @@ def load_kernels():
 class TritonConvPrimitives:
     """The three conv primitives of `maml_fast.ops.conv2d` on Triton; loads the kernels lazily."""
 
-    fuses_bias = True
+    fuses_epilogue = True
 
-    def forward(self, x, weight, geo, bias=None):
-        return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias)
+    def forward(self, x, weight, geo, bias=None, relu=False):
+        return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
+
+    def forward_with_stats(self, x, weight, geo, bias=None, relu=False):
+        return load_kernels().conv2d_forward_with_stats(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
 
     def input_grad(self, grad_out, weight, geo):
         return load_kernels().conv2d_input_grad(grad_out, weight, geo.input_hw, geo.stride, geo.padding)
@@ -140,5 +148,53 @@ class TritonConvPrimitives:
         return load_kernels().conv2d_weight_grad(x, grad_out, geo.kernel_hw, geo.tasks, geo.stride, geo.padding)
 
 
+def fuse_conv_epilogue(children, prefix: str, backend: str):
+    """The fusion rule of this backend (see `program.FUSION_RULES`): a Conv2d followed by
+
+    - nn.ReLU -> `conv_ops.conv2d_relu` (bias and ReLU in the conv's epilogue);
+    - nn.BatchNorm2d with batch statistics -> `conv_ops.conv2d_with_batch_stats` (y's per-channel mean
+      and variance from the conv's epilogue) feeding `norm_ops.batch_norm_from_statistics`, which then
+      does not read y to get them. The ReLU (and pooling) after the BatchNorm stay separate layers.
+
+    nn.Identity layers in between are skipped (conv4 with ``norm="none"`` puts one there). A conv the
+    per-layer lowering rejects is left to it, so that it reports the reason."""
+    name, conv = children[0]
+    if backend != NAME or type(conv) is not nn.Conv2d:
+        return None
+    conv_prefix = f"{prefix}{name}."
+    conv_layer, reason = program._lower_conv2d(conv, conv_prefix, backend)
+    if reason:
+        return None
+    after = 1
+    while after < len(children) and type(children[after][1]) is nn.Identity:
+        after += 1
+    if after == len(children):
+        return None
+    following_name, following = children[after]
+    bias = lambda params: program._param(params, conv_prefix, "bias", conv)
+
+    if type(following) is nn.ReLU:
+        def conv_relu(x, params, tasks):
+            return conv_ops.conv2d_relu(x, params[conv_prefix + "weight"], bias(params), conv.stride, conv.padding,
+                                        backend)
+        return conv_relu, after + 1
+
+    if type(following) is nn.BatchNorm2d and not following.track_running_stats:
+        bn_prefix = f"{prefix}{following_name}."
+        bn_layer, _ = program._lower_batch_norm(following, bn_prefix, backend)
+
+        def conv_batch_norm(x, params, tasks):
+            if bn_prefix + "running_mean" in params:   # evaluation with MAML++ per-step running statistics
+                return bn_layer(conv_layer(x, params, tasks), params, tasks)
+            y, mean, var = conv_ops.conv2d_with_batch_stats(x, params[conv_prefix + "weight"], bias(params),
+                                                            conv.stride, conv.padding, backend)
+            return norm_ops.batch_norm_from_statistics(
+                y, mean, var, program._param(params, bn_prefix, "weight", following),
+                program._param(params, bn_prefix, "bias", following), tasks, following.eps)
+        return conv_batch_norm, after + 1
+    return None
+
+
 register_backend(NAME, unavailable_reasons, prefer_on=())
+program.FUSION_RULES.append(fuse_conv_epilogue)
 conv_ops.CONV_IMPLEMENTATIONS.setdefault(NAME, TritonConvPrimitives())

@@ -13,7 +13,9 @@ with gy) — are autograd Functions whose backwards call each other:
     wgrad    gw = wgrad(x, g)    ->  gx = dgrad(g, ggw),        gg = fwd(x, ggw)
 
 This replaces PyTorch's grouped-convolution double backward, which loops over the T groups.
-A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`.
+A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. One whose
+forward also takes ``bias=`` and ``relu=`` and has ``forward_with_stats`` sets ``fuses_epilogue``:
+`conv2d`, `conv2d_relu` and `conv2d_with_batch_stats` then run as one kernel each (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
@@ -147,19 +149,39 @@ class _ConvWeightGrad(torch.autograd.Function):
         return grad_x, grad_grad_out, None, None
 
 
-class _ConvForwardBias(torch.autograd.Function):
-    """y = conv(x, w) + b with the bias added in the forward kernel's epilogue. Its backward is made of
-    the differentiable primitives and a sum, so every order of derivative exists."""
+class _ConvEpilogue(torch.autograd.Function):
+    """y = conv(x, w) + b, optionally relu'd, and optionally with y's per-channel batch statistics
+    (mean and biased variance over batch and pixels, ``[T*O]`` each), all from one forward kernel: for
+    a backend whose forward fuses the epilogue (``fuses_epilogue``).
+
+    The backward reduces to the conv's: the statistics' gradients are broadcast into gy
+    (``gy + (g_mean + 2 (y - mean) g_var) / N``, N values per channel), the ReLU masks it by ``y > 0``
+    (piecewise constant), and then dgrad, wgrad and a sum give gx, gw, gb. All of it is differentiable
+    torch ops and primitives on the saved outputs y and mean, so every order of derivative exists."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geo, backend):
-        ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.backend = geo, backend
-        return CONV_IMPLEMENTATIONS[backend].forward(x, weight, geo, bias=bias)
+    def forward(ctx, x, weight, bias, geo, backend, relu, with_stats):
+        impl = CONV_IMPLEMENTATIONS[backend]
+        if with_stats:
+            outputs = impl.forward_with_stats(x, weight, geo, bias=bias, relu=relu)
+            y, mean = outputs[0], outputs[1]
+        else:
+            outputs = y = impl.forward(x, weight, geo, bias=bias, relu=relu)
+            mean = None
+        ctx.save_for_backward(x, weight, y if relu or with_stats else None, mean)
+        ctx.geo, ctx.backend, ctx.relu, ctx.with_stats = geo, backend, relu, with_stats
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_out, *grad_stats):
+        x, weight, y, mean = ctx.saved_tensors
+        if ctx.with_stats:
+            count = y.numel() // y.shape[1]
+            grad_mean, grad_var = (g.reshape(1, -1, 1, 1) for g in grad_stats)
+            centred = y.to(mean.dtype) - mean.reshape(1, -1, 1, 1)
+            grad_out = grad_out + ((grad_mean + 2 * centred * grad_var) / count).to(grad_out.dtype)
+        if ctx.relu:
+            grad_out = grad_out * (y > 0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.backend)
@@ -167,7 +189,7 @@ class _ConvForwardBias(torch.autograd.Function):
             grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.backend)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3)).reshape(ctx.geo.tasks, -1)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _prepared_weight(weight, backend: str):
@@ -194,8 +216,14 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
-    """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
+def _fuses_epilogue(backend: str) -> bool:
+    """Whether `backend`'s forward kernel adds the bias, applies a ReLU and computes BatchNorm's batch
+    statistics in its epilogue (the Triton kernels do; see `_ConvEpilogue`)."""
+    return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_epilogue", False)
+
+
+def _prepare(x, weight, bias, stride, padding, backend: str):
+    """Checked arguments: (weight in the backend's preferred layout, geometry)."""
     if weight.dim() != 5:
         raise ValueError(f"weight must have shape [tasks, out, in, kh, kw], got {tuple(weight.shape)}")
     tasks, out_ch, in_ch, kh, kw = weight.shape
@@ -212,13 +240,47 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
     # differentiable copy in the implementation's preferred layout serves the forward and all
     # derivatives that save it.
-    weight = _prepared_weight(weight, backend)
-    if bias is not None and getattr(CONV_IMPLEMENTATIONS[backend], "fuses_bias", False):
-        return _ConvForwardBias.apply(x, weight, bias, geo, backend)
+    return _prepared_weight(weight, backend), geo
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
+    weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+    if bias is not None and _fuses_epilogue(backend):
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, False)
     y = conv2d_forward(x, weight, geo, backend)
     if bias is not None:
-        y = y + bias.reshape(1, tasks * out_ch, 1, 1)
+        y = y + bias.reshape(1, -1, 1, 1)
     return y
+
+
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """``relu(conv2d(x, weight, bias))``, one kernel where the backend fuses the epilogue."""
+    if _fuses_epilogue(backend):
+        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, True, False)
+    return torch.relu(conv2d(x, weight, bias, stride, padding, backend))
+
+
+def conv2d_with_batch_stats(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+    """``(y, mean, var)``: y = conv2d(x, weight, bias) and its per-channel mean and biased variance over
+    batch and pixels (``[T*O]``; fp32 for fp16/bf16/fp32, fp64 for fp64), the input of
+    `maml_fast.ops.norm.batch_norm_from_statistics`. Where the backend fuses the epilogue, the
+    statistics come out of the conv kernel and y is not read again; all three outputs are
+    differentiable to any order."""
+    if _fuses_epilogue(backend):
+        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
+        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, True)
+    return with_batch_stats(conv2d(x, weight, bias, stride, padding, backend))
+
+
+def with_batch_stats(y):
+    """y with its per-channel mean and biased variance over batch and pixels, by torch reductions
+    (two-pass; in fp32 for half-precision y)."""
+    wide = y if y.dtype == torch.float64 else y.float()
+    mean = wide.mean(dim=(0, 2, 3))
+    centred = wide - mean.reshape(1, -1, 1, 1)
+    return y, mean, (centred * centred).mean(dim=(0, 2, 3))
 
 
 def conv2d_reference(x, weight, bias=None, stride=1, padding=0):

@@ -127,6 +127,41 @@ class _BatchNormRowsBackward(torch.autograd.Function):
         return d_grad_y, d_x, d_gamma, None, None
 
 
+def batch_norm_from_statistics(x, mean, var, weight, bias, tasks: int, eps: float = 1e-5):
+    """`batch_norm` of x ``[B, T*C, ...]`` given its per-channel batch ``mean`` and biased ``var`` over
+    batch and pixels (``[T*C]``, e.g. from `maml_fast.ops.conv2d.conv2d_with_batch_stats`, whose conv
+    kernel computes them in its epilogue), so the statistics cost no pass over x:
+    ``y = (x - mean) / sqrt(var + eps) * γ + β``.
+
+    Plain differentiable torch ops: gradients reach x directly and through the statistics (the op that
+    made them routes g_mean and g_var back into x), so every order of derivative exists.
+
+    Precision: the conv epilogue accumulates each tile's Σx and Σ(x - tile mean)² and combines the
+    tiles with Chan's update, not var = E[x²] - E[x]² from Σx and Σx²: that form cancels in fp32, with
+    a relative error of about ε·(1 + mean²/var) times a summation factor, and measured 1e-3-scale BN
+    output errors on conv4 layer 1 with Omniglot images (mean²/var up to 45; see kernels/README.md).
+    tests/test_triton_fusion.py measures the fp32 error of this path against fp64."""
+    if x.dim() < 2 or x.shape[1] % tasks:
+        raise ValueError(f"x must have shape [batch, tasks*channels, ...] with tasks={tasks}, got {tuple(x.shape)}")
+    total = x.shape[1]
+    for name, value in (("mean", mean), ("var", var)):
+        if tuple(value.shape) != (total,):
+            raise ValueError(f"{name} must have shape {(total,)} (one value per channel of x), got {tuple(value.shape)}")
+    if x.numel() // total < 2:
+        raise ValueError("batch_norm_from_statistics needs more than one value per channel")
+    channels = total // tasks
+    _check_affine("weight", weight, tasks, (channels,))
+    _check_affine("bias", bias, tasks, (channels,))
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.reshape(-1)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.reshape(-1)
+    view = (1, total) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(view), x, scale.reshape(view)).to(x.dtype)
+
+
 def batch_norm_reference(x, weight, bias, tasks: int, eps: float = 1e-5):
     channels = x.shape[1] // tasks
     return torch.cat(
