@@ -134,8 +134,8 @@ class _BatchNormReluMaxPoolBackward(torch.autograd.Function):
             d_grad_y, d_x, d_weight = torch.ops.maml_fast.batch_norm_relu_max_pool_double_backward(
                 grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd)
         needs = ctx.needs_input_grad
-        return (d_grad_y if needs[0] else None, d_x if needs[1] else None, None,
-                d_weight if needs[2] else None, None, None, None)
+        return (d_grad_y if needs[0] else None, d_x if needs[1] else None, d_weight if needs[2] else None,
+                None, None, None, None)
 
 
 def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd,
