@@ -7,7 +7,6 @@
 
 #include "batch_norm_relu_cpu.h"
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -123,31 +122,18 @@ namespace {
 using cpu::BackwardKernel;
 using cpu::DoubleBackwardKernel;
 using cpu::ForwardKernel;
-using cpu::run_kernel;
 
 TensorTriple batch_norm_relu_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_forward_inputs(x, weight, bias, eps);
-  const ForwardOp op(x, weight, bias, eps);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_cpu", [&] {
-      run_kernel<ForwardKernel<scalar_t>>(op.args<scalar_t>());
-    });
-  }
-  return op.outputs();
+  return cpu::run_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
 }
 
 TensorTriple batch_norm_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_backward_inputs(grad_y, x, y, weight, mean, rstd);
-  const BackwardOp op(grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_backward_cpu", [&] {
-      run_kernel<BackwardKernel<scalar_t>>(op.args<scalar_t>());
-    });
-  }
-  return op.outputs();
+  return cpu::run_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd));
 }
 
 TensorTriple batch_norm_relu_double_backward_cpu(
@@ -156,19 +142,8 @@ TensorTriple batch_norm_relu_double_backward_cpu(
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
   check_double_backward_inputs(
       grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
-  const DoubleBackwardOp op(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_double_backward_cpu", [&] {
-      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
-      if (op.has_ggx) {
-        run_kernel<DoubleBackwardKernel<scalar_t, true>>(args);
-      } else {
-        run_kernel<DoubleBackwardKernel<scalar_t, false>>(args);
-      }
-    });
-  }
-  return op.outputs();
+  return cpu::run_double_backward_op<DoubleBackwardKernel>(
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd));
 }
 
 }  // namespace

@@ -150,6 +150,22 @@ struct DoubleBackwardArgs {
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Where the kernels' loops walk (batch_norm_relu_cpu.h, batch_norm_relu_cuda.cuh): units(args)
+// units of kPositions elements per column; locate(args, unit) gives a unit's Position. Here the
+// units are the rows of the [rows, channels] view, a row's position its first element's offset.
+struct RowUnits {
+  using Position = std::int64_t;
+  static constexpr std::int64_t kPositions = 1;
+  template <typename Args>
+  C10_HOST_DEVICE static std::int64_t units(const Args& a) {
+    return a.rows;
+  }
+  template <typename Args>
+  C10_HOST_DEVICE static Position locate(const Args& a, std::int64_t row) {
+    return row * a.channels;
+  }
+};
+
 struct ForwardOp {
   at::Tensor x, weight, bias;  // contiguous inputs
   at::Tensor y, mean, rstd;    // outputs

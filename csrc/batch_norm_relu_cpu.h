@@ -18,6 +18,7 @@
 
 #include "batch_norm_relu.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -97,27 +98,12 @@ MAML_FAST_ALWAYS_INLINE Vec where_positive(const Vec& y, const Vec& v) {
 }
 
 // Each kernel below provides
-//   Position, locate(args, unit)                                 where unit `unit` lies
-//   kPositions, units(args)                                      elements per unit; unit count
+//   Position, locate(args, unit), kPositions, units(args)        where it walks (RowUnits)
 //   kSums, accumulate(args, position, column, width, acc[kSums]) the column sums' summands
 //   kCoefs, column(args, column, sums[kSums], coefs[kCoefs])     per column: coefficients (and
 //                                                                the per-channel outputs)
 //   apply(args, position, column, width, coefs[kCoefs])          the elementwise outputs
 // with `column` the first of the vector's columns and sums in float64.
-
-// Units that are the rows of the [rows, channels] view; a row's position is its first element.
-struct RowUnits {
-  using Position = std::int64_t;
-  static constexpr std::int64_t kPositions = 1;
-  template <typename Args>
-  static std::int64_t units(const Args& a) {
-    return a.rows;
-  }
-  template <typename Args>
-  static MAML_FAST_ALWAYS_INLINE Position locate(const Args& a, std::int64_t row) {
-    return row * a.channels;
-  }
-};
 
 template <typename scalar_t>
 struct ForwardKernel : RowUnits {
@@ -189,9 +175,11 @@ struct BackwardKernel : RowUnits {
                               load<acc_t>(a.rstd + column, width));
   }
 
-  // A = sum(gz), B = sum(gz x_hat).
+  // A = sum(gz), B = sum(gz x_hat); add_sums adds the summands of the element at offset + column.
   static constexpr int kSums = 2;
-  static MAML_FAST_ALWAYS_INLINE void add_sums(const Vec& gz, const Vec& x_hat, Vec* acc) {
+  template <typename Width>
+  static MAML_FAST_ALWAYS_INLINE void add_sums(const Args&, std::int64_t, std::int64_t, Width, const Vec& gz,
+                                               const Vec& x_hat, Vec* acc) {
     acc[0] += gz;
     acc[1] += gz * x_hat;
   }
@@ -200,7 +188,7 @@ struct BackwardKernel : RowUnits {
       const Args& a, std::int64_t offset, std::int64_t column, Width width, Vec* acc) {
     Vec gz, x_hat;
     load_row(a, offset, column, width, gz, x_hat);
-    add_sums(gz, x_hat, acc);
+    add_sums(a, offset, column, width, gz, x_hat, acc);
   }
 
   // gx = coef_gz gz + coef_xhat x_hat + coef_one.
@@ -247,12 +235,16 @@ struct DoubleBackwardKernel : RowUnits {
     }
   }
 
-  // A = sum(gz), B = sum(gz x_hat), C = sum(ggx), D = sum(ggx x_hat), E = sum(ggx gz).
+  // A = sum(gz), B = sum(gz x_hat), C = sum(ggx), D = sum(ggx x_hat), E = sum(ggx gz); add_sums
+  // adds the summands of the element at offset + column.
   static constexpr int kSums = kHasGgx ? 5 : 2;
-  static MAML_FAST_ALWAYS_INLINE void add_sums(const Vec& gz, const Vec& x_hat, const Vec& ggx, Vec* acc) {
+  template <typename Width>
+  static MAML_FAST_ALWAYS_INLINE void add_sums(const Args& a, std::int64_t offset, std::int64_t column,
+                                               Width width, const Vec& gz, const Vec& x_hat, Vec* acc) {
     acc[0] += gz;
     acc[1] += gz * x_hat;
     if constexpr (kHasGgx) {
+      const Vec ggx = load_ggx(a, offset, column, width);
       acc[2] += ggx;
       acc[3] += ggx * x_hat;
       acc[4] += ggx * gz;
@@ -265,7 +257,7 @@ struct DoubleBackwardKernel : RowUnits {
                                   load<acc_t>(a.grad_y + offset + column, width));
     const Vec x_hat = normalized<acc_t>(a, offset, column, width, load<acc_t>(a.mean + column, width),
                                         load<acc_t>(a.rstd + column, width));
-    add_sums(gz, x_hat, load_ggx(a, offset, column, width), acc);
+    add_sums(a, offset, column, width, gz, x_hat, acc);
   }
 
   // coefs: mean, rstd, then, with P(gz) = gz - a - x_hat b and P(ggx) = ggx - c - x_hat d expanded:
@@ -512,6 +504,33 @@ void run_kernel(const typename Kernel::Args& a) {
   at::parallel_for(0, units, unit_grain, [&](std::int64_t begin, std::int64_t end) {
     loops.apply(a, begin, end, coefs);
   });
+}
+
+// An op on the CPU: runs Kernel<scalar_t> for the dtype of `op` (a *Op struct of
+// batch_norm_relu.h) on its arguments, when it has channels, and returns its outputs.
+template <template <typename> class Kernel, typename Op>
+TensorTriple run_op(const Op& op) {
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "maml_fast::batch_norm_relu*_cpu", [&] {
+      run_kernel<Kernel<scalar_t>>(op.template args<scalar_t>());
+    });
+  }
+  return op.outputs();
+}
+
+// A double backward op: Kernel<scalar_t, whether grad_grad_x was given>.
+template <template <typename, bool> class Kernel, typename Op>
+TensorTriple run_double_backward_op(const Op& op) {
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "maml_fast::batch_norm_relu*_cpu", [&] {
+      if (op.has_ggx) {
+        run_kernel<Kernel<scalar_t, true>>(op.template args<scalar_t>());
+      } else {
+        run_kernel<Kernel<scalar_t, false>>(op.template args<scalar_t>());
+      }
+    });
+  }
+  return op.outputs();
 }
 
 }  // namespace cpu

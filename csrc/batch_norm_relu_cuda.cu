@@ -4,7 +4,6 @@
 
 #include "batch_norm_relu_cuda.cuh"
 
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -15,19 +14,12 @@ namespace {
 using cuda::BackwardKernel;
 using cuda::DoubleBackwardKernel;
 using cuda::ForwardKernel;
-using cuda::launch;
 
 TensorTriple batch_norm_relu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_forward_inputs(x, weight, bias, eps);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const ForwardOp op(x, weight, bias, eps);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_cuda", [&] {
-      launch<ForwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
 }
 
 TensorTriple batch_norm_relu_backward_cuda(
@@ -35,13 +27,7 @@ TensorTriple batch_norm_relu_backward_cuda(
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_backward_inputs(grad_y, x, y, weight, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const BackwardOp op(grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_backward_cuda", [&] {
-      launch<BackwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd));
 }
 
 TensorTriple batch_norm_relu_double_backward_cuda(
@@ -51,19 +37,8 @@ TensorTriple batch_norm_relu_double_backward_cuda(
   check_double_backward_inputs(
       grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const DoubleBackwardOp op(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_double_backward_cuda", [&] {
-      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
-      if (op.has_ggx) {
-        launch<DoubleBackwardKernel<scalar_t, true>>(args, op.x);
-      } else {
-        launch<DoubleBackwardKernel<scalar_t, false>>(args, op.x);
-      }
-    });
-  }
-  return op.outputs();
+  return cuda::launch_double_backward_op<DoubleBackwardKernel>(
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd));
 }
 
 }  // namespace

@@ -14,13 +14,14 @@
 // The forward's statistics are shifted sums, with the column's first value as the shift, so the
 // one-pass variance keeps its precision when |mean| >> std.
 //
-// Each kernel provides Position, units(args), locate(args, unit) (where a unit lies), kSums,
+// Each kernel provides Position, units(args), locate(args, unit) (where it walks: RowUnits), kSums,
 // accumulate(args, position, column, acc), kCoefs, column(args, column, sums, coefs, write_outputs)
 // and apply(args, position, column, coefs).
 #pragma once
 
 #include "batch_norm_relu.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,19 +44,6 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t masked(acc_t y, acc_t v) {
   return y > acc_t(0) ? v : acc_t(0);
 }
-
-// Units that are the rows of the [rows, channels] view; a row's position is its first element.
-struct RowUnits {
-  using Position = std::int64_t;
-  template <typename Args>
-  __host__ __device__ static std::int64_t units(const Args& a) {
-    return a.rows;
-  }
-  template <typename Args>
-  __device__ static Position locate(const Args& a, std::int64_t row) {
-    return row * a.channels;
-  }
-};
 
 template <typename scalar_t>
 struct ForwardKernel : RowUnits {
@@ -114,14 +102,15 @@ struct BackwardKernel : RowUnits {
   static constexpr int kCoefs = 5;
   using Args = BackwardArgs<scalar_t>;
 
-  __device__ static void add_sums(acc_t gz, acc_t x_hat, acc_t* acc) {
+  // The summands of the element at offset + c.
+  __device__ static void add_sums(const Args&, std::int64_t, std::int64_t, acc_t gz, acc_t x_hat, acc_t* acc) {
     acc[0] += gz;
     acc[1] += gz * x_hat;
   }
 
   __device__ static void accumulate(const Args& a, std::int64_t offset, std::int64_t c, acc_t* acc) {
     const acc_t gz = masked(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]));
-    add_sums(gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), acc);
+    add_sums(a, offset, c, gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), acc);
   }
 
   // coefs: mean, rstd, then gx = coef_gz gz + coef_xhat x_hat + coef_one
@@ -167,10 +156,13 @@ struct DoubleBackwardKernel : RowUnits {
     }
   }
 
-  __device__ static void add_sums(acc_t gz, acc_t x_hat, acc_t ggx, acc_t* acc) {
+  // The summands of the element at offset + c.
+  __device__ static void add_sums(const Args& a, std::int64_t offset, std::int64_t c, acc_t gz, acc_t x_hat,
+                                  acc_t* acc) {
     acc[0] += gz;
     acc[1] += gz * x_hat;
     if constexpr (kHasGgx) {
+      const acc_t ggx = load_ggx(a, offset, c);
       acc[2] += ggx;
       acc[3] += ggx * x_hat;
       acc[4] += ggx * gz;
@@ -179,7 +171,7 @@ struct DoubleBackwardKernel : RowUnits {
 
   __device__ static void accumulate(const Args& a, std::int64_t offset, std::int64_t c, acc_t* acc) {
     const acc_t gz = masked(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]));
-    add_sums(gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), load_ggx(a, offset, c), acc);
+    add_sums(a, offset, c, gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), acc);
   }
 
   // coefs: mean, rstd, k_ggx, e_xhat, e_one, f_gz, f_ggx, f_xhat, f_one with
@@ -334,6 +326,33 @@ void launch(const typename Kernel::Args& a, const at::Tensor& like) {
   apply_kernel<Kernel, acc_t><<<grid, block, 0, stream>>>(
       a, partial.const_data_ptr<acc_t>(), units_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// An op on CUDA (under the caller's device guard): launches Kernel<scalar_t> for the dtype of `op`
+// (a *Op struct of batch_norm_relu.h) on its arguments, when it has channels; returns its outputs.
+template <template <typename> class Kernel, typename Op>
+TensorTriple launch_op(const Op& op) {
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "maml_fast::batch_norm_relu*_cuda", [&] {
+      launch<Kernel<scalar_t>>(op.template args<scalar_t>(), op.x);
+    });
+  }
+  return op.outputs();
+}
+
+// A double backward op: Kernel<scalar_t, whether grad_grad_x was given>.
+template <template <typename, bool> class Kernel, typename Op>
+TensorTriple launch_double_backward_op(const Op& op) {
+  if (op.has_channels()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "maml_fast::batch_norm_relu*_cuda", [&] {
+      if (op.has_ggx) {
+        launch<Kernel<scalar_t, true>>(op.template args<scalar_t>(), op.x);
+      } else {
+        launch<Kernel<scalar_t, false>>(op.template args<scalar_t>(), op.x);
+      }
+    });
+  }
+  return op.outputs();
 }
 
 }  // namespace cuda

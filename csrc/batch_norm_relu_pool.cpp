@@ -10,7 +10,6 @@
 
 #include "batch_norm_relu_pool.h"
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(maml_fast, m) {
@@ -89,27 +88,8 @@ using cpu::load;
 using cpu::normalized;
 using cpu::store;
 
-// Units of the kernels' loops: the cells of x (Geometry).
-struct CellUnits {
-  using Position = Cell;
-  static constexpr std::int64_t kPositions = 4;
-  template <typename Args>
-  static std::int64_t units(const Args& a) {
-    return a.geometry.cells();
-  }
-  template <typename Args>
-  static MAML_FAST_ALWAYS_INLINE Cell locate(const Args& a, std::int64_t unit) {
-    return a.geometry.cell(unit);
-  }
-};
-
-// A cell's x_hat and z at its positions, and for a window its max z; mean and rstd are the stored
-// statistics (as vectors of the cell's columns).
-template <typename Vec>
-struct CellValues {
-  Vec x_hat[4], z[4], z_max;
-};
-
+// The values of a cell's positions in the vector of columns at `column`; mean and rstd are the
+// stored statistics.
 template <typename acc_t, typename Args, typename Width, typename Vec = typename cpu::VecTypes<acc_t>::Vec>
 MAML_FAST_ALWAYS_INLINE CellValues<Vec> cell_values(
     const Args& a, const Cell& cell, std::int64_t column, Width width, const Vec& mean, const Vec& rstd) {
@@ -182,13 +162,14 @@ struct ForwardKernel : CellUnits {
   }
 };
 
-template <typename scalar_t>
-struct BackwardKernel : CellUnits {
-  using Rows = cpu::BackwardKernel<scalar_t>;
-  using scalar_type = scalar_t;
+// The column sums and coefficients of the backward ops: Rows' (the BatchNorm+ReLU kernel's) over
+// the routed gz.
+template <typename Rows, typename ArgsT>
+struct RoutedCellKernel : CellUnits {
+  using scalar_type = typename Rows::scalar_type;
   using acc_t = typename Rows::acc_t;
   using Vec = typename Rows::Vec;
-  using Args = BackwardArgs<scalar_t>;
+  using Args = ArgsT;
 
   static constexpr int kSums = Rows::kSums;
   template <typename Width>
@@ -198,7 +179,7 @@ struct BackwardKernel : CellUnits {
     const CellValues<Vec> v = routed_cell<acc_t>(a, cell, column, width, gz);
     for (int p = 0; p < 4; ++p) {
       if (cell.has(p)) {
-        Rows::add_sums(gz[p], v.x_hat[p], acc);
+        Rows::add_sums(a, cell.offset(p), column, width, gz[p], v.x_hat[p], acc);
       }
     }
   }
@@ -207,6 +188,14 @@ struct BackwardKernel : CellUnits {
   static void column(const Args& a, std::int64_t c, const double* sums, acc_t* coefs) {
     Rows::column(a, c, sums, coefs);
   }
+};
+
+template <typename scalar_t>
+struct BackwardKernel : RoutedCellKernel<cpu::BackwardKernel<scalar_t>, BackwardArgs<scalar_t>> {
+  using Rows = cpu::BackwardKernel<scalar_t>;
+  using acc_t = typename Rows::acc_t;
+  using Vec = typename Rows::Vec;
+  using Args = BackwardArgs<scalar_t>;
 
   template <typename Width>
   static MAML_FAST_ALWAYS_INLINE void apply(
@@ -222,30 +211,12 @@ struct BackwardKernel : CellUnits {
 };
 
 template <typename scalar_t, bool kHasGgx>
-struct DoubleBackwardKernel : CellUnits {
+struct DoubleBackwardKernel
+    : RoutedCellKernel<cpu::DoubleBackwardKernel<scalar_t, kHasGgx>, DoubleBackwardArgs<scalar_t>> {
   using Rows = cpu::DoubleBackwardKernel<scalar_t, kHasGgx>;
-  using scalar_type = scalar_t;
   using acc_t = typename Rows::acc_t;
   using Vec = typename Rows::Vec;
   using Args = DoubleBackwardArgs<scalar_t>;
-
-  static constexpr int kSums = Rows::kSums;
-  template <typename Width>
-  static MAML_FAST_ALWAYS_INLINE void accumulate(
-      const Args& a, const Cell& cell, std::int64_t column, Width width, Vec* acc) {
-    Vec gz[4];
-    const CellValues<Vec> v = routed_cell<acc_t>(a, cell, column, width, gz);
-    for (int p = 0; p < 4; ++p) {
-      if (cell.has(p)) {
-        Rows::add_sums(gz[p], v.x_hat[p], Rows::load_ggx(a, cell.offset(p), column, width), acc);
-      }
-    }
-  }
-
-  static constexpr int kCoefs = Rows::kCoefs;
-  static void column(const Args& a, std::int64_t c, const double* sums, acc_t* coefs) {
-    Rows::column(a, c, sums, coefs);
-  }
 
   // d x at every position; d gy of a window: d gz gathered from the routed position.
   template <typename Width>
@@ -266,31 +237,17 @@ struct DoubleBackwardKernel : CellUnits {
   }
 };
 
-using cpu::run_kernel;
-
 TensorTriple batch_norm_relu_max_pool_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_forward_inputs(x, weight, bias, eps);
-  const ForwardOp op(x, weight, bias, eps);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_cpu", [&] {
-      run_kernel<ForwardKernel<scalar_t>>(op.args<scalar_t>());
-    });
-  }
-  return op.outputs();
+  return cpu::run_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
 }
 
 TensorTriple batch_norm_relu_max_pool_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_backward_inputs(grad_y, x, weight, bias, mean, rstd);
-  const BackwardOp op(grad_y, x, weight, bias, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_backward_cpu", [&] {
-      run_kernel<BackwardKernel<scalar_t>>(op.args<scalar_t>());
-    });
-  }
-  return op.outputs();
+  return cpu::run_op<BackwardKernel>(BackwardOp(grad_y, x, weight, bias, mean, rstd));
 }
 
 TensorTriple batch_norm_relu_max_pool_double_backward_cpu(
@@ -300,19 +257,8 @@ TensorTriple batch_norm_relu_max_pool_double_backward_cpu(
     const at::Tensor& rstd) {
   check_double_backward_inputs(
       grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd);
-  const DoubleBackwardOp op(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_double_backward_cpu", [&] {
-      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
-      if (op.has_ggx) {
-        run_kernel<DoubleBackwardKernel<scalar_t, true>>(args);
-      } else {
-        run_kernel<DoubleBackwardKernel<scalar_t, false>>(args);
-      }
-    });
-  }
-  return op.outputs();
+  return cpu::run_double_backward_op<DoubleBackwardKernel>(
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd));
 }
 
 }  // namespace

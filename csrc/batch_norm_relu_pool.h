@@ -91,6 +91,27 @@ inline Geometry geometry_of(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3)};
 }
 
+// The kernels' units (see RowUnits in batch_norm_relu.h): the cells of x.
+struct CellUnits {
+  using Position = Cell;
+  static constexpr std::int64_t kPositions = 4;
+  template <typename Args>
+  C10_HOST_DEVICE static std::int64_t units(const Args& a) {
+    return a.geometry.cells();
+  }
+  template <typename Args>
+  C10_HOST_DEVICE static Cell locate(const Args& a, std::int64_t unit) {
+    return a.geometry.cell(unit);
+  }
+};
+
+// A cell's x_hat and z at its positions (those that exist) and, for a window, its max z; V is one
+// value (CUDA) or a vector of columns (CPU).
+template <typename V>
+struct CellValues {
+  V x_hat[4], z[4], z_max;
+};
+
 // Window routines for one value (CUDA) or a vector of columns (CPU, GCC vector extension): V is
 // acc_t or a vector of acc_t, comparisons give bool or lane masks alike.
 

@@ -5,7 +5,6 @@
 
 #include "batch_norm_relu_cuda.cuh"
 
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -14,28 +13,9 @@ namespace bn_relu {
 namespace pool {
 namespace {
 
-using cuda::launch;
 using cuda::normalized;
 
-// Units of the launches: the cells of x (Geometry).
-struct CellUnits {
-  using Position = Cell;
-  template <typename Args>
-  __host__ __device__ static std::int64_t units(const Args& a) {
-    return a.geometry.cells();
-  }
-  template <typename Args>
-  __device__ static Cell locate(const Args& a, std::int64_t unit) {
-    return a.geometry.cell(unit);
-  }
-};
-
-// A cell's x_hat and z at its positions in column c, and for a window its max z.
-template <typename acc_t>
-struct CellValues {
-  acc_t x_hat[4], z[4], z_max;
-};
-
+// The values of a cell's positions in column c; mean and rstd are the stored statistics.
 template <typename acc_t, typename Args>
 __device__ __forceinline__ CellValues<acc_t> cell_values(const Args& a, const Cell& cell, std::int64_t c,
                                                          acc_t mean, acc_t rstd) {
@@ -101,11 +81,12 @@ struct ForwardKernel : CellUnits {
   }
 };
 
-template <typename scalar_t>
-struct BackwardKernel : CellUnits {
-  using Rows = cuda::BackwardKernel<scalar_t>;
+// The column sums and coefficients of the backward ops: Rows' (the BatchNorm+ReLU kernel's) over
+// the routed gz.
+template <typename Rows, typename ArgsT>
+struct RoutedCellKernel : CellUnits {
   using acc_t = typename Rows::acc_t;
-  using Args = BackwardArgs<scalar_t>;
+  using Args = ArgsT;
   static constexpr int kSums = Rows::kSums;
   static constexpr int kCoefs = Rows::kCoefs;
 
@@ -115,7 +96,7 @@ struct BackwardKernel : CellUnits {
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       if (cell.has(p)) {
-        Rows::add_sums(gz[p], v.x_hat[p], acc);
+        Rows::add_sums(a, cell.offset(p), c, gz[p], v.x_hat[p], acc);
       }
     }
   }
@@ -124,6 +105,13 @@ struct BackwardKernel : CellUnits {
                                 bool write_outputs) {
     Rows::column(a, c, sums, coefs, write_outputs);
   }
+};
+
+template <typename scalar_t>
+struct BackwardKernel : RoutedCellKernel<cuda::BackwardKernel<scalar_t>, BackwardArgs<scalar_t>> {
+  using Rows = cuda::BackwardKernel<scalar_t>;
+  using acc_t = typename Rows::acc_t;
+  using Args = BackwardArgs<scalar_t>;
 
   __device__ static void apply(const Args& a, const Cell& cell, std::int64_t c, const acc_t* coefs) {
     acc_t gz[4];
@@ -138,28 +126,11 @@ struct BackwardKernel : CellUnits {
 };
 
 template <typename scalar_t, bool kHasGgx>
-struct DoubleBackwardKernel : CellUnits {
+struct DoubleBackwardKernel
+    : RoutedCellKernel<cuda::DoubleBackwardKernel<scalar_t, kHasGgx>, DoubleBackwardArgs<scalar_t>> {
   using Rows = cuda::DoubleBackwardKernel<scalar_t, kHasGgx>;
   using acc_t = typename Rows::acc_t;
   using Args = DoubleBackwardArgs<scalar_t>;
-  static constexpr int kSums = Rows::kSums;
-  static constexpr int kCoefs = Rows::kCoefs;
-
-  __device__ static void accumulate(const Args& a, const Cell& cell, std::int64_t c, acc_t* acc) {
-    acc_t gz[4];
-    const CellValues<acc_t> v = routed_cell(a, cell, c, gz);
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      if (cell.has(p)) {
-        Rows::add_sums(gz[p], v.x_hat[p], Rows::load_ggx(a, cell.offset(p), c), acc);
-      }
-    }
-  }
-
-  __device__ static void column(const Args& a, std::int64_t c, const acc_t* sums, acc_t* coefs,
-                                bool write_outputs) {
-    Rows::column(a, c, sums, coefs, write_outputs);
-  }
 
   // d x at every position; d gy of a window: d gz gathered from the routed position.
   __device__ static void apply(const Args& a, const Cell& cell, std::int64_t c, const acc_t* coefs) {
@@ -183,13 +154,7 @@ TensorTriple batch_norm_relu_max_pool_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_forward_inputs(x, weight, bias, eps);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const ForwardOp op(x, weight, bias, eps);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_cuda", [&] {
-      launch<ForwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
 }
 
 TensorTriple batch_norm_relu_max_pool_backward_cuda(
@@ -197,13 +162,7 @@ TensorTriple batch_norm_relu_max_pool_backward_cuda(
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_backward_inputs(grad_y, x, weight, bias, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const BackwardOp op(grad_y, x, weight, bias, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_backward_cuda", [&] {
-      launch<BackwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<BackwardKernel>(BackwardOp(grad_y, x, weight, bias, mean, rstd));
 }
 
 TensorTriple batch_norm_relu_max_pool_double_backward_cuda(
@@ -214,19 +173,8 @@ TensorTriple batch_norm_relu_max_pool_double_backward_cuda(
   check_double_backward_inputs(
       grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const DoubleBackwardOp op(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_max_pool_double_backward_cuda", [&] {
-      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
-      if (op.has_ggx) {
-        launch<DoubleBackwardKernel<scalar_t, true>>(args, op.x);
-      } else {
-        launch<DoubleBackwardKernel<scalar_t, false>>(args, op.x);
-      }
-    });
-  }
-  return op.outputs();
+  return cuda::launch_double_backward_op<DoubleBackwardKernel>(
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd));
 }
 
 }  // namespace
