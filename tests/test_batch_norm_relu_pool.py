@@ -7,9 +7,8 @@ Kernel tests run per device and skip with the reason the ops cannot run there.""
 from __future__ import annotations
 
 import pytest
+import test_batch_norm_relu as bn_relu_tests
 import torch
-import torch.nn.functional as F
-from test_batch_norm_relu import _assert_close_scaled, _graph_has, poisoned_empty  # noqa: F401 (fixture)
 from torch import nn
 
 import maml_fast as mf
@@ -17,6 +16,9 @@ from maml_fast.ops import batch_norm_relu_pool as bnrp
 from maml_fast.program import lower
 
 EPS = 1e-5
+_assert_close_scaled = bn_relu_tests._assert_close_scaled
+_graph_has = bn_relu_tests._graph_has
+poisoned_empty = bn_relu_tests.poisoned_empty  # the fixture (deterministic mode: NaN-filled empty tensors)
 
 
 def _device_param(device: str):
@@ -176,9 +178,10 @@ def test_window_max_and_relu_are_exact(device):
     assert y.isnan().all()  # a NaN makes its channel's statistics NaN
 
 
+@pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 5), (3, 8, 8, 40), (1, 2, 3, 33)], ids=["odd", "8x8x40", "2x3"])
-def test_outputs_are_fully_written(device, shape, generator, poisoned_empty):  # noqa: F811 (fixture)
+def test_outputs_are_fully_written(device, shape, generator):
     inputs = all_inputs(shape, generator, torch.float32, device)
     forward, first, second = run_ops(*inputs)
     _, _, second_none = run_ops(*inputs[:4], None, None, None)
