@@ -226,9 +226,9 @@ def test_gradcheck_and_gradgradcheck(device, shape, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grouped_layout_gradgradcheck(device, generator):
+@pytest.mark.parametrize(("tasks", "channels"), [(1, 3), (3, 2)], ids=["T1", "T3"])
+def test_grouped_layout_gradgradcheck(device, tasks, channels, generator):
     """The grouped-layout entry point: channels-last [B, T*C, H, W] in and out, [T, C] affine."""
-    tasks, channels = 2, 3
     x = torch.randn(2, tasks * channels, 5, 4, generator=generator, dtype=torch.float64).to(device)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = torch.randn(tasks, channels, generator=generator, dtype=torch.float64).to(device).requires_grad_()
@@ -412,7 +412,7 @@ def _maxpool_conv4_meta_gradient(backend, device="cpu", inner_steps=2, image_siz
                     p.add_(0.2 * torch.randn_like(p))
     net = net.to(device)
     generator = torch.Generator().manual_seed(1)
-    tasks, ways, shots, queries = 3, 2, 2, 3
+    tasks, ways, shots, queries = 2, 2, 2, 2
     shape = (1, image_size, image_size)
     support_x = torch.randn(tasks, ways * shots, *shape, generator=generator, dtype=torch.float64)
     query_x = torch.randn(tasks, ways * queries, *shape, generator=generator, dtype=torch.float64)
@@ -464,3 +464,21 @@ def test_second_order_is_real():
     _, second = _maxpool_conv4_meta_gradient("cuda", inner_steps=1, image_size=16)
     _, first = _maxpool_conv4_meta_gradient("cuda", inner_steps=1, image_size=16, first_order=True)
     assert ((first - second).norm() / second.norm()).item() > 1e-6
+
+
+@needs_cpu_ops
+def test_per_step_bn_statistics_match_loop(make_batch):
+    """MAML++ per-step running statistics through the pooled layers: recorded alike in training, and
+    used in eval (BatchNorm with the statistics, ReLU, then the pool) with the same loss as "loop"."""
+    batches = [make_batch(tasks=2, ways=2, shots=1, example_shape=(1, 16, 16)) for _ in range(2)]
+    learners, losses = {}, {}
+    for backend in ("loop", "cuda"):
+        torch.manual_seed(7)
+        net = mf.models.conv4(1, 2, hidden=3, downsample="maxpool", image_size=16).double()
+        learner = mf.MAML(net, inner_lr=0.3, inner_steps=2, backend=backend, per_step_bn_statistics=True)
+        learner(batches[0]).loss.backward()
+        learner.eval()
+        learners[backend], losses[backend] = learner, learner(batches[1]).loss
+    for name, buffer in learners["loop"].named_buffers():
+        torch.testing.assert_close(dict(learners["cuda"].named_buffers())[name], buffer, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(losses["cuda"], losses["loop"], rtol=1e-10, atol=0)
