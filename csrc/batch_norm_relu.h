@@ -26,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <c10/core/ScalarType.h>
 #include <c10/macros/Macros.h>
 
@@ -57,6 +58,25 @@ void check_double_backward_inputs(
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd);
 
+// The checks' parts, shared with the max-pooled op (batch_norm_relu_pool.h), whose x has the
+// channels last too. `tensor` has a supported floating dtype:
+void check_dtype(const char* op, const char* name, const at::Tensor& tensor);
+// ... x's dtype and device, and shape `sizes`:
+void check_like_x(
+    const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& x,
+    at::IntArrayRef sizes);
+// ... is a per-channel vector [channels] (x's last dimension) of dtype `dtype` on x's device:
+void check_channel_vector(
+    const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& x,
+    at::ScalarType dtype);
+// eps is finite and >= 0:
+void check_eps(const char* op, double eps);
+// the double backward's optional incoming gradients, where given, are like x and per-channel:
+void check_grad_grads(
+    const char* op, const std::optional<at::Tensor>& grad_grad_x,
+    const std::optional<at::Tensor>& grad_grad_weight,
+    const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& x);
+
 // ---------------------------------------------------------------------------------------------
 // Host-side preparation shared by the CPU and CUDA launchers. After the input checks (and, on
 // CUDA, under the device guard), each launcher builds one of the *Op structs below: it holds the
@@ -72,6 +92,14 @@ inline bool is_given(const std::optional<at::Tensor>& tensor) {
 // Options of mean and rstd for activations `x`.
 inline at::TensorOptions stats_options(const at::Tensor& x) {
   return x.options().dtype(stats_dtype(x.scalar_type()));
+}
+
+// x's channels (its last dimension) and rows (the product of the others): the [rows, channels] view.
+inline std::int64_t channels_of(const at::Tensor& x) {
+  return x.size(-1);
+}
+inline std::int64_t rows_of(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
 }
 
 template <typename scalar_t>
@@ -122,6 +150,22 @@ struct DoubleBackwardArgs {
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Where the kernels' loops walk (batch_norm_relu_cpu.h, batch_norm_relu_cuda.cuh): units(args)
+// units of kPositions elements per column; locate(args, unit) gives a unit's Position. Here the
+// units are the rows of the [rows, channels] view, a row's position its first element's offset.
+struct RowUnits {
+  using Position = std::int64_t;
+  static constexpr std::int64_t kPositions = 1;
+  template <typename Args>
+  C10_HOST_DEVICE static std::int64_t units(const Args& a) {
+    return a.rows;
+  }
+  template <typename Args>
+  C10_HOST_DEVICE static Position locate(const Args& a, std::int64_t row) {
+    return row * a.channels;
+  }
+};
+
 struct ForwardOp {
   at::Tensor x, weight, bias;  // contiguous inputs
   at::Tensor y, mean, rstd;    // outputs
@@ -129,16 +173,20 @@ struct ForwardOp {
 
   ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
             double eps_in)
+      : ForwardOp(x_in, weight_in, bias_in, eps_in, x_in.sizes()) {}
+  // y of shape `y_sizes` (the pooled op's y is smaller than x).
+  ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+            double eps_in, at::IntArrayRef y_sizes)
       : x(x_in.contiguous()),
         weight(weight_in.contiguous()),
         bias(bias_in.contiguous()),
-        y(at::empty(x.sizes(), x.options())),
-        mean(at::empty({x.size(1)}, stats_options(x))),
-        rstd(at::empty({x.size(1)}, stats_options(x))),
+        y(at::empty(y_sizes, x.options())),
+        mean(at::empty({channels_of(x)}, stats_options(x))),
+        rstd(at::empty({channels_of(x)}, stats_options(x))),
         eps(eps_in) {}
 
   at::ScalarType dtype() const { return x.scalar_type(); }
-  bool has_channels() const { return x.size(1) > 0; }
+  bool has_channels() const { return channels_of(x) > 0; }
   TensorTriple outputs() const { return {y, mean, rstd}; }
 
   template <typename scalar_t>
@@ -146,12 +194,13 @@ struct ForwardOp {
     using acc_t = at::opmath_type<scalar_t>;
     return {x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-            mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), x.size(0), x.size(1),
-            eps};
+            mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows_of(x),
+            channels_of(x), eps};
   }
 };
 
 // The inputs both backward ops read (the forward's inputs, outputs and statistics), contiguous.
+// y is undefined for the pooled op, which recomputes its mask from x.
 struct SavedInputs {
   at::Tensor grad_y, x, y, weight, mean, rstd;
 
@@ -159,13 +208,18 @@ struct SavedInputs {
               const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
       : grad_y(grad_y_in.contiguous()),
         x(x_in.contiguous()),
-        y(y_in.contiguous()),
+        y(y_in.defined() ? y_in.contiguous() : y_in),
         weight(weight_in.contiguous()),
         mean(mean_in.contiguous()),
         rstd(rstd_in.contiguous()) {}
 
   at::ScalarType dtype() const { return x.scalar_type(); }
-  bool has_channels() const { return x.size(1) > 0; }
+  bool has_channels() const { return channels_of(x) > 0; }
+
+  template <typename scalar_t>
+  const scalar_t* y_data() const {
+    return y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+  }
 };
 
 struct BackwardOp : SavedInputs {
@@ -175,8 +229,8 @@ struct BackwardOp : SavedInputs {
              const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
       : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in),
         grad_x(at::empty(x.sizes(), x.options())),
-        grad_weight(at::empty({x.size(1)}, x.options())),
-        grad_bias(at::empty({x.size(1)}, x.options())) {}
+        grad_weight(at::empty({channels_of(x)}, x.options())),
+        grad_bias(at::empty({channels_of(x)}, x.options())) {}
 
   TensorTriple outputs() const { return {grad_x, grad_weight, grad_bias}; }
 
@@ -184,10 +238,10 @@ struct BackwardOp : SavedInputs {
   BackwardArgs<scalar_t> args() const {
     using acc_t = at::opmath_type<scalar_t>;
     return {grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            y_data<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
             grad_x.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-            grad_bias.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
+            grad_bias.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x)};
   }
 };
 
@@ -208,9 +262,9 @@ struct DoubleBackwardOp : SavedInputs {
         grad_grad_x(has_ggx ? grad_grad_x_in->contiguous() : at::Tensor()),
         grad_grad_weight(given_or_zeros(grad_grad_weight_in)),
         grad_grad_bias(given_or_zeros(grad_grad_bias_in)),
-        grad_grad_y(at::empty(x.sizes(), x.options())),
+        grad_grad_y(at::empty(grad_y.sizes(), x.options())),
         grad_x(at::empty(x.sizes(), x.options())),
-        grad_weight(at::empty({x.size(1)}, x.options())) {}
+        grad_weight(at::empty({channels_of(x)}, x.options())) {}
 
   TensorTriple outputs() const { return {grad_grad_y, grad_x, grad_weight}; }
 
@@ -220,27 +274,20 @@ struct DoubleBackwardOp : SavedInputs {
     return {has_ggx ? grad_grad_x.const_data_ptr<scalar_t>() : nullptr,
             grad_grad_weight.const_data_ptr<scalar_t>(), grad_grad_bias.const_data_ptr<scalar_t>(),
             grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            y.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            y_data<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
             grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            grad_weight.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1)};
+            grad_weight.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x)};
   }
 
  private:
   // A given per-channel tensor (contiguous), or zeros of x's dtype and device.
   at::Tensor given_or_zeros(const std::optional<at::Tensor>& tensor) const {
-    return is_given(tensor) ? tensor->contiguous() : at::zeros({x.size(1)}, x.options());
+    return is_given(tensor) ? tensor->contiguous() : at::zeros({channels_of(x)}, x.options());
   }
 };
 
 // Per-column coefficients of the elementwise passes, computed once per column from its sums.
-
-// Forward: y = max(x * scale + shift, 0).
-template <typename acc_t>
-struct ForwardColumn {
-  acc_t scale;  // gamma r
-  acc_t shift;  // beta - mean gamma r
-};
 
 // Backward: x_hat = (x - mean) r;  gx = coef_gz gz + coef_xhat x_hat + coef_one  (gz = m gy).
 template <typename acc_t>

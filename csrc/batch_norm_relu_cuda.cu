@@ -1,304 +1,25 @@
-// maml_fast::batch_norm_relu{,_backward,_double_backward}: the CUDA kernels (formulas in
-// batch_norm_relu.h).
-//
-// Every op is two launches over the same grid: blocks of 32 columns x 8 row-threads, the rows cut
-// into `splits` ranges (grid.y) so that narrow matrices with many rows still fill the GPU.
-//   1. column_sums_kernel: each block sums its rows of its 32 columns (one warp reads 32 adjacent
-//      columns of a row: coalesced) and writes one partial sum per split to a workspace;
-//   2. apply_kernel: each block adds the partial sums of its columns (in split order, so every block
-//      gets the same coefficients), computes the per-column coefficients, and writes its rows of
-//      the elementwise outputs; the blocks of split 0 also write the per-channel outputs.
-// No host synchronisation and no host-to-device copy: the launches can be captured in a CUDA graph.
-// The forward's statistics are shifted sums, with the column's first value as the shift, so the
-// one-pass variance keeps its precision when |mean| >> std.
+// maml_fast::batch_norm_relu{,_backward,_double_backward}: the CUDA launchers (formulas in
+// batch_norm_relu.h, kernels in batch_norm_relu_cuda.cuh).
 #include "batch_norm_relu.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "batch_norm_relu_cuda.cuh"
 
-#include <algorithm>
-#include <cstdint>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 namespace maml_fast {
 namespace bn_relu {
 namespace {
 
-constexpr int kTileColumns = 32;  // threadIdx.x: a warp's columns
-constexpr int kRowThreads = 8;    // threadIdx.y
-constexpr int kThreads = kTileColumns * kRowThreads;
-constexpr std::int64_t kMinRowsPerSplit = 32;
-constexpr std::int64_t kMaxSplits = 1024;
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t masked(acc_t y, acc_t v) {
-  return y > acc_t(0) ? v : acc_t(0);
-}
-
-template <typename scalar_t>
-struct ForwardKernel {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kSums = 2;
-  static constexpr int kCoefs = 2;
-  using Args = ForwardArgs<scalar_t>;
-
-  __device__ static void accumulate(const Args& a, std::int64_t row, std::int64_t c, acc_t* acc) {
-    const acc_t d = static_cast<acc_t>(a.x[row * a.channels + c]) - static_cast<acc_t>(a.x[c]);
-    acc[0] += d;
-    acc[1] += d * d;
-  }
-
-  // y = max(x scale + shift, 0)
-  __device__ static void column(const Args& a, std::int64_t c, const acc_t* sums, acc_t* coefs,
-                                bool write_outputs) {
-    const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(a.rows);
-    const acc_t shifted_mean = sums[0] * inv_rows;
-    const acc_t var = ::max(sums[1] * inv_rows - shifted_mean * shifted_mean, acc_t(0));
-    const acc_t mean = static_cast<acc_t>(a.x[c]) + shifted_mean;
-    const acc_t r = acc_t(1) / ::sqrt(var + static_cast<acc_t>(a.eps));
-    const acc_t scale = static_cast<acc_t>(a.weight[c]) * r;
-    coefs[0] = scale;
-    coefs[1] = static_cast<acc_t>(a.bias[c]) - mean * scale;
-    if (write_outputs) {
-      a.mean[c] = mean;
-      a.rstd[c] = r;
-    }
-  }
-
-  __device__ static void apply(const Args& a, std::int64_t row, std::int64_t c, const acc_t* coefs) {
-    const std::int64_t offset = row * a.channels + c;
-    const acc_t z = static_cast<acc_t>(a.x[offset]) * coefs[0] + coefs[1];
-    a.y[offset] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);  // NaN stays NaN
-  }
-};
-
-template <typename scalar_t>
-struct BackwardKernel {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kSums = 2;
-  static constexpr int kCoefs = 5;
-  using Args = BackwardArgs<scalar_t>;
-
-  __device__ static void accumulate(const Args& a, std::int64_t row, std::int64_t c, acc_t* acc) {
-    const std::int64_t offset = row * a.channels + c;
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset]), static_cast<acc_t>(a.grad_y[offset]));
-    const acc_t x_hat = (static_cast<acc_t>(a.x[offset]) - a.mean[c]) * a.rstd[c];
-    acc[0] += gz;
-    acc[1] += gz * x_hat;
-  }
-
-  // coefs: mean, rstd, then gx = coef_gz gz + coef_xhat x_hat + coef_one
-  __device__ static void column(const Args& a, std::int64_t c, const acc_t* sums, acc_t* coefs,
-                                bool write_outputs) {
-    const BackwardColumn<acc_t> col = backward_column<acc_t>(
-        a.mean[c], a.rstd[c], static_cast<acc_t>(a.weight[c]), sums[0], sums[1],
-        acc_t(1) / static_cast<acc_t>(a.rows));
-    coefs[0] = col.mean;
-    coefs[1] = col.rstd;
-    coefs[2] = col.coef_gz;
-    coefs[3] = col.coef_xhat;
-    coefs[4] = col.coef_one;
-    if (write_outputs) {
-      a.grad_weight[c] = static_cast<scalar_t>(sums[1]);
-      a.grad_bias[c] = static_cast<scalar_t>(sums[0]);
-    }
-  }
-
-  __device__ static void apply(const Args& a, std::int64_t row, std::int64_t c, const acc_t* coefs) {
-    const std::int64_t offset = row * a.channels + c;
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset]), static_cast<acc_t>(a.grad_y[offset]));
-    const acc_t x_hat = (static_cast<acc_t>(a.x[offset]) - coefs[0]) * coefs[1];
-    a.grad_x[offset] = static_cast<scalar_t>(coefs[2] * gz + coefs[3] * x_hat + coefs[4]);
-  }
-};
-
-template <typename scalar_t, bool kHasGgx>
-struct DoubleBackwardKernel {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Args = DoubleBackwardArgs<scalar_t>;
-  static constexpr int kSums = kHasGgx ? 5 : 2;
-  static constexpr int kCoefs = 9;
-
-  __device__ static void accumulate(const Args& a, std::int64_t row, std::int64_t c, acc_t* acc) {
-    const std::int64_t offset = row * a.channels + c;
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset]), static_cast<acc_t>(a.grad_y[offset]));
-    const acc_t x_hat = (static_cast<acc_t>(a.x[offset]) - a.mean[c]) * a.rstd[c];
-    acc[0] += gz;
-    acc[1] += gz * x_hat;
-    if constexpr (kHasGgx) {
-      const acc_t ggx = static_cast<acc_t>(a.grad_grad_x[offset]);
-      acc[2] += ggx;
-      acc[3] += ggx * x_hat;
-      acc[4] += ggx * gz;
-    }
-  }
-
-  // coefs: mean, rstd, k_ggx, e_xhat, e_one, f_gz, f_ggx, f_xhat, f_one with
-  //   d gy = m (k_ggx ggx + e_xhat x_hat + e_one),  d x = f_gz gz + f_ggx ggx + f_xhat x_hat + f_one
-  __device__ static void column(const Args& a, std::int64_t c, const acc_t* sums, acc_t* coefs,
-                                bool write_outputs) {
-    const DoubleBackwardColumn<acc_t> col = double_backward_column<acc_t>(
-        a.mean[c], a.rstd[c], static_cast<acc_t>(a.weight[c]),
-        static_cast<acc_t>(a.grad_grad_weight[c]), static_cast<acc_t>(a.grad_grad_bias[c]), sums[0],
-        sums[1], kHasGgx ? sums[2] : acc_t(0), kHasGgx ? sums[3] : acc_t(0),
-        kHasGgx ? sums[4] : acc_t(0), acc_t(1) / static_cast<acc_t>(a.rows));
-    coefs[0] = col.mean;
-    coefs[1] = col.rstd;
-    coefs[2] = col.k_pggx;
-    coefs[3] = col.gg_gamma - col.k_pggx * col.d;
-    coefs[4] = col.gg_beta - col.k_pggx * col.c;
-    coefs[5] = col.k_pgz;
-    coefs[6] = col.k_pggx_x;
-    coefs[7] = col.k_xhat - col.k_pgz * col.b - col.k_pggx_x * col.d;
-    coefs[8] = -col.k_pgz * col.a - col.k_pggx_x * col.c;
-    if (write_outputs) {
-      a.grad_weight[c] = static_cast<scalar_t>(col.d_gamma);
-    }
-  }
-
-  __device__ static void apply(const Args& a, std::int64_t row, std::int64_t c, const acc_t* coefs) {
-    const std::int64_t offset = row * a.channels + c;
-    const acc_t y = static_cast<acc_t>(a.y[offset]);
-    const acc_t gz = masked(y, static_cast<acc_t>(a.grad_y[offset]));
-    const acc_t x_hat = (static_cast<acc_t>(a.x[offset]) - coefs[0]) * coefs[1];
-    acc_t d_gz = coefs[3] * x_hat + coefs[4];
-    acc_t d_x = coefs[5] * gz + coefs[7] * x_hat + coefs[8];
-    if constexpr (kHasGgx) {
-      const acc_t ggx = static_cast<acc_t>(a.grad_grad_x[offset]);
-      d_gz += coefs[2] * ggx;
-      d_x += coefs[6] * ggx;
-    }
-    a.grad_grad_y[offset] = static_cast<scalar_t>(masked(y, d_gz));
-    a.grad_x[offset] = static_cast<scalar_t>(d_x);
-  }
-};
-
-template <typename Kernel, typename acc_t>
-__global__ void __launch_bounds__(kThreads) column_sums_kernel(
-    const typename Kernel::Args a, acc_t* __restrict__ partial, std::int64_t rows_per_split) {
-  constexpr int kSums = Kernel::kSums;
-  __shared__ acc_t shared[kSums][kRowThreads][kTileColumns];
-  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kTileColumns + threadIdx.x;
-  const std::int64_t split = blockIdx.y;
-  const std::int64_t begin = split * rows_per_split;
-  const std::int64_t end = ::min(a.rows, begin + rows_per_split);
-  acc_t acc[kSums];
-#pragma unroll
-  for (int k = 0; k < kSums; ++k) {
-    acc[k] = acc_t(0);
-  }
-  if (c < a.channels) {
-    for (std::int64_t row = begin + threadIdx.y; row < end; row += kRowThreads) {
-      Kernel::accumulate(a, row, c, acc);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kSums; ++k) {
-    shared[k][threadIdx.y][threadIdx.x] = acc[k];
-  }
-  __syncthreads();
-  if (threadIdx.y == 0 && c < a.channels) {
-    const std::int64_t splits = gridDim.y;
-#pragma unroll
-    for (int k = 0; k < kSums; ++k) {
-      acc_t sum = acc_t(0);
-#pragma unroll
-      for (int j = 0; j < kRowThreads; ++j) {
-        sum += shared[k][j][threadIdx.x];
-      }
-      partial[(k * splits + split) * a.channels + c] = sum;
-    }
-  }
-}
-
-template <typename Kernel, typename acc_t>
-__global__ void __launch_bounds__(kThreads) apply_kernel(
-    const typename Kernel::Args a, const acc_t* __restrict__ partial, std::int64_t rows_per_split) {
-  constexpr int kSums = Kernel::kSums;
-  constexpr int kCoefs = Kernel::kCoefs;
-  __shared__ acc_t shared_coefs[kCoefs][kTileColumns];
-  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kTileColumns + threadIdx.x;
-  const std::int64_t split = blockIdx.y;
-  const std::int64_t splits = gridDim.y;
-  if (threadIdx.y == 0 && c < a.channels) {
-    acc_t sums[kSums];
-#pragma unroll
-    for (int k = 0; k < kSums; ++k) {
-      acc_t sum = acc_t(0);
-      for (std::int64_t s = 0; s < splits; ++s) {
-        sum += partial[(k * splits + s) * a.channels + c];
-      }
-      sums[k] = sum;
-    }
-    acc_t coefs[kCoefs];
-    Kernel::column(a, c, sums, coefs, split == 0);
-#pragma unroll
-    for (int k = 0; k < kCoefs; ++k) {
-      shared_coefs[k][threadIdx.x] = coefs[k];
-    }
-  }
-  __syncthreads();
-  if (c >= a.channels) {
-    return;
-  }
-  acc_t coefs[kCoefs];
-#pragma unroll
-  for (int k = 0; k < kCoefs; ++k) {
-    coefs[k] = shared_coefs[k][threadIdx.x];
-  }
-  const std::int64_t begin = split * rows_per_split;
-  const std::int64_t end = ::min(a.rows, begin + rows_per_split);
-  for (std::int64_t row = begin + threadIdx.y; row < end; row += kRowThreads) {
-    Kernel::apply(a, row, c, coefs);
-  }
-}
-
-int multiprocessor_count(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-// The two launches of one op on the current stream.
-template <typename Kernel>
-void launch(const typename Kernel::Args& a, const at::Tensor& like) {
-  using acc_t = typename Kernel::acc_t;
-  const std::int64_t tiles = (a.channels + kTileColumns - 1) / kTileColumns;
-  TORCH_CHECK(tiles <= 2147483647LL, "maml_fast::batch_norm_relu: too many channels (", a.channels, ")");
-  // About four blocks per multiprocessor, at least kMinRowsPerSplit rows per split.
-  const std::int64_t wanted = (4LL * multiprocessor_count(like.get_device()) + tiles - 1) / tiles;
-  const std::int64_t most = (a.rows + kMinRowsPerSplit - 1) / kMinRowsPerSplit;
-  const std::int64_t splits = std::max<std::int64_t>(1, std::min({wanted, most, kMaxSplits}));
-  const std::int64_t rows_per_split = (a.rows + splits - 1) / splits;
-  const at::Tensor partial = at::empty(
-      {Kernel::kSums, splits, a.channels}, like.options().dtype(stats_dtype(like.scalar_type())));
-  const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(splits));
-  const dim3 block(kTileColumns, kRowThreads);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  column_sums_kernel<Kernel, acc_t><<<grid, block, 0, stream>>>(
-      a, partial.mutable_data_ptr<acc_t>(), rows_per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  apply_kernel<Kernel, acc_t><<<grid, block, 0, stream>>>(
-      a, partial.const_data_ptr<acc_t>(), rows_per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using cuda::BackwardKernel;
+using cuda::DoubleBackwardKernel;
+using cuda::ForwardKernel;
 
 TensorTriple batch_norm_relu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_forward_inputs(x, weight, bias, eps);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const ForwardOp op(x, weight, bias, eps);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_cuda", [&] {
-      launch<ForwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
 }
 
 TensorTriple batch_norm_relu_backward_cuda(
@@ -306,13 +27,7 @@ TensorTriple batch_norm_relu_backward_cuda(
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_backward_inputs(grad_y, x, y, weight, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const BackwardOp op(grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_backward_cuda", [&] {
-      launch<BackwardKernel<scalar_t>>(op.args<scalar_t>(), op.x);
-    });
-  }
-  return op.outputs();
+  return cuda::launch_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd));
 }
 
 TensorTriple batch_norm_relu_double_backward_cuda(
@@ -322,19 +37,8 @@ TensorTriple batch_norm_relu_double_backward_cuda(
   check_double_backward_inputs(
       grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const DoubleBackwardOp op(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
-  if (op.has_channels()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.dtype(), "batch_norm_relu_double_backward_cuda", [&] {
-      const DoubleBackwardArgs<scalar_t> args = op.args<scalar_t>();
-      if (op.has_ggx) {
-        launch<DoubleBackwardKernel<scalar_t, true>>(args, op.x);
-      } else {
-        launch<DoubleBackwardKernel<scalar_t, false>>(args, op.x);
-      }
-    });
-  }
-  return op.outputs();
+  return cuda::launch_double_backward_op<DoubleBackwardKernel>(
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd));
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import cuda_backend
 from .ops import batch_norm_relu as bn_relu_ops
+from .ops import batch_norm_relu_pool as bn_relu_pool_ops
 from .ops import conv2d as conv_ops
 from .ops import linear as linear_ops
 from .ops import norm as norm_ops
@@ -72,16 +73,28 @@ def _fuses_batch_norm_relu(module: nn.Module, following: nn.Module | None, backe
             and type(following) is nn.ReLU and cuda_backend.may_use_extension_ops(backend))
 
 
-def _lower_batch_norm_relu(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str) -> Layer:
-    """BatchNorm then ReLU as one fused op with closed-form derivatives on the devices where `backend`
-    runs the extension's ops; elsewhere (and for layouts without a free [rows, channels] view) the
-    same two unfused ops as without fusion."""
+def _is_max_pool_2x2(module: nn.Module | None) -> bool:
+    """Exactly nn.MaxPool2d(2) (stride 2, no padding, dilation 1, floor mode, no indices): the pool
+    the fused BatchNorm+ReLU+max-pool op computes."""
+    pair = lambda value: value if isinstance(value, tuple) else (value, value)  # noqa: E731
+    return (type(module) is nn.MaxPool2d and pair(module.kernel_size) == (2, 2) and pair(module.stride) == (2, 2)
+            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode
+            and not module.return_indices)
+
+
+def _lower_batch_norm_relu(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str,
+                           max_pool: bool) -> Layer:
+    """BatchNorm then ReLU (then, with `max_pool`, a 2x2 max-pool) as one fused op with closed-form
+    derivatives on the devices where `backend` runs the extension's ops; elsewhere (and for layouts
+    without a free [rows, channels] view) the same unfused ops as without fusion."""
+    fused = bn_relu_pool_ops.batch_norm_relu_max_pool if max_pool else bn_relu_ops.batch_norm_relu
+
     def run(x, params, tasks):
         if prefix + "running_mean" in params:
-            return torch.relu(_batch_norm_with_statistics(x, params, prefix, module))
-        return bn_relu_ops.batch_norm_relu(
-            x, _param(params, prefix, "weight", module), _param(params, prefix, "bias", module), tasks,
-            module.eps, backend, use_extension=cuda_backend.uses_extension_ops(backend, x.device))
+            y = torch.relu(_batch_norm_with_statistics(x, params, prefix, module))
+            return F.max_pool2d(y, 2) if max_pool else y
+        return fused(x, _param(params, prefix, "weight", module), _param(params, prefix, "bias", module), tasks,
+                     module.eps, backend, use_extension=cuda_backend.uses_extension_ops(backend, x.device))
     return run
 
 
@@ -170,8 +183,9 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
                     continue
                 following = children[index + 1][1] if index + 1 < len(children) else None
                 if _fuses_batch_norm_relu(child, following, backend):
-                    layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend))
-                    index += 2
+                    max_pool = index + 2 < len(children) and _is_max_pool_2x2(children[index + 2][1])
+                    layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend, max_pool))
+                    index += 3 if max_pool else 2
                     continue
                 reason = visit(child, f"{prefix}{name}.")
                 if reason:

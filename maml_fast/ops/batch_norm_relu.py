@@ -42,20 +42,26 @@ from . import norm
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _missing_op_reason() -> str | None:
-    if _extension.LOAD_ERROR is not None or hasattr(torch.ops.maml_fast, "batch_norm_relu"):
+def missing_op_reason(name: str) -> str | None:
+    """Why a loaded maml_fast._C lacks operator `name` (None when it has it, or is not loaded)."""
+    if _extension.LOAD_ERROR is not None or hasattr(torch.ops.maml_fast, name):
         return None
-    return ("maml_fast._C has no batch_norm_relu operator (built from older sources); "
+    return (f"maml_fast._C has no {name} operator (built from older sources); "
             "rebuild it with `pip install -e . --no-build-isolation`")
 
 
-_MISSING_OP = _missing_op_reason()
+_MISSING_OP = missing_op_reason("batch_norm_relu")
+
+
+def op_unavailable_reasons(missing_op: str | None, device: torch.device | str) -> list[str]:
+    """Why a compiled op of maml_fast._C cannot run on `device`, given its `missing_op_reason`."""
+    reasons = _extension.extension_unavailable_reasons(device)
+    return reasons if reasons or missing_op is None else [missing_op]
 
 
 def unavailable_reasons(device: torch.device | str) -> list[str]:
     """Why the compiled batch_norm_relu ops cannot run on `device`; an empty list means they can."""
-    reasons = _extension.extension_unavailable_reasons(device)
-    return reasons if reasons or _MISSING_OP is None else [_MISSING_OP]
+    return op_unavailable_reasons(_MISSING_OP, device)
 
 
 def is_available(device: torch.device | str) -> bool:
@@ -95,10 +101,7 @@ def check_batch_norm_relu_rows_inputs(x, weight, bias, eps) -> None:
     """Raise TypeError / ValueError naming the argument unless the inputs fit the op:
     x ``[rows >= 2, channels]`` of a supported floating dtype; weight, bias ``[channels]`` of x's
     dtype on x's device; eps a finite number >= 0."""
-    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
-        _check_tensor(name, tensor)
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}")
+    check_tensors_and_dtype(x, weight, bias)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [rows, channels], got shape {tuple(x.shape)}")
     if x.shape[0] < 2:
@@ -106,14 +109,27 @@ def check_batch_norm_relu_rows_inputs(x, weight, bias, eps) -> None:
             f"x needs at least 2 rows (batch statistics of a single value per channel are undefined), "
             f"got shape {tuple(x.shape)}"
         )
+    check_affine_and_eps(x, weight, bias, eps)
+
+
+def check_tensors_and_dtype(x, weight, bias) -> None:
+    """x, weight and bias are tensors, x of a supported floating dtype (TypeError naming the argument)."""
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
+        _check_tensor(name, tensor)
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}")
+
+
+def check_affine_and_eps(x, weight, bias, eps) -> None:
+    """weight, bias ``[channels]`` (x's last dimension) of x's dtype on x's device; eps finite >= 0."""
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
-        if tuple(tensor.shape) != (x.shape[1],):
+        if tuple(tensor.shape) != (x.shape[-1],):
             raise ValueError(
-                f"{name} must have shape ({x.shape[1]},) (one value per channel of x {tuple(x.shape)}), "
+                f"{name} must have shape ({x.shape[-1]},) (one value per channel of x {tuple(x.shape)}), "
                 f"got {tuple(tensor.shape)}"
             )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -151,7 +167,7 @@ class _BatchNormReluRowsBackward(torch.autograd.Function):
 
     The double backward runs the double-backward op, except when autograd records it (a third
     derivative was asked for: ``create_graph=True`` around the second backward); then the same
-    closed form runs as differentiable PyTorch ops (`_double_backward_composite`)."""
+    closed form runs as differentiable PyTorch ops (`double_backward_composite`)."""
 
     @staticmethod
     def forward(ctx, grad_y, x, y, weight, mean, rstd, eps):
@@ -166,8 +182,8 @@ class _BatchNormReluRowsBackward(torch.autograd.Function):
             return None, None, None, None, None, None, None
         grad_y, x, y, weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():
-            d_grad_y, d_x, d_weight = _double_backward_composite(
-                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, ctx.eps)
+            d_grad_y, d_x, d_weight = double_backward_composite(
+                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y > 0, weight, ctx.eps)
         else:
             d_grad_y, d_x, d_weight = torch.ops.maml_fast.batch_norm_relu_double_backward(
                 grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd)
@@ -176,9 +192,10 @@ class _BatchNormReluRowsBackward(torch.autograd.Function):
                 d_weight if needs[3] else None, None, None, None)
 
 
-def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, eps):
-    """The double-backward op's formulas (see the module docstring) as PyTorch ops, differentiable
-    again: the statistics are recomputed from x with autograd ops, the mask (y > 0) is a constant."""
+def double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, mask, weight, eps):
+    """The double-backward op's formulas (see the module docstring) as PyTorch ops on ``[rows,
+    channels]``, differentiable again: the statistics are recomputed from x with autograd ops, the
+    ReLU mask (bool, x's shape: y > 0) is a constant. Returns (d grad_y, d x, d weight)."""
     acc = stats_dtype(x.dtype)
     rows = x.shape[0]
     xf, gy, w = x.to(acc), grad_y.to(acc), weight.to(acc)
@@ -186,7 +203,6 @@ def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, gr
     centred = xf - mean
     r = torch.rsqrt(centred.pow(2).mean(0) + eps)
     x_hat = centred * r
-    mask = y > 0
     gz = torch.where(mask, gy, torch.zeros((), dtype=acc, device=x.device))
     sum_gz, sum_gz_xhat = gz.sum(0), (gz * x_hat).sum(0)
     p_gz = gz - sum_gz / rows - x_hat * (sum_gz_xhat / rows)
@@ -237,6 +253,24 @@ def _affine(param, total, x, fill: float):
     return param.reshape(total)
 
 
+def extension_affine(x, weight, bias, tasks: int, use_extension: bool, available: bool):
+    """weight and bias ``[T, C]`` (or None) as the ``[T*C]`` vectors of a fused op, when the fused op
+    can take x: ``use_extension``, the op ``available`` on x's device, x of a supported dtype and the
+    affine parameters of x's dtype; None otherwise (x goes to the unfused path). Raises like
+    `norm.batch_norm` for a bad ``tasks`` or affine shape."""
+    if not (use_extension and available and x.dtype in _SUPPORTED_DTYPES):
+        return None
+    if not all(p is None or (isinstance(p, torch.Tensor) and p.dtype == x.dtype) for p in (weight, bias)):
+        return None
+    if x.shape[1] % tasks:
+        raise ValueError(f"x must have shape [batch, tasks*channels, ...] with tasks={tasks}, got {tuple(x.shape)}")
+    channels = x.shape[1] // tasks
+    norm._check_affine("weight", weight, tasks, (channels,))
+    norm._check_affine("bias", bias, tasks, (channels,))
+    total = x.shape[1]
+    return _affine(weight, total, x, 1.0), _affine(bias, total, x, 0.0)
+
+
 def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str = "torch",
                     use_extension: bool = False):
     """relu(per-task batch_norm(x)) in the grouped layout: x ``[B, T*C]`` or ``[B, T*C, H, W]``;
@@ -246,23 +280,15 @@ def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str
     a channels-last 4-D tensor (a free ``[rows, T*C]`` view) and weight/bias share x's dtype, the
     fused op runs; otherwise ``relu(norm.batch_norm(..., backend))``, the unfused path, does (same
     function)."""
-    if use_extension and isinstance(x, torch.Tensor) and is_available(x.device):
+    if isinstance(x, torch.Tensor):
         view = _rows_view(x)
-        same_dtype = all(p is None or (isinstance(p, torch.Tensor) and p.dtype == x.dtype) for p in (weight, bias))
-        if view is not None and x.dtype in _SUPPORTED_DTYPES and same_dtype:
-            if x.shape[1] % tasks:
-                raise ValueError(
-                    f"x must have shape [batch, tasks*channels, ...] with tasks={tasks}, got {tuple(x.shape)}"
-                )
-            channels = x.shape[1] // tasks
-            norm._check_affine("weight", weight, tasks, (channels,))
-            norm._check_affine("bias", bias, tasks, (channels,))
+        affine = None if view is None else extension_affine(x, weight, bias, tasks, use_extension,
+                                                            is_available(x.device))
+        if affine is not None:
             rows, restore = view
             if rows.shape[0] < 2:
                 raise ValueError("batch_norm needs more than one value per channel (batch of 1 with no spatial dims)")
-            total = x.shape[1]
-            out = batch_norm_relu_rows(rows, _affine(weight, total, x, 1.0), _affine(bias, total, x, 0.0), eps)
-            return restore(out)
+            return restore(batch_norm_relu_rows(rows, *affine, eps))
     return F.relu(norm.batch_norm(x, weight, bias, tasks, eps, backend))
 
 
