@@ -171,10 +171,9 @@ at::Tensor WeightGradOp::output() const {
 namespace {
 
 constexpr std::int64_t kVectorBytes = 64;
-constexpr int kVecs = 2;               // vectors per chunk of output channels
-constexpr int kPixels = 4;             // forward: adjacent output pixels per register block
-constexpr int kTapBlock = 9;           // weight grad: taps per register block (one 3x3 channel)
-constexpr std::int64_t kPixelBlock = 64;  // weight grad: pixels per block sum
+constexpr int kVecs = 2;    // vectors per chunk of output channels
+constexpr int kPixels = 4;  // forward: adjacent output pixels per register block
+constexpr int kTapBlock = 9;  // weight grad: taps per register block (one 3x3 input channel)
 
 #if defined(__GNUC__)
 // The vector helpers are always inlined, so no call passes a vector across the ABI GCC warns about.
@@ -198,11 +197,11 @@ struct Lanes {
   typedef scalar_t Vec __attribute__((vector_size(kVectorBytes)));
 };
 
-// The first `width` lanes of p (more than a vector's lanes: all of them); the others are zero.
-template <typename scalar_t>
+// p[0, width) as a vector (lanes >= width are zero); kFull: the whole vector (width is ignored).
+template <bool kFull, typename scalar_t>
 MAML_FAST_ALWAYS_INLINE typename Lanes<scalar_t>::Vec load(const scalar_t* p, std::int64_t width) {
   typename Lanes<scalar_t>::Vec v{};
-  if (width >= Lanes<scalar_t>::kCount) {
+  if (kFull || width >= Lanes<scalar_t>::kCount) {
     std::memcpy(&v, p, sizeof(v));
   } else {
     for (std::int64_t lane = 0; lane < width; ++lane) {
@@ -212,10 +211,10 @@ MAML_FAST_ALWAYS_INLINE typename Lanes<scalar_t>::Vec load(const scalar_t* p, st
   return v;
 }
 
-template <typename scalar_t>
+template <bool kFull, typename scalar_t>
 MAML_FAST_ALWAYS_INLINE void store(scalar_t* p, const typename Lanes<scalar_t>::Vec& v,
                                    std::int64_t width) {
-  if (width >= Lanes<scalar_t>::kCount) {
+  if (kFull || width >= Lanes<scalar_t>::kCount) {
     std::memcpy(p, &v, sizeof(v));
   } else {
     for (std::int64_t lane = 0; lane < width; ++lane) {
@@ -224,166 +223,204 @@ MAML_FAST_ALWAYS_INLINE void store(scalar_t* p, const typename Lanes<scalar_t>::
   }
 }
 
-// Where the taps k = (c, i, j) read x, relative to the top-left input pixel of the output pixel.
-struct Tap {
-  std::int64_t offset;  // c * channel stride + i * row stride + j * column stride
-  std::int64_t row, column;  // i, j
-};
+// One image of one task, zero-padded ([C, H + 2 ph, W + 2 pw] and a zero tail), so that the
+// kernels read every tap without bounds checks; the tail covers the forward's reads for pixels
+// past the end of the last row (computed, never stored).
+template <typename scalar_t>
+class PaddedImage {
+ public:
+  explicit PaddedImage(const Geometry& g)
+      : geo_(g),
+        rows_(g.height + 2 * g.pad_h),
+        columns_(g.width + 2 * g.pad_w),
+        data_(static_cast<std::size_t>(g.in_channels * rows_ * columns_ +
+                                       kPixels * g.stride_w + g.kernel_w),
+              scalar_t(0)) {}
 
-std::vector<Tap> taps_of(const Geometry& geo, const InputStrides& s) {
-  std::vector<Tap> taps;
-  taps.reserve(static_cast<std::size_t>(geo.taps()));
-  for (std::int64_t c = 0; c < geo.in_channels; ++c) {
-    for (std::int64_t i = 0; i < geo.kernel_h; ++i) {
-      for (std::int64_t j = 0; j < geo.kernel_w; ++j) {
-        taps.push_back({c * s.channel + i * s.row + j * s.column, i, j});
+  // Copies image `x` (channel 0 of the task in image b) into the interior; the border stays zero.
+  void load(const scalar_t* x, const InputStrides& s) {
+    for (std::int64_t c = 0; c < geo_.in_channels; ++c) {
+      for (std::int64_t ih = 0; ih < geo_.height; ++ih) {
+        scalar_t* row = data_.data() + (c * rows_ + ih + geo_.pad_h) * columns_ + geo_.pad_w;
+        const scalar_t* source = x + c * s.channel + ih * s.row;
+        for (std::int64_t iw = 0; iw < geo_.width; ++iw) {
+          row[iw] = source[iw * s.column];
+        }
       }
     }
   }
-  return taps;
+
+  // The top-left input of output pixel (oh, ow): tap k is at pixel(oh, ow)[tap_offsets()[k]].
+  const scalar_t* pixel(std::int64_t oh, std::int64_t ow) const {
+    return data_.data() + oh * geo_.stride_h * columns_ + ow * geo_.stride_w;
+  }
+
+  std::vector<std::int64_t> tap_offsets() const {
+    std::vector<std::int64_t> offsets;
+    offsets.reserve(static_cast<std::size_t>(geo_.taps()));
+    for (std::int64_t c = 0; c < geo_.in_channels; ++c) {
+      for (std::int64_t i = 0; i < geo_.kernel_h; ++i) {
+        for (std::int64_t j = 0; j < geo_.kernel_w; ++j) {
+          offsets.push_back((c * rows_ + i) * columns_ + j);
+        }
+      }
+    }
+    return offsets;
+  }
+
+ private:
+  Geometry geo_;
+  std::int64_t rows_, columns_;
+  std::vector<scalar_t> data_;
+};
+
+// Forward, kPixels adjacent output pixels (the first `pixels` are stored) x one chunk of output
+// channels: out = bias + sum_k x_k w_k, with the chunk's weights at weight[k * out_ch].
+template <bool kFull, typename scalar_t>
+MAML_FAST_ALWAYS_INLINE void forward_block(
+    const scalar_t* x, std::int64_t x_step, const std::int64_t* tap_offsets, std::int64_t num_taps,
+    const scalar_t* weight, const scalar_t* bias, std::int64_t out_ch, scalar_t* out,
+    std::int64_t out_step, std::int64_t pixels, std::int64_t width) {
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  Vec acc[kPixels][kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    const Vec init = bias == nullptr ? Vec{} : load<kFull>(bias + v * L::kCount, width - v * L::kCount);
+    for (int p = 0; p < kPixels; ++p) {
+      acc[p][v] = init;
+    }
+  }
+  for (std::int64_t k = 0; k < num_taps; ++k) {
+    Vec w[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      w[v] = load<kFull>(weight + k * out_ch + v * L::kCount, width - v * L::kCount);
+    }
+    const scalar_t* x_tap = x + tap_offsets[k];
+    for (int p = 0; p < kPixels; ++p) {
+      const scalar_t value = x_tap[p * x_step];
+      for (int v = 0; v < kVecs; ++v) {
+        acc[p][v] += value * w[v];
+      }
+    }
+  }
+  for (int p = 0; p < kPixels; ++p) {
+    if (p < pixels) {
+      for (int v = 0; v < kVecs; ++v) {
+        store<kFull>(out + p * out_step + v * L::kCount, acc[p][v], width - v * L::kCount);
+      }
+    }
+  }
 }
 
 // Forward, image b of task t: every output pixel, every output channel.
 template <typename scalar_t>
-MAML_FAST_ALWAYS_INLINE void forward_item(const ForwardArgs<scalar_t>& a, const Tap* taps,
-                                          std::int64_t b, std::int64_t t) {
+MAML_FAST_ALWAYS_INLINE void forward_item(const ForwardArgs<scalar_t>& a, PaddedImage<scalar_t>& image,
+                                          const std::int64_t* tap_offsets, std::int64_t b,
+                                          std::int64_t t) {
   using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
   const Geometry& g = a.geo;
   const std::int64_t out_ch = g.out_channels;
   const std::int64_t num_taps = g.taps();
-  const scalar_t* x = a.x + b * a.x_strides.batch + t * g.in_channels * a.x_strides.channel;
+  image.load(a.x + b * a.x_strides.batch + t * g.in_channels * a.x_strides.channel, a.x_strides);
   const scalar_t* weight = a.weight + t * num_taps * out_ch;
+  const scalar_t* bias = a.bias == nullptr ? nullptr : a.bias + t * out_ch;
   const std::int64_t pixel_stride = g.tasks * out_ch;  // between adjacent output pixels
   for (std::int64_t oh = 0; oh < g.out_h; ++oh) {
-    const std::int64_t ih0 = oh * g.stride_h - g.pad_h;
-    scalar_t* out_row = a.out + ((b * g.out_h + oh) * g.out_w) * pixel_stride + t * out_ch;
-    for (std::int64_t ow0 = 0; ow0 < g.out_w; ow0 += kPixels) {
-      const std::int64_t pixels = std::min<std::int64_t>(kPixels, g.out_w - ow0);
-      for (std::int64_t oc0 = 0; oc0 < out_ch; oc0 += L::kChunk) {
-        const std::int64_t width = out_ch - oc0;
-        Vec acc[kPixels][kVecs];
-        for (int v = 0; v < kVecs; ++v) {
-          const Vec init = a.bias == nullptr
-                               ? Vec{}
-                               : load(a.bias + t * out_ch + oc0 + v * L::kCount, width - v * L::kCount);
-          for (int p = 0; p < kPixels; ++p) {
-            acc[p][v] = init;
-          }
-        }
-        for (std::int64_t k = 0; k < num_taps; ++k) {
-          const Tap tap = taps[k];
-          const std::int64_t ih = ih0 + tap.row;
-          if (ih < 0 || ih >= g.height) {
-            continue;
-          }
-          Vec w[kVecs];
-          for (int v = 0; v < kVecs; ++v) {
-            w[v] = load(weight + k * out_ch + oc0 + v * L::kCount, width - v * L::kCount);
-          }
-          for (int p = 0; p < kPixels; ++p) {
-            const std::int64_t iw0 = (ow0 + p) * g.stride_w - g.pad_w;
-            const std::int64_t iw = iw0 + tap.column;
-            const scalar_t value =
-                p < pixels && iw >= 0 && iw < g.width
-                    ? x[ih0 * a.x_strides.row + iw0 * a.x_strides.column + tap.offset]
-                    : scalar_t(0);
-            for (int v = 0; v < kVecs; ++v) {
-              acc[p][v] += value * w[v];
-            }
-          }
-        }
-        for (int p = 0; p < pixels; ++p) {
-          for (int v = 0; v < kVecs; ++v) {
-            store(out_row + (ow0 + p) * pixel_stride + oc0 + v * L::kCount, acc[p][v],
-                  width - v * L::kCount);
-          }
+    scalar_t* out_row = a.out + (b * g.out_h + oh) * g.out_w * pixel_stride + t * out_ch;
+    for (std::int64_t ow = 0; ow < g.out_w; ow += kPixels) {
+      const std::int64_t pixels = std::min<std::int64_t>(kPixels, g.out_w - ow);
+      for (std::int64_t oc = 0; oc < out_ch; oc += L::kChunk) {
+        const scalar_t* chunk_bias = bias == nullptr ? nullptr : bias + oc;
+        scalar_t* out = out_row + ow * pixel_stride + oc;
+        if (out_ch - oc >= L::kChunk) {
+          forward_block<true>(image.pixel(oh, ow), g.stride_w, tap_offsets, num_taps, weight + oc,
+                              chunk_bias, out_ch, out, pixel_stride, pixels, L::kChunk);
+        } else {
+          forward_block<false>(image.pixel(oh, ow), g.stride_w, tap_offsets, num_taps, weight + oc,
+                               chunk_bias, out_ch, out, pixel_stride, pixels, out_ch - oc);
         }
       }
     }
   }
 }
 
-// Weight grad, task t, output channels [oc0, oc0 + chunk): sums over every pixel of every image.
-template <typename scalar_t>
-MAML_FAST_ALWAYS_INLINE void weight_grad_item(const WeightGradArgs<scalar_t>& a, const Tap* taps,
-                                              std::int64_t t, std::int64_t oc0,
-                                              typename Lanes<scalar_t>::Vec* sums) {
+// Weight grad, one output row's pixels x taps [k0, k0 + block_taps) x one chunk of output
+// channels, added into sums[(k - k0) * kVecs + v].
+template <bool kFull, typename scalar_t>
+MAML_FAST_ALWAYS_INLINE void weight_grad_row_block(
+    const PaddedImage<scalar_t>& image, std::int64_t oh, std::int64_t out_w,
+    const std::int64_t* tap_offsets, int block_taps, const scalar_t* grad_out,
+    std::int64_t grad_step, std::int64_t width, typename Lanes<scalar_t>::Vec* sums) {
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  std::int64_t offsets[kTapBlock];
+  for (int kb = 0; kb < kTapBlock; ++kb) {
+    offsets[kb] = kb < block_taps ? tap_offsets[kb] : 0;
+  }
+  Vec acc[kTapBlock][kVecs] = {};
+  for (std::int64_t ow = 0; ow < out_w; ++ow) {
+    Vec go[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      go[v] = load<kFull>(grad_out + ow * grad_step + v * L::kCount, width - v * L::kCount);
+    }
+    const scalar_t* x = image.pixel(oh, ow);
+    for (int kb = 0; kb < kTapBlock; ++kb) {
+      if (kb == block_taps) {
+        break;
+      }
+      const scalar_t value = x[offsets[kb]];
+      for (int v = 0; v < kVecs; ++v) {
+        acc[kb][v] += value * go[v];
+      }
+    }
+  }
+  for (int kb = 0; kb < block_taps; ++kb) {
+    for (int v = 0; v < kVecs; ++v) {
+      sums[kb * kVecs + v] += acc[kb][v];
+    }
+  }
+}
+
+// Weight grad, task t, output channels [oc, oc + chunk): sums over every pixel of every image,
+// one output row at a time (each row's sums in registers, then added to the running sums).
+template <bool kFull, typename scalar_t>
+MAML_FAST_ALWAYS_INLINE void weight_grad_item(
+    const WeightGradArgs<scalar_t>& a, PaddedImage<scalar_t>& image, const std::int64_t* tap_offsets,
+    std::int64_t t, std::int64_t oc, std::int64_t width, typename Lanes<scalar_t>::Vec* sums) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Geometry& g = a.geo;
   const std::int64_t out_ch = g.out_channels;
   const std::int64_t num_taps = g.taps();
-  const std::int64_t width = out_ch - oc0;
-  const std::int64_t pixels = g.batch * g.out_pixels();
   const std::int64_t pixel_stride = g.tasks * out_ch;
-  const scalar_t* grad_out = a.grad_out + t * out_ch + oc0;
-  const scalar_t* x = a.x + t * g.in_channels * a.x_strides.channel;
   std::fill(sums, sums + num_taps * kVecs, Vec{});
-  for (std::int64_t n0 = 0; n0 < pixels; n0 += kPixelBlock) {
-    const std::int64_t n1 = std::min(pixels, n0 + kPixelBlock);
-    for (std::int64_t k0 = 0; k0 < num_taps; k0 += kTapBlock) {
-      const std::int64_t block_taps = std::min<std::int64_t>(kTapBlock, num_taps - k0);
-      Vec acc[kTapBlock][kVecs] = {};
-      for (std::int64_t n = n0; n < n1; ++n) {
-        const std::int64_t b = n / g.out_pixels();
-        const std::int64_t oh = (n / g.out_w) % g.out_h;
-        const std::int64_t ow = n % g.out_w;
-        const std::int64_t ih0 = oh * g.stride_h - g.pad_h;
-        const std::int64_t iw0 = ow * g.stride_w - g.pad_w;
-        const scalar_t* x_pixel =
-            x + b * a.x_strides.batch + ih0 * a.x_strides.row + iw0 * a.x_strides.column;
-        Vec go[kVecs];
-        for (int v = 0; v < kVecs; ++v) {
-          go[v] = load(grad_out + n * pixel_stride + v * L::kCount, width - v * L::kCount);
-        }
-        for (int kb = 0; kb < kTapBlock; ++kb) {
-          if (kb >= block_taps) {
-            break;
-          }
-          const Tap tap = taps[k0 + kb];
-          const std::int64_t ih = ih0 + tap.row;
-          const std::int64_t iw = iw0 + tap.column;
-          const scalar_t value = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width
-                                     ? x_pixel[tap.offset]
-                                     : scalar_t(0);
-          for (int v = 0; v < kVecs; ++v) {
-            acc[kb][v] += value * go[v];
-          }
-        }
-      }
-      for (std::int64_t kb = 0; kb < block_taps; ++kb) {
-        for (int v = 0; v < kVecs; ++v) {
-          sums[(k0 + kb) * kVecs + v] += acc[kb][v];
-        }
+  for (std::int64_t b = 0; b < g.batch; ++b) {
+    image.load(a.x + b * a.x_strides.batch + t * g.in_channels * a.x_strides.channel, a.x_strides);
+    for (std::int64_t oh = 0; oh < g.out_h; ++oh) {
+      const scalar_t* grad_out = a.grad_out + (b * g.out_h + oh) * g.out_w * pixel_stride + t * out_ch + oc;
+      for (std::int64_t k0 = 0; k0 < num_taps; k0 += kTapBlock) {
+        const int block_taps = static_cast<int>(std::min<std::int64_t>(kTapBlock, num_taps - k0));
+        weight_grad_row_block<kFull>(image, oh, g.out_w, tap_offsets + k0, block_taps, grad_out,
+                                     pixel_stride, width, sums + k0 * kVecs);
       }
     }
   }
-  scalar_t* grad_weight = a.grad_weight + t * num_taps * out_ch + oc0;
+  scalar_t* grad_weight = a.grad_weight + t * num_taps * out_ch + oc;
   for (std::int64_t k = 0; k < num_taps; ++k) {
     for (int v = 0; v < kVecs; ++v) {
-      store(grad_weight + k * out_ch + v * L::kCount, sums[k * kVecs + v], width - v * L::kCount);
+      store<kFull>(grad_weight + k * out_ch + v * L::kCount, sums[k * kVecs + v], width - v * L::kCount);
     }
   }
 }
 
 // The entry points of the clones: items [begin, end) of each kernel.
 template <typename scalar_t>
-MAML_FAST_CPU_CLONES void forward_items(const ForwardArgs<scalar_t>& a, const Tap* taps,
-                                        std::int64_t begin, std::int64_t end) {
+MAML_FAST_CPU_CLONES void forward_items(const ForwardArgs<scalar_t>& a, std::int64_t begin,
+                                        std::int64_t end) {
+  PaddedImage<scalar_t> image(a.geo);
+  const std::vector<std::int64_t> tap_offsets = image.tap_offsets();
   for (std::int64_t item = begin; item < end; ++item) {
-    forward_item<scalar_t>(a, taps, item / a.geo.tasks, item % a.geo.tasks);
-  }
-}
-
-template <typename scalar_t>
-MAML_FAST_CPU_CLONES void weight_grad_items(const WeightGradArgs<scalar_t>& a, const Tap* taps,
-                                            std::int64_t begin, std::int64_t end,
-                                            typename Lanes<scalar_t>::Vec* sums) {
-  constexpr std::int64_t kChunk = Lanes<scalar_t>::kChunk;
-  const std::int64_t chunks = (a.geo.out_channels + kChunk - 1) / kChunk;
-  for (std::int64_t item = begin; item < end; ++item) {
-    weight_grad_item<scalar_t>(a, taps, item / chunks, (item % chunks) * kChunk, sums);
+    forward_item<scalar_t>(a, image, tap_offsets.data(), item / a.geo.tasks, item % a.geo.tasks);
   }
 }
 
@@ -394,6 +431,27 @@ struct alignas(64) VecSlot {
   Vec value;
 };
 
+template <typename scalar_t>
+MAML_FAST_CPU_CLONES void weight_grad_items(const WeightGradArgs<scalar_t>& a, std::int64_t begin,
+                                            std::int64_t end) {
+  using L = Lanes<scalar_t>;
+  PaddedImage<scalar_t> image(a.geo);
+  const std::vector<std::int64_t> tap_offsets = image.tap_offsets();
+  std::vector<VecSlot<typename L::Vec>> sums(static_cast<std::size_t>(a.geo.taps() * kVecs));
+  static_assert(sizeof(VecSlot<typename L::Vec>) == sizeof(typename L::Vec));
+  const std::int64_t chunks = (a.geo.out_channels + L::kChunk - 1) / L::kChunk;
+  for (std::int64_t item = begin; item < end; ++item) {
+    const std::int64_t t = item / chunks;
+    const std::int64_t oc = (item % chunks) * L::kChunk;
+    if (a.geo.out_channels - oc >= L::kChunk) {
+      weight_grad_item<true>(a, image, tap_offsets.data(), t, oc, L::kChunk, &sums[0].value);
+    } else {
+      weight_grad_item<false>(a, image, tap_offsets.data(), t, oc, a.geo.out_channels - oc,
+                              &sums[0].value);
+    }
+  }
+}
+
 at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding) {
@@ -401,9 +459,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES(op.dtype(), "direct_conv2d_cpu", [&] {
       const ForwardArgs<scalar_t> args = op.args<scalar_t>();
-      const std::vector<Tap> taps = taps_of(op.geo, args.x_strides);
       at::parallel_for(0, op.geo.batch * op.geo.tasks, 1, [&](std::int64_t begin, std::int64_t end) {
-        forward_items<scalar_t>(args, taps.data(), begin, end);
+        forward_items<scalar_t>(args, begin, end);
       });
     });
   }
@@ -416,14 +473,10 @@ at::Tensor direct_conv2d_weight_grad_cpu(const at::Tensor& x, const at::Tensor& 
   const WeightGradOp op(x, grad_out, tasks, kernel_size, stride, padding);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES(op.dtype(), "direct_conv2d_weight_grad_cpu", [&] {
-      using L = Lanes<scalar_t>;
       const WeightGradArgs<scalar_t> args = op.args<scalar_t>();
-      const std::vector<Tap> taps = taps_of(op.geo, args.x_strides);
-      const std::int64_t chunks = (op.geo.out_channels + L::kChunk - 1) / L::kChunk;
+      const std::int64_t chunks = (op.geo.out_channels + Lanes<scalar_t>::kChunk - 1) / Lanes<scalar_t>::kChunk;
       at::parallel_for(0, op.geo.tasks * chunks, 1, [&](std::int64_t begin, std::int64_t end) {
-        std::vector<VecSlot<typename L::Vec>> sums(static_cast<std::size_t>(op.geo.taps() * kVecs));
-        static_assert(sizeof(VecSlot<typename L::Vec>) == sizeof(typename L::Vec));
-        weight_grad_items<scalar_t>(args, taps.data(), begin, end, &sums[0].value);
+        weight_grad_items<scalar_t>(args, begin, end);
       });
     });
   }

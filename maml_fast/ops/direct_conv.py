@@ -71,9 +71,10 @@ def _check_tensor(name: str, tensor) -> None:
 
 
 def _check_pair(name: str, pair, minimum: int) -> None:
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+    if not isinstance(pair, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be a pair of ints (height, width), got {pair!r}")
+    if len(pair) != 2:
+        raise ValueError(f"{name} must have two values (height, width), got {tuple(pair)}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(pair)}")
 
