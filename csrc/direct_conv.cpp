@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -223,36 +224,24 @@ MAML_FAST_ALWAYS_INLINE void store(scalar_t* p, const typename Lanes<scalar_t>::
   }
 }
 
-// One image of one task, zero-padded ([C, H + 2 ph, W + 2 pw] and a zero tail), so that the
-// kernels read every tap without bounds checks; the tail covers the forward's reads for pixels
-// past the end of the last row (computed, never stored).
+// x zero-padded by (ph, pw) on each side, contiguous [B, T*C, Hp, Wp], so that the kernels read
+// every tap without bounds checks: tap k of output pixel (oh, ow) of image b, task t is at
+// pixel(b, t, oh, ow)[tap_offsets()[k]].
 template <typename scalar_t>
-class PaddedImage {
+class PaddedInput {
  public:
-  explicit PaddedImage(const Geometry& g)
+  PaddedInput(const at::Tensor& x, const Geometry& g)
       : geo_(g),
         rows_(g.height + 2 * g.pad_h),
         columns_(g.width + 2 * g.pad_w),
-        data_(static_cast<std::size_t>(g.in_channels * rows_ * columns_ +
-                                       kPixels * g.stride_w + g.kernel_w),
-              scalar_t(0)) {}
-
-  // Copies image `x` (channel 0 of the task in image b) into the interior; the border stays zero.
-  void load(const scalar_t* x, const InputStrides& s) {
-    for (std::int64_t c = 0; c < geo_.in_channels; ++c) {
-      for (std::int64_t ih = 0; ih < geo_.height; ++ih) {
-        scalar_t* row = data_.data() + (c * rows_ + ih + geo_.pad_h) * columns_ + geo_.pad_w;
-        const scalar_t* source = x + c * s.channel + ih * s.row;
-        for (std::int64_t iw = 0; iw < geo_.width; ++iw) {
-          row[iw] = source[iw * s.column];
-        }
-      }
-    }
+        tensor_(at::zeros({g.batch, g.tasks * g.in_channels, rows_, columns_}, x.options())) {
+    tensor_.narrow(2, g.pad_h, g.height).narrow(3, g.pad_w, g.width).copy_(x);
+    data_ = tensor_.const_data_ptr<scalar_t>();
   }
 
-  // The top-left input of output pixel (oh, ow): tap k is at pixel(oh, ow)[tap_offsets()[k]].
-  const scalar_t* pixel(std::int64_t oh, std::int64_t ow) const {
-    return data_.data() + oh * geo_.stride_h * columns_ + ow * geo_.stride_w;
+  const scalar_t* pixel(std::int64_t b, std::int64_t t, std::int64_t oh, std::int64_t ow) const {
+    return data_ + (((b * geo_.tasks + t) * geo_.in_channels * rows_) + oh * geo_.stride_h) * columns_ +
+           ow * geo_.stride_w;
   }
 
   std::vector<std::int64_t> tap_offsets() const {
@@ -271,16 +260,18 @@ class PaddedImage {
  private:
   Geometry geo_;
   std::int64_t rows_, columns_;
-  std::vector<scalar_t> data_;
+  at::Tensor tensor_;
+  const scalar_t* data_;
 };
 
-// Forward, kPixels adjacent output pixels (the first `pixels` are stored) x one chunk of output
-// channels: out = bias + sum_k x_k w_k, with the chunk's weights at weight[k * out_ch].
+// Forward, kPixels output pixels at x + x_offsets[p] (the first `pixels` are stored; the others
+// repeat the last one) x one chunk of output channels: out = bias + sum_k x_k w_k, with the chunk's
+// weights at weight[k * out_ch].
 template <bool kFull, typename scalar_t>
 MAML_FAST_ALWAYS_INLINE void forward_block(
-    const scalar_t* x, std::int64_t x_step, const std::int64_t* tap_offsets, std::int64_t num_taps,
-    const scalar_t* weight, const scalar_t* bias, std::int64_t out_ch, scalar_t* out,
-    std::int64_t out_step, std::int64_t pixels, std::int64_t width) {
+    const scalar_t* x, const std::int64_t* x_offsets, const std::int64_t* tap_offsets,
+    std::int64_t num_taps, const scalar_t* weight, const scalar_t* bias, std::int64_t out_ch,
+    scalar_t* out, std::int64_t out_step, std::int64_t pixels, std::int64_t width) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   Vec acc[kPixels][kVecs];
@@ -297,7 +288,7 @@ MAML_FAST_ALWAYS_INLINE void forward_block(
     }
     const scalar_t* x_tap = x + tap_offsets[k];
     for (int p = 0; p < kPixels; ++p) {
-      const scalar_t value = x_tap[p * x_step];
+      const scalar_t value = x_tap[x_offsets[p]];
       for (int v = 0; v < kVecs; ++v) {
         acc[p][v] += value * w[v];
       }
@@ -312,31 +303,34 @@ MAML_FAST_ALWAYS_INLINE void forward_block(
   }
 }
 
-// Forward, image b of task t: every output pixel, every output channel.
+// Forward, output row oh of image b: every pixel, task and output channel, written in memory order.
 template <typename scalar_t>
-MAML_FAST_ALWAYS_INLINE void forward_item(const ForwardArgs<scalar_t>& a, PaddedImage<scalar_t>& image,
-                                          const std::int64_t* tap_offsets, std::int64_t b,
-                                          std::int64_t t) {
+MAML_FAST_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t>& a, const PaddedInput<scalar_t>& x,
+                                         const std::int64_t* tap_offsets, std::int64_t b,
+                                         std::int64_t oh) {
   using L = Lanes<scalar_t>;
   const Geometry& g = a.geo;
   const std::int64_t out_ch = g.out_channels;
   const std::int64_t num_taps = g.taps();
-  image.load(a.x + b * a.x_strides.batch + t * g.in_channels * a.x_strides.channel, a.x_strides);
-  const scalar_t* weight = a.weight + t * num_taps * out_ch;
-  const scalar_t* bias = a.bias == nullptr ? nullptr : a.bias + t * out_ch;
   const std::int64_t pixel_stride = g.tasks * out_ch;  // between adjacent output pixels
-  for (std::int64_t oh = 0; oh < g.out_h; ++oh) {
-    scalar_t* out_row = a.out + (b * g.out_h + oh) * g.out_w * pixel_stride + t * out_ch;
-    for (std::int64_t ow = 0; ow < g.out_w; ow += kPixels) {
-      const std::int64_t pixels = std::min<std::int64_t>(kPixels, g.out_w - ow);
+  scalar_t* out_row = a.out + (b * g.out_h + oh) * g.out_w * pixel_stride;
+  for (std::int64_t ow = 0; ow < g.out_w; ow += kPixels) {
+    const std::int64_t pixels = std::min<std::int64_t>(kPixels, g.out_w - ow);
+    std::int64_t x_offsets[kPixels];
+    for (int p = 0; p < kPixels; ++p) {
+      x_offsets[p] = std::min<std::int64_t>(p, pixels - 1) * g.stride_w;
+    }
+    for (std::int64_t t = 0; t < g.tasks; ++t) {
+      const scalar_t* weight = a.weight + t * num_taps * out_ch;
+      const scalar_t* bias = a.bias == nullptr ? nullptr : a.bias + t * out_ch;
       for (std::int64_t oc = 0; oc < out_ch; oc += L::kChunk) {
         const scalar_t* chunk_bias = bias == nullptr ? nullptr : bias + oc;
-        scalar_t* out = out_row + ow * pixel_stride + oc;
+        scalar_t* out = out_row + ow * pixel_stride + t * out_ch + oc;
         if (out_ch - oc >= L::kChunk) {
-          forward_block<true>(image.pixel(oh, ow), g.stride_w, tap_offsets, num_taps, weight + oc,
+          forward_block<true>(x.pixel(b, t, oh, ow), x_offsets, tap_offsets, num_taps, weight + oc,
                               chunk_bias, out_ch, out, pixel_stride, pixels, L::kChunk);
         } else {
-          forward_block<false>(image.pixel(oh, ow), g.stride_w, tap_offsets, num_taps, weight + oc,
+          forward_block<false>(x.pixel(b, t, oh, ow), x_offsets, tap_offsets, num_taps, weight + oc,
                                chunk_bias, out_ch, out, pixel_stride, pixels, out_ch - oc);
         }
       }
@@ -344,13 +338,14 @@ MAML_FAST_ALWAYS_INLINE void forward_item(const ForwardArgs<scalar_t>& a, Padded
   }
 }
 
-// Weight grad, one output row's pixels x taps [k0, k0 + block_taps) x one chunk of output
-// channels, added into sums[(k - k0) * kVecs + v].
+// Weight grad, the pixels of one output row (x at pixel(ow) = x + ow * x_step, grad_out at
+// grad_out + ow * grad_step) x taps [k0, k0 + block_taps) x one chunk of output channels, added
+// into sums[(k - k0) * sums_step + v].
 template <bool kFull, typename scalar_t>
 MAML_FAST_ALWAYS_INLINE void weight_grad_row_block(
-    const PaddedImage<scalar_t>& image, std::int64_t oh, std::int64_t out_w,
-    const std::int64_t* tap_offsets, int block_taps, const scalar_t* grad_out,
-    std::int64_t grad_step, std::int64_t width, typename Lanes<scalar_t>::Vec* sums) {
+    const scalar_t* x, std::int64_t x_step, std::int64_t out_w, const std::int64_t* tap_offsets,
+    int block_taps, const scalar_t* grad_out, std::int64_t grad_step, std::int64_t width,
+    typename Lanes<scalar_t>::Vec* sums, std::int64_t sums_step) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   std::int64_t offsets[kTapBlock];
@@ -363,12 +358,12 @@ MAML_FAST_ALWAYS_INLINE void weight_grad_row_block(
     for (int v = 0; v < kVecs; ++v) {
       go[v] = load<kFull>(grad_out + ow * grad_step + v * L::kCount, width - v * L::kCount);
     }
-    const scalar_t* x = image.pixel(oh, ow);
+    const scalar_t* x_pixel = x + ow * x_step;
     for (int kb = 0; kb < kTapBlock; ++kb) {
       if (kb == block_taps) {
         break;
       }
-      const scalar_t value = x[offsets[kb]];
+      const scalar_t value = x_pixel[offsets[kb]];
       for (int v = 0; v < kVecs; ++v) {
         acc[kb][v] += value * go[v];
       }
@@ -376,51 +371,8 @@ MAML_FAST_ALWAYS_INLINE void weight_grad_row_block(
   }
   for (int kb = 0; kb < block_taps; ++kb) {
     for (int v = 0; v < kVecs; ++v) {
-      sums[kb * kVecs + v] += acc[kb][v];
+      sums[kb * sums_step + v] += acc[kb][v];
     }
-  }
-}
-
-// Weight grad, task t, output channels [oc, oc + chunk): sums over every pixel of every image,
-// one output row at a time (each row's sums in registers, then added to the running sums).
-template <bool kFull, typename scalar_t>
-MAML_FAST_ALWAYS_INLINE void weight_grad_item(
-    const WeightGradArgs<scalar_t>& a, PaddedImage<scalar_t>& image, const std::int64_t* tap_offsets,
-    std::int64_t t, std::int64_t oc, std::int64_t width, typename Lanes<scalar_t>::Vec* sums) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  const Geometry& g = a.geo;
-  const std::int64_t out_ch = g.out_channels;
-  const std::int64_t num_taps = g.taps();
-  const std::int64_t pixel_stride = g.tasks * out_ch;
-  std::fill(sums, sums + num_taps * kVecs, Vec{});
-  for (std::int64_t b = 0; b < g.batch; ++b) {
-    image.load(a.x + b * a.x_strides.batch + t * g.in_channels * a.x_strides.channel, a.x_strides);
-    for (std::int64_t oh = 0; oh < g.out_h; ++oh) {
-      const scalar_t* grad_out = a.grad_out + (b * g.out_h + oh) * g.out_w * pixel_stride + t * out_ch + oc;
-      for (std::int64_t k0 = 0; k0 < num_taps; k0 += kTapBlock) {
-        const int block_taps = static_cast<int>(std::min<std::int64_t>(kTapBlock, num_taps - k0));
-        weight_grad_row_block<kFull>(image, oh, g.out_w, tap_offsets + k0, block_taps, grad_out,
-                                     pixel_stride, width, sums + k0 * kVecs);
-      }
-    }
-  }
-  scalar_t* grad_weight = a.grad_weight + t * num_taps * out_ch + oc;
-  for (std::int64_t k = 0; k < num_taps; ++k) {
-    for (int v = 0; v < kVecs; ++v) {
-      store<kFull>(grad_weight + k * out_ch + v * L::kCount, sums[k * kVecs + v], width - v * L::kCount);
-    }
-  }
-}
-
-// The entry points of the clones: items [begin, end) of each kernel.
-template <typename scalar_t>
-MAML_FAST_CPU_CLONES void forward_items(const ForwardArgs<scalar_t>& a, std::int64_t begin,
-                                        std::int64_t end) {
-  PaddedImage<scalar_t> image(a.geo);
-  const std::vector<std::int64_t> tap_offsets = image.tap_offsets();
-  for (std::int64_t item = begin; item < end; ++item) {
-    forward_item<scalar_t>(a, image, tap_offsets.data(), item / a.geo.tasks, item % a.geo.tasks);
   }
 }
 
@@ -431,24 +383,91 @@ struct alignas(64) VecSlot {
   Vec value;
 };
 
+// The weight grad's items: (task, part of the batch). The batch is cut into a number of parts that
+// depends on the shape only (not on the thread count), so the sums are the same on any machine.
+constexpr std::int64_t kMinWeightGradItems = 16;
+
+std::int64_t batch_parts(const Geometry& g) {
+  return std::max<std::int64_t>(1, std::min(g.batch, kMinWeightGradItems / g.tasks));
+}
+
+// Weight grad, task t, images of batch part `part`: sums over their pixels into
+// partial[t, k, o] (the part's [T, K, O] slice), one output row at a time (each row's sums in
+// registers, then added to the running sums).
 template <typename scalar_t>
-MAML_FAST_CPU_CLONES void weight_grad_items(const WeightGradArgs<scalar_t>& a, std::int64_t begin,
-                                            std::int64_t end) {
+MAML_FAST_ALWAYS_INLINE void weight_grad_item(
+    const WeightGradArgs<scalar_t>& a, const PaddedInput<scalar_t>& x, const std::int64_t* tap_offsets,
+    std::int64_t t, std::int64_t part, std::vector<VecSlot<typename Lanes<scalar_t>::Vec>>& sums,
+    scalar_t* partial) {
   using L = Lanes<scalar_t>;
-  PaddedImage<scalar_t> image(a.geo);
-  const std::vector<std::int64_t> tap_offsets = image.tap_offsets();
-  std::vector<VecSlot<typename L::Vec>> sums(static_cast<std::size_t>(a.geo.taps() * kVecs));
-  static_assert(sizeof(VecSlot<typename L::Vec>) == sizeof(typename L::Vec));
-  const std::int64_t chunks = (a.geo.out_channels + L::kChunk - 1) / L::kChunk;
-  for (std::int64_t item = begin; item < end; ++item) {
-    const std::int64_t t = item / chunks;
-    const std::int64_t oc = (item % chunks) * L::kChunk;
-    if (a.geo.out_channels - oc >= L::kChunk) {
-      weight_grad_item<true>(a, image, tap_offsets.data(), t, oc, L::kChunk, &sums[0].value);
-    } else {
-      weight_grad_item<false>(a, image, tap_offsets.data(), t, oc, a.geo.out_channels - oc,
-                              &sums[0].value);
+  using Vec = typename L::Vec;
+  const Geometry& g = a.geo;
+  const std::int64_t out_ch = g.out_channels;
+  const std::int64_t num_taps = g.taps();
+  const std::int64_t pixel_stride = g.tasks * out_ch;
+  const std::int64_t chunks = (out_ch + L::kChunk - 1) / L::kChunk;
+  const std::int64_t sums_step = chunks * kVecs;  // sums[k * sums_step + chunk * kVecs + v]
+  const std::int64_t parts = batch_parts(g);
+  Vec* sum = &sums[0].value;
+  std::fill(sum, sum + num_taps * sums_step, Vec{});
+  for (std::int64_t b = part * g.batch / parts; b < (part + 1) * g.batch / parts; ++b) {
+    for (std::int64_t oh = 0; oh < g.out_h; ++oh) {
+      const scalar_t* grad_row = a.grad_out + (b * g.out_h + oh) * g.out_w * pixel_stride + t * out_ch;
+      for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const std::int64_t oc = chunk * L::kChunk;
+        for (std::int64_t k0 = 0; k0 < num_taps; k0 += kTapBlock) {
+          const int block_taps = static_cast<int>(std::min<std::int64_t>(kTapBlock, num_taps - k0));
+          Vec* block_sums = sum + k0 * sums_step + chunk * kVecs;
+          if (out_ch - oc >= L::kChunk) {
+            weight_grad_row_block<true>(x.pixel(b, t, oh, 0), g.stride_w, g.out_w, tap_offsets + k0,
+                                        block_taps, grad_row + oc, pixel_stride, L::kChunk,
+                                        block_sums, sums_step);
+          } else {
+            weight_grad_row_block<false>(x.pixel(b, t, oh, 0), g.stride_w, g.out_w,
+                                         tap_offsets + k0, block_taps, grad_row + oc, pixel_stride,
+                                         out_ch - oc, block_sums, sums_step);
+          }
+        }
+      }
     }
+  }
+  scalar_t* out = partial + t * num_taps * out_ch;
+  for (std::int64_t k = 0; k < num_taps; ++k) {
+    for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const std::int64_t oc = chunk * L::kChunk;
+      for (int v = 0; v < kVecs; ++v) {
+        store<false>(out + k * out_ch + oc + v * L::kCount, sum[k * sums_step + chunk * kVecs + v],
+                     out_ch - oc - v * L::kCount);
+      }
+    }
+  }
+}
+
+// The entry points of the clones: items [begin, end) of each kernel.
+template <typename scalar_t>
+MAML_FAST_CPU_CLONES void forward_rows(const ForwardArgs<scalar_t>& a, const PaddedInput<scalar_t>& x,
+                                       const std::int64_t* tap_offsets, std::int64_t begin,
+                                       std::int64_t end) {
+  for (std::int64_t row = begin; row < end; ++row) {
+    forward_row<scalar_t>(a, x, tap_offsets, row / a.geo.out_h, row % a.geo.out_h);
+  }
+}
+
+// Items (t, part) write the part's sums to partial [parts, T, K, O].
+template <typename scalar_t>
+MAML_FAST_CPU_CLONES void weight_grad_items(const WeightGradArgs<scalar_t>& a,
+                                            const PaddedInput<scalar_t>& x,
+                                            const std::int64_t* tap_offsets, std::int64_t begin,
+                                            std::int64_t end, scalar_t* partial) {
+  using L = Lanes<scalar_t>;
+  const std::int64_t chunks = (a.geo.out_channels + L::kChunk - 1) / L::kChunk;
+  std::vector<VecSlot<typename L::Vec>> sums(static_cast<std::size_t>(a.geo.taps() * chunks * kVecs));
+  static_assert(sizeof(VecSlot<typename L::Vec>) == sizeof(typename L::Vec));
+  const std::int64_t parts = batch_parts(a.geo);
+  const std::int64_t part_size = a.geo.tasks * a.geo.taps() * a.geo.out_channels;
+  for (std::int64_t item = begin; item < end; ++item) {
+    const std::int64_t part = item % parts;
+    weight_grad_item<scalar_t>(a, x, tap_offsets, item / parts, part, sums, partial + part * part_size);
   }
 }
 
@@ -459,8 +478,10 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES(op.dtype(), "direct_conv2d_cpu", [&] {
       const ForwardArgs<scalar_t> args = op.args<scalar_t>();
-      at::parallel_for(0, op.geo.batch * op.geo.tasks, 1, [&](std::int64_t begin, std::int64_t end) {
-        forward_items<scalar_t>(args, begin, end);
+      const PaddedInput<scalar_t> padded(op.x, op.geo);
+      const std::vector<std::int64_t> tap_offsets = padded.tap_offsets();
+      at::parallel_for(0, op.geo.batch * op.geo.out_h, 1, [&](std::int64_t begin, std::int64_t end) {
+        forward_rows<scalar_t>(args, padded, tap_offsets.data(), begin, end);
       });
     });
   }
@@ -474,10 +495,28 @@ at::Tensor direct_conv2d_weight_grad_cpu(const at::Tensor& x, const at::Tensor& 
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES(op.dtype(), "direct_conv2d_weight_grad_cpu", [&] {
       const WeightGradArgs<scalar_t> args = op.args<scalar_t>();
-      const std::int64_t chunks = (op.geo.out_channels + Lanes<scalar_t>::kChunk - 1) / Lanes<scalar_t>::kChunk;
-      at::parallel_for(0, op.geo.tasks * chunks, 1, [&](std::int64_t begin, std::int64_t end) {
-        weight_grad_items<scalar_t>(args, begin, end);
+      const PaddedInput<scalar_t> padded(op.x, op.geo);
+      const std::vector<std::int64_t> tap_offsets = padded.tap_offsets();
+      const std::int64_t parts = batch_parts(op.geo);
+      // One part writes the result directly; several write partial sums, added in part order.
+      at::Tensor partial = parts == 1 ? op.grad_weight
+                                      : at::empty({parts, op.geo.tasks, op.geo.taps(), op.geo.out_channels},
+                                                  op.grad_weight.options());
+      scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, op.geo.tasks * parts, 1, [&](std::int64_t begin, std::int64_t end) {
+        weight_grad_items<scalar_t>(args, padded, tap_offsets.data(), begin, end, partial_data);
       });
+      if (parts > 1) {
+        scalar_t* out = op.grad_weight.mutable_data_ptr<scalar_t>();
+        const std::int64_t size = op.grad_weight.numel();
+        for (std::int64_t i = 0; i < size; ++i) {
+          scalar_t total = partial_data[i];
+          for (std::int64_t part = 1; part < parts; ++part) {
+            total += partial_data[part * size + i];
+          }
+          out[i] = total;
+        }
+      }
     });
   }
   return op.output();
