@@ -17,8 +17,8 @@
 // weight gradient the op returns (a [T, O, C, kh, kw] view of it).
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <cstdint>
 #include <optional>
@@ -35,8 +35,8 @@ struct Geometry {
   std::int64_t stride_h, stride_w, pad_h, pad_w;
   std::int64_t out_h, out_w;
 
-  std::int64_t taps() const { return in_channels * kernel_h * kernel_w; }
-  std::int64_t out_pixels() const { return out_h * out_w; }
+  C10_HOST_DEVICE std::int64_t taps() const { return in_channels * kernel_h * kernel_w; }
+  C10_HOST_DEVICE std::int64_t out_pixels() const { return out_h * out_w; }
 };
 
 // Each check throws TypeError / ValueError (TORCH_CHECK_TYPE / _VALUE) naming the operator and the

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace maml_fast {
 namespace direct_conv {
@@ -177,13 +178,15 @@ at::Tensor direct_conv2d_weight_grad_cuda(const at::Tensor& x, const at::Tensor&
                     static_cast<unsigned int>(splits));
     const dim3 block(kChannelLanes, kPixelThreads);
     AT_DISPATCH_FLOATING_TYPES(op.dtype(), "direct_conv2d_weight_grad_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor partial = at::empty({splits, g.tasks, g.taps(), g.out_channels},
-                                     x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      // float32 / float64 accumulate in their own type (at::opmath_type), so the partial sums
+      // share the output's dtype.
+      static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>);
+      at::Tensor partial = at::empty({splits, g.tasks, g.taps(), g.out_channels}, op.grad_weight.options());
       direct_conv2d_weight_grad_kernel<scalar_t><<<grid, block, 0, stream>>>(
-          op.args<scalar_t>(), partial.mutable_data_ptr<acc_t>(), pixels_per_split);
+          op.args<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), pixels_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::sum_out(op.grad_weight, partial, /*dim=*/{0});
+      at::Tensor grad_weight = op.grad_weight;  // shares op's storage (op itself is const)
+      at::sum_out(grad_weight, partial, at::IntArrayRef{0});
     });
   }
   return op.output();
