@@ -13,6 +13,7 @@ import maml_fast as mf
 from maml_fast import cuda_backend
 from maml_fast.ops import conv2d as conv_ops
 from maml_fast.ops import direct_conv as dc
+from test_fast_weight_update import poisoned_empty  # noqa: F401 (a fixture: fresh tensors are NaN)
 
 
 def _device_param(device: str):
@@ -121,18 +122,6 @@ def test_float32_against_float64(device, case, generator):
     expected = dc.direct_conv2d_weight_grad_reference(*_exact(x, grad_out), tasks, kernel, stride, padding)
     # Sums over batch * Ho * Wo pixels: the error grows with their count (and their magnitude).
     torch.testing.assert_close(grad_weight.double().cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Deterministic mode fills every freshly allocated float tensor with NaN."""
-    was_enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert torch.empty(16).isnan().all(), "deterministic mode no longer fills empty tensors"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_enabled)
 
 
 @pytest.mark.parametrize("device", DEVICES)
