@@ -194,7 +194,7 @@ def test_gradcheck_and_gradgradcheck_through_conv2d(tasks, in_ch, out_ch, size, 
                                rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(conv, (x, weight, bias))
     assert torch.autograd.gradgradcheck(conv, (x, weight, bias))
-    assert calls["direct_conv2d"] > 0 and calls["direct_conv2d_weight_grad"] > 0, calls
+    assert {name: count > 0 for name, count in calls.items()} == _expected_direct_calls(in_ch), calls
 
 
 @needs_cpu_ops
@@ -207,13 +207,21 @@ def test_wider_layers_keep_onednn(generator, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_direct_conv_used_only_where_measured(device):
+@pytest.mark.parametrize("primitive", ["forward", "weight_grad"])
+def test_direct_conv_used_only_where_measured(device, primitive):
     x = torch.zeros(1, 1, 4, 4, device=device)
-    expected = device in cuda_backend.DIRECT_CONV_DEVICE_TYPES
-    assert cuda_backend.uses_direct_conv(x, 1) == expected
-    assert cuda_backend.uses_direct_conv(x, 3) == expected
-    assert not cuda_backend.uses_direct_conv(x, cuda_backend.DIRECT_CONV_MAX_IN_CHANNELS + 1)
-    assert not cuda_backend.uses_direct_conv(x.half(), 1)
+    most = cuda_backend.DIRECT_CONV_MAX_IN_CHANNELS[primitive]
+    assert 1 <= most <= 3  # only first layers: 1 (Omniglot) or 3 (RGB) input channels
+    assert cuda_backend.uses_direct_conv(primitive, x, most) == (device in cuda_backend.DIRECT_CONV_DEVICE_TYPES)
+    assert not cuda_backend.uses_direct_conv(primitive, x, most + 1)
+    assert not cuda_backend.uses_direct_conv(primitive, x.half(), 1)
+
+
+def _expected_direct_calls(in_channels: int) -> dict[str, bool]:
+    """Which direct ops backend "cuda" runs for a layer with `in_channels` input channels on the CPU."""
+    most = cuda_backend.DIRECT_CONV_MAX_IN_CHANNELS
+    return {"direct_conv2d": in_channels <= most["forward"],
+            "direct_conv2d_weight_grad": in_channels <= most["weight_grad"]}
 
 
 def _conv4_meta_gradient(backend, in_channels, downsample, size):
@@ -238,9 +246,12 @@ def _conv4_meta_gradient(backend, in_channels, downsample, size):
 def test_second_order_meta_gradient_matches_loop(in_channels, downsample, size, monkeypatch):
     calls = _count_direct_calls(monkeypatch)
     loss, grads = _conv4_meta_gradient("cuda", in_channels, downsample, size)
-    # The first layer ran on the direct ops: forward (support, query, and the second-order
-    # re-forwards of the weight gradient's backward) and weight gradient (inner and outer).
-    assert calls["direct_conv2d"] >= 2 * 2 + 1 and calls["direct_conv2d_weight_grad"] >= 2 + 1, calls
+    # The first layer ran on the direct ops where the backend uses them: forward (support and query
+    # of every step, and the second-order re-forwards of the weight gradient's backward: at least
+    # 2 * 2 + 1 with 2 inner steps) and weight gradient (inner steps and the outer backward).
+    minimum = {"direct_conv2d": 5, "direct_conv2d_weight_grad": 3}
+    for name, used in _expected_direct_calls(in_channels).items():
+        assert calls[name] >= minimum[name] if used else calls[name] == 0, calls
     ref_loss, ref_grads = _conv4_meta_gradient("loop", in_channels, downsample, size)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
     relative = ((grads - ref_grads).norm() / ref_grads.norm()).item()
