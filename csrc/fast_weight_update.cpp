@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,26 +17,52 @@ constexpr const char* kOpName = "maml_fast::fast_weight_update";
 // Elements below which at::parallel_for stays on one thread (ATen's own default).
 constexpr std::int64_t kGrainSize = 32768;
 
-// Layout of a [T, *s] operand with at least one element; copies only what no layout can describe.
-Operand describe_task_major(const at::Tensor& tensor) {
-  if (tensor.is_contiguous()) {
-    return {tensor, OperandLayout::kPerTask};
+// Whether `tensor` has `strides` in every dimension of size > 1 (the others are never stepped).
+bool has_strides(const at::Tensor& tensor, at::IntArrayRef strides) {
+  for (std::int64_t dim = 0; dim < tensor.dim(); ++dim) {
+    if (tensor.size(dim) > 1 && tensor.stride(dim) != strides[dim]) {
+      return false;
+    }
   }
-  if (tensor.stride(0) == 0) {  // broadcast over tasks: keep the one task-sized copy
-    return {tensor.select(0, 0).contiguous(), OperandLayout::kShared};
+  return true;
+}
+
+// `tensor`'s values in the memory layout of `like` (same shape, dense): `tensor` itself when it
+// already has that layout, else a copy.
+at::Tensor in_layout_of(const at::Tensor& tensor, const at::Tensor& like) {
+  return has_strides(tensor, like.strides()) ? tensor : at::empty_like(like).copy_(tensor);
+}
+
+// The output of one update: laid out like `grad` when that is dense with the task dimension
+// outermost (e.g. the channels-last weight gradients of a convolution, which the next conv then
+// reads without a copy), else contiguous. Every operand is then brought into this layout, so the
+// kernels walk all of them in memory order.
+at::Tensor allocate_output(const at::Tensor& param, const at::Tensor& grad) {
+  at::Tensor out = at::empty_like(grad);  // grad's strides when grad is non-overlapping and dense
+  if (out.size(0) > 1 && out.stride(0) != out.numel() / out.size(0)) {
+    return at::empty(param.sizes(), param.options());
   }
-  return {tensor.contiguous(), OperandLayout::kPerTask};
+  return out;
+}
+
+// Layout of a [T, *s] operand with at least one element, relative to the output `out`; copies only
+// what no layout can describe.
+Operand describe_task_major(const at::Tensor& tensor, const at::Tensor& out) {
+  if (tensor.size(0) > 1 && tensor.stride(0) == 0) {  // broadcast over tasks: keep one task's copy
+    return {in_layout_of(tensor.select(0, 0), out.select(0, 0)), OperandLayout::kShared};
+  }
+  return {in_layout_of(tensor, out), OperandLayout::kPerTask};
 }
 
 // Layout of a learning rate; its shape was checked to be [], s or [T, *s].
-Operand describe_lr(const at::Tensor& lr, std::int64_t param_dim) {
+Operand describe_lr(const at::Tensor& lr, const at::Tensor& out) {
   if (lr.dim() == 0) {
     return {lr, OperandLayout::kScalar};
   }
-  if (lr.dim() == param_dim) {
-    return describe_task_major(lr);
+  if (lr.dim() == out.dim()) {
+    return describe_task_major(lr, out);
   }
-  return {lr.contiguous(), OperandLayout::kShared};
+  return {in_layout_of(lr, out.select(0, 0)), OperandLayout::kShared};
 }
 
 void check_matches_first(
@@ -159,13 +186,13 @@ UpdatePlan plan_fast_weight_update(at::TensorList params, at::TensorList grads, 
         " it must be [] (one rate), ", task_shape, " (per element, shared by the tasks) or ",
         param.sizes(), " (per task and element)");
 
-    at::Tensor out = at::empty(param.sizes(), param.options());
+    at::Tensor out = allocate_output(param, grad);
     plan.outputs.push_back(out);
     if (param.numel() == 0) {
       continue;
     }
     plan.entries.push_back(
-        {out, describe_task_major(param), describe_task_major(grad), describe_lr(lr, param.dim()),
+        {out, describe_task_major(param, out), describe_task_major(grad, out), describe_lr(lr, out),
          param.numel() / tasks});
   }
   return plan;

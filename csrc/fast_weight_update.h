@@ -12,11 +12,14 @@
 
 namespace maml_fast {
 
-// An operand of logical shape [T, *s] is brought into one of these layouts without copying along
-// the task dimension, so θ expanded to T tasks (stride 0) is read from its single copy.
+// Every operand is walked in the memory order of the output, which is dense with the task
+// dimension outermost (contiguous, or e.g. channels-last inside each task). An operand of logical
+// shape [T, *s] is brought into one of these layouts without copying along the task dimension, so
+// θ expanded to T tasks (stride 0) is read from its single copy. Index k counts the output's memory
+// (k = t * inner + j, j the position inside task t's block).
 enum class OperandLayout : std::uint8_t {
-  kPerTask,  // contiguous [T, *s]: element (t, j) at t * inner + j
-  kShared,   // contiguous s, the same for every task: element (t, j) at j
+  kPerTask,  // [T, *s] with the output's strides: element k at k
+  kShared,   // s with the strides of one task of the output, the same for every task: k at j
   kScalar,   // a single value for every element (a 0-dim learning rate)
 };
 
@@ -27,7 +30,7 @@ struct Operand {
 
 // One (param, grad, lr) triple with at least one element, ready for a kernel.
 struct UpdateEntry {
-  at::Tensor out;  // contiguous [T, *s]
+  at::Tensor out;  // [T, *s], dense, task dimension outermost
   Operand param;
   Operand grad;
   Operand lr;
@@ -43,7 +46,8 @@ struct UpdatePlan {
 // every non-empty triple. Throws ValueError / TypeError (via TORCH_CHECK_VALUE / _TYPE) on bad input.
 UpdatePlan plan_fast_weight_update(at::TensorList params, at::TensorList grads, at::TensorList lrs);
 
-// Offset of element `index` (flat in [T, *s]; `index_in_task` = index mod numel(s)) in an operand.
+// Offset of element `index` (in the output's memory order; `index_in_task` = index mod numel(s)) in
+// an operand.
 C10_HOST_DEVICE inline std::int64_t element_offset(
     OperandLayout layout, std::int64_t index, std::int64_t index_in_task) {
   switch (layout) {

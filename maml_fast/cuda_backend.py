@@ -8,8 +8,12 @@ backend can be exercised on any machine), and PyTorch ops elsewhere:
   ``maml_fast::batch_norm_relu`` op with closed-form backward and double backward
   (`maml_fast.ops.batch_norm_relu`);
 - convolutions use PyTorch's grouped convolution with channels-last activations on every device, so
-  that the BatchNorm input is a free ``[rows, channels]`` view (another module may register faster
-  conv primitives under ``CONV_IMPLEMENTATIONS["cuda"]``; this one only fills the slot if empty).
+  that the BatchNorm input is a free ``[rows, channels]`` view, with the bias added by the
+  convolution itself; layers with few input channels (the first layer) run their forward and
+  weight gradient on the direct ops ``maml_fast::direct_conv2d{,_weight_grad}``
+  (`maml_fast.ops.direct_conv`) where those were measured faster (`uses_direct_conv`). Another
+  module may register faster conv primitives under ``CONV_IMPLEMENTATIONS["cuda"]``; this one only
+  fills the slot if empty.
 
 ``"auto"`` picks this backend on the CPU when the extension is built: there the fused op makes the
 whole meta-step faster (`CPU_OPS_MEASUREMENT`). On a GPU
@@ -23,8 +27,11 @@ from __future__ import annotations
 import torch
 
 from . import backends
+import torch.nn.functional as F
+
 from .ops import batch_norm_relu as _bn_relu
 from .ops import conv2d as _conv
+from .ops import direct_conv as _direct
 
 BACKEND = "cuda"
 
@@ -54,14 +61,61 @@ def uses_extension_ops(backend: str, device: torch.device | str) -> bool:
     return backend == BACKEND and _bn_relu.is_available(torch.device(device))
 
 
+#: Per primitive, the most input channels per task for which the direct conv ops run it (the input
+#: gradient of a first layer is not needed by MAML and stays oneDNN/cuDNN): the shape classes where
+#: they were measured faster (`DIRECT_CONV_MEASUREMENT`).
+DIRECT_CONV_MAX_IN_CHANNELS = {"forward": 1, "weight_grad": 3}
+#: Device types on which the direct ops were measured faster than oneDNN/cuDNN.
+DIRECT_CONV_DEVICE_TYPES = ("cpu",)
+
+#: Why the direct ops run the first layer on the CPU. Op level, one process, alternating rounds,
+#: fastest of 40 (5 for B=75), 1 thread (2-thread timings were swamped by other agents' load), on
+#: the shared 2-core AMD EPYC (Zen 4) VM, torch 2.14.1, float32, 3x3 kernel, pad 1, NCHW input
+#: images (the oneDNN time includes its channels-last copy of them), oneDNN -> direct:
+#:   Omniglot x [5, 32*1, 28, 28], O=64, stride 2:  forward 1.59 -> 0.64 ms, weight grad 1.76 -> 0.73 ms
+#:   MiniImageNet x [5, 4*3, 84, 84], O=32, stride 1: forward 3.01 -> 3.27 ms, weight grad 5.71 -> 3.58 ms
+#:   MiniImageNet x [75, 4*3, 84, 84], O=32, stride 1: forward 168 -> 167 ms, weight grad 86 -> 60 ms
+#: So the direct forward is used for one input channel only (oneDNN's forward is as fast for three).
+#: Meta-step (bench_table, 1 thread, fastest round): omniglot_5w1s "cuda" ~246 -> ~215-229 ms,
+#: miniimagenet_5w1s ~2670 -> ~2430 ms (with the fast-weight update's copies removed as well).
+#: On a GPU the CUDA kernels are not measured yet, so cuDNN keeps the first layer there.
+DIRECT_CONV_MEASUREMENT = "first layer on the CPU: forward 2.5x (C=1), weight grad 1.4-2.4x (C=1, 3); see above"
+
+
+def uses_direct_conv(primitive: str, x: torch.Tensor, in_channels: int) -> bool:
+    """Whether the "cuda" backend runs `primitive` ("forward" or "weight_grad") of a conv with
+    `in_channels` input channels per task on x by the direct ops: a shape class and device where
+    they were measured faster, a dtype they support, and the ops available there."""
+    return (in_channels <= DIRECT_CONV_MAX_IN_CHANNELS[primitive] and x.device.type in DIRECT_CONV_DEVICE_TYPES
+            and x.dtype in _direct.SUPPORTED_DTYPES and _direct.is_available(x.device))
+
+
 class ChannelsLastConvPrimitives(_conv.TorchConvPrimitives):
     """PyTorch's grouped convolutions with channels-last activations on every device (the torch
     primitives keep them channels-last on the CPU only): BatchNorm then sees a free
-    ``[rows, channels]`` view on a GPU too."""
+    ``[rows, channels]`` view on a GPU too. The bias is fused into the forward; layers with few
+    input channels take the direct ops (`uses_direct_conv`)."""
+
+    fuses_bias = True
 
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x, weight, geo: _conv.ConvGeometry, bias=None):
+        tasks, out_ch, in_ch, kh, kw = weight.shape
+        if uses_direct_conv("forward", x, in_ch):
+            return _direct.direct_conv2d(x, weight, bias, geo.stride, geo.padding)
+        return F.conv2d(
+            self._layout(x), weight.reshape(tasks * out_ch, in_ch, kh, kw),
+            None if bias is None else bias.reshape(tasks * out_ch),
+            stride=geo.stride, padding=geo.padding, groups=tasks,
+        )
+
+    def weight_grad(self, x, grad_out, geo: _conv.ConvGeometry):
+        if uses_direct_conv("weight_grad", x, x.shape[1] // geo.tasks):
+            return _direct.direct_conv2d_weight_grad(x, grad_out, geo.tasks, geo.kernel_hw, geo.stride, geo.padding)
+        return super().weight_grad(x, grad_out, geo)
 
 
 _conv.CONV_IMPLEMENTATIONS.setdefault(BACKEND, ChannelsLastConvPrimitives())
@@ -75,4 +129,5 @@ __all__ = [
     "may_use_extension_ops",
     "uses_extension_ops",
     "ChannelsLastConvPrimitives",
+    "uses_direct_conv",
 ]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maml_fast import _extension
+from maml_fast.ops.conv2d import TorchConvPrimitives
 from maml_fast.ops.fast_weight_update import (
     check_fast_weight_update_inputs,
     fast_weight_update,
@@ -107,6 +108,38 @@ def test_strided_grads_and_per_task_lrs(device, grad_layout, lr_layout, generato
     actual = torch.ops.maml_fast.fast_weight_update(params, grads, lrs)
     for out, ref in zip(actual, fast_weight_update_reference(params, grads, lrs)):
         torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
+
+
+def _channels_last_inside_tasks(tensor: torch.Tensor) -> torch.Tensor:
+    """[T, O, C, kh, kw] with the memory of [T, O, kh, kw, C] (a channels-last conv weight per task)."""
+    return tensor.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lr_form", ["scalar", "element", "task"])
+@pytest.mark.parametrize("param_layout", ["contiguous", "expanded", "transposed"])
+def test_output_is_laid_out_like_task_major_grads(device, lr_form, param_layout, generator):
+    """Conv weight gradients come channels-last inside each task; the fast weights keep that layout
+    (so the next conv reads them without a copy), whatever the layout of θ and the rates."""
+    shapes = [(7, 3, 3, 2), (5, 1, 2, 3)]
+    params, grads, lrs = make_inputs(3, shapes, lr_form, generator, device=device, param_layout=param_layout)
+    grads = [_channels_last_inside_tasks(grad) for grad in grads]
+    lrs = [_channels_last_inside_tasks(lr) if lr.dim() == 5 else lr for lr in lrs]
+    actual = torch.ops.maml_fast.fast_weight_update(params, grads, lrs)
+    for out, grad, ref in zip(actual, grads, fast_weight_update_reference(params, grads, lrs)):
+        assert out.stride() == grad.stride()
+        torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
+    # The layout oneDNN wants for the next conv: preparing the weight is then free.
+    if device == "cpu":
+        assert TorchConvPrimitives.prepare_weight(actual[0]) is actual[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grads_without_task_major_layout_give_contiguous_output(device, generator):
+    params, grads, lrs = make_inputs(3, [(4, 5)], "scalar", generator, device=device, grad_layout="transposed")
+    (out,) = torch.ops.maml_fast.fast_weight_update(params, grads, lrs)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, fast_weight_update_reference(params, grads, lrs)[0], rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,6 +259,10 @@ def test_unused_outputs_get_no_gradient():
 def test_fake_implementation_for_compile_and_meta(generator):
     params, grads, lrs = make_inputs(2, [(3, 4), (5,)], "element", generator, dtype=torch.float32)
     torch.library.opcheck(torch.ops.maml_fast.fast_weight_update.default, (params, grads, lrs))
+    # The fake output follows the kernel's layout rule (task-major grads: their strides).
+    conv_params, conv_grads, conv_lrs = make_inputs(2, [(3, 2, 3, 3)], "scalar", generator, dtype=torch.float32)
+    conv_grads = [_channels_last_inside_tasks(grad) for grad in conv_grads]
+    torch.library.opcheck(torch.ops.maml_fast.fast_weight_update.default, (conv_params, conv_grads, conv_lrs))
 
     meta_out = torch.ops.maml_fast.fast_weight_update(
         [p.to("meta") for p in params], [g.to("meta") for g in grads], [lr.to("meta") for lr in lrs]

@@ -57,11 +57,16 @@ class TorchConvPrimitives:
 
     @staticmethod
     def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
-        """One differentiable copy of ``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is
-        channels-last on the CPU: oneDNN would otherwise copy the weight in every primitive call."""
+        """``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is channels-last on the CPU
+        (contiguous elsewhere): oneDNN would otherwise copy the weight in every primitive call. One
+        differentiable copy, or the weight itself when it is laid out so already (the fast weights
+        that the compiled update makes from channels-last weight gradients)."""
         if weight.device.type != "cpu":
             return weight.contiguous()
-        return weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        channels_last = weight.permute(0, 1, 3, 4, 2)
+        if channels_last.is_contiguous():
+            return weight
+        return channels_last.contiguous().permute(0, 1, 4, 2, 3)
 
     def forward(self, x, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch, kh, kw = weight.shape

@@ -6,6 +6,10 @@
 tasks, stride 0); ``lrs_i`` is one of: ``[]`` (one rate), ``s_i`` (one rate per element shared by
 the tasks, as in Meta-SGD) or ``[T, *s_i]``. All tensors share one dtype and one device.
 
+The compiled op lays ``out_i`` out like ``grads_i`` when that is dense with the task dimension
+outermost (`update_output_like`): a convolution's channels-last weight gradient gives a
+channels-last fast weight, which the next convolution reads without a copy.
+
 Here are the pure-PyTorch reference, the input checks, the compiled kernel
 (``maml_fast::fast_weight_update``: one parallel loop on CPU, one launch per 64 tensors on CUDA)
 and its autograd: a backward made of differentiable ops, so second-order MAML differentiates
@@ -129,8 +133,18 @@ def fast_weight_update(
     return fast_weight_update_reference(params, grads, lrs)
 
 
+def update_output_like(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in the compiled op's layout for ``param - lr * grad`` (the rule of
+    ``allocate_output`` in csrc/fast_weight_update.cpp): grad's strides when grad is non-overlapping
+    and dense with the task dimension outermost, else contiguous."""
+    out = torch.empty_like(grad)
+    if out.shape[0] > 1 and out.stride(0) != out.numel() // out.shape[0]:
+        return param.new_empty(param.shape)
+    return out
+
+
 if _extension.LOAD_ERROR is None:
 
     @torch.library.register_fake("maml_fast::fast_weight_update")
     def _fast_weight_update_fake(params, grads, lrs):
-        return [param.new_empty(param.shape) for param in params]
+        return [update_output_like(param, grad) for param, grad in zip(params, grads)]
