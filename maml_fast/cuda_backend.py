@@ -6,7 +6,11 @@ backend can be exercised on any machine), and PyTorch ops elsewhere:
 
 - BatchNorm (``track_running_stats=False``) followed by ReLU lowers to one
   ``maml_fast::batch_norm_relu`` op with closed-form backward and double backward
-  (`maml_fast.ops.batch_norm_relu`);
+  (`maml_fast.ops.batch_norm_relu`), and followed by ReLU and ``MaxPool2d(2)`` to one
+  ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`);
+- the per-task cross-entropy (with accuracy) and MSE losses run as ``maml_fast::cross_entropy_per_task``
+  / ``maml_fast::mse_per_task`` (`maml_fast.ops.losses`);
+- the fast-weight update of all parameters is one ``maml_fast::fast_weight_update`` call;
 - convolutions use PyTorch's grouped convolution with channels-last activations on every device, so
   that the BatchNorm input is a free ``[rows, channels]`` view, with the bias added by the
   convolution itself; layers with few input channels (the first layer) run their forward and
@@ -27,8 +31,6 @@ from __future__ import annotations
 import torch
 
 from . import backends
-import torch.nn.functional as F
-
 from .ops import batch_norm_relu as _bn_relu
 from .ops import conv2d as _conv
 from .ops import direct_conv as _direct
@@ -103,14 +105,9 @@ class ChannelsLastConvPrimitives(_conv.TorchConvPrimitives):
         return t.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x, weight, geo: _conv.ConvGeometry, bias=None):
-        tasks, out_ch, in_ch, kh, kw = weight.shape
-        if uses_direct_conv("forward", x, in_ch):
+        if uses_direct_conv("forward", x, weight.shape[2]):
             return _direct.direct_conv2d(x, weight, bias, geo.stride, geo.padding)
-        return F.conv2d(
-            self._layout(x), weight.reshape(tasks * out_ch, in_ch, kh, kw),
-            None if bias is None else bias.reshape(tasks * out_ch),
-            stride=geo.stride, padding=geo.padding, groups=tasks,
-        )
+        return super().forward(x, weight, geo, bias=bias)
 
     def weight_grad(self, x, grad_out, geo: _conv.ConvGeometry):
         if uses_direct_conv("weight_grad", x, x.shape[1] // geo.tasks):

@@ -28,14 +28,45 @@ def _param(params: dict, prefix: str, name: str, module: nn.Module):
     return params[prefix + name] if getattr(module, name, None) is not None else None
 
 
-def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str):
+class _BiasCancelledByBatchNorm(torch.autograd.Function):
+    """h unchanged, and an exactly zero gradient for `bias`: the conv bias that a BatchNorm with batch
+    statistics cancels (it subtracts the per-channel mean, bias included). Computed, that gradient is
+    rounding noise (~1e-15), which Adam would normalise into real steps that differ with the task
+    split; and the program saves the bias add and its gradient's reduction."""
+
+    @staticmethod
+    def forward(ctx, h, bias):
+        ctx.bias_shape = bias.shape
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        return grad_h, grad_h.new_zeros(ctx.bias_shape)
+
+
+def cancel_bias_before_batch_norm(h, bias):
+    """h, for a conv output whose bias a BatchNorm with batch statistics cancels: `bias` gets an exactly
+    zero gradient (`_BiasCancelledByBatchNorm`)."""
+    return _BiasCancelledByBatchNorm.apply(h, bias)
+
+
+def _is_batch_norm_with_batch_statistics(module: nn.Module | None) -> bool:
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) and not module.track_running_stats
+
+
+def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str, batch_norm_prefix: str | None = None):
+    """The per-task conv; `batch_norm_prefix` names the BatchNorm (batch statistics) right after it,
+    which cancels the bias (`_BiasCancelledByBatchNorm`) unless it normalises with MAML++ per-step
+    running statistics (passed in params)."""
     if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None, "only groups=1, dilation=1, zero padding given as numbers is task-batched"
     stride, padding = module.stride, module.padding
 
     def run(x, params, tasks):
-        return conv_ops.conv2d(x, params[prefix + "weight"], _param(params, prefix, "bias", module),
-                               stride, padding, backend)
+        weight, bias = params[prefix + "weight"], _param(params, prefix, "bias", module)
+        if bias is not None and batch_norm_prefix is not None and batch_norm_prefix + "running_mean" not in params:
+            return cancel_bias_before_batch_norm(conv_ops.conv2d(x, weight, None, stride, padding, backend), bias)
+        return conv_ops.conv2d(x, weight, bias, stride, padding, backend)
     return run, None
 
 
@@ -69,8 +100,8 @@ def _batch_norm_with_statistics(x, params, prefix: str, module: nn.Module):
 def _fuses_batch_norm_relu(module: nn.Module, following: nn.Module | None, backend: str) -> bool:
     """A BatchNorm with batch statistics directly followed by a ReLU (siblings in one Sequential), in
     a program for a backend that uses the extension's fused ops (`cuda_backend.may_use_extension_ops`)."""
-    return (type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) and not module.track_running_stats
-            and type(following) is nn.ReLU and cuda_backend.may_use_extension_ops(backend))
+    return (_is_batch_norm_with_batch_statistics(module) and type(following) is nn.ReLU
+            and cuda_backend.may_use_extension_ops(backend))
 
 
 def _is_max_pool_2x2(module: nn.Module | None) -> bool:
@@ -170,7 +201,7 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
     """The task-batched program of `module`, or (None, reason naming the layer that prevents it)."""
     layers: list[Layer] = []
 
-    def visit(mod: nn.Module, prefix: str) -> str | None:
+    def visit(mod: nn.Module, prefix: str, batch_norm_prefix: str | None = None) -> str | None:
         if type(mod) is nn.Sequential:
             children = list(mod.named_children())
             index = 0
@@ -187,7 +218,9 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
                     layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend, max_pool))
                     index += 3 if max_pool else 2
                     continue
-                reason = visit(child, f"{prefix}{name}.")
+                cancels_bias = type(child) is nn.Conv2d and _is_batch_norm_with_batch_statistics(following)
+                reason = visit(child, f"{prefix}{name}.",
+                               f"{prefix}{children[index + 1][0]}." if cancels_bias else None)
                 if reason:
                     return reason
                 index += 1
@@ -198,7 +231,8 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
             return f"layer {where!r} ({type(mod).__name__}) has no task-batched op"
         if isinstance(mod, nn.MaxPool2d) and (mod.dilation not in (1, (1, 1)) or mod.return_indices):
             return f"layer {where!r} (MaxPool2d with dilation or return_indices) has no task-batched op"
-        run, reason = lowering(mod, prefix, backend)
+        extra = {"batch_norm_prefix": batch_norm_prefix} if batch_norm_prefix else {}
+        run, reason = lowering(mod, prefix, backend, **extra)
         if reason:
             return f"layer {where!r} ({type(mod).__name__}): {reason}"
         layers.append(run)

@@ -186,8 +186,11 @@ def fuse_conv_epilogue(children, prefix: str, backend: str):
         def conv_batch_norm(x, params, tasks):
             if bn_prefix + "running_mean" in params:   # evaluation with MAML++ per-step running statistics
                 return bn_layer(conv_layer(x, params, tasks), params, tasks)
-            y, mean, var = conv_ops.conv2d_with_batch_stats(x, params[conv_prefix + "weight"], bias(params),
+            # The BatchNorm cancels the conv's bias: left out, with its exactly zero gradient.
+            y, mean, var = conv_ops.conv2d_with_batch_stats(x, params[conv_prefix + "weight"], None,
                                                             conv.stride, conv.padding, backend)
+            if bias(params) is not None:
+                y = program.cancel_bias_before_batch_norm(y, bias(params))
             return norm_ops.batch_norm_from_statistics(
                 y, mean, var, program._param(params, bn_prefix, "weight", following),
                 program._param(params, bn_prefix, "bias", following), tasks, following.eps)

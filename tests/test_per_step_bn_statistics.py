@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import maml_fast as mf
 
-BACKENDS = ("loop", "vmap", "torch")
+BACKENDS = ("loop", "vmap", "torch", "cuda")
 
 
 def _trained_learner(backend, batches, steps=2):

@@ -13,9 +13,10 @@ with gy) — are autograd Functions whose backwards call each other:
     wgrad    gw = wgrad(x, g)    ->  gx = dgrad(g, ggw),        gg = fwd(x, ggw)
 
 This replaces PyTorch's grouped-convolution double backward, which loops over the T groups.
-A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. One whose
-forward also takes ``bias=`` and ``relu=`` and has ``forward_with_stats`` sets ``fuses_epilogue``:
-`conv2d`, `conv2d_relu` and `conv2d_with_batch_stats` then run as one kernel each (`_ConvEpilogue`).
+A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. Its forward
+may take ``bias=`` (it then sets ``fuses_bias``: `conv2d` with a bias is one call); one whose forward
+also takes ``relu=`` and that has ``forward_with_stats`` sets ``fuses_epilogue``: `conv2d_relu` and
+`conv2d_with_batch_stats` then run as one kernel each too (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ class TorchConvPrimitives:
             return weight
         return channels_last.contiguous().permute(0, 1, 4, 2, 3)
 
-    def forward(self, x, weight, geo: ConvGeometry):
+    def forward(self, x, weight, geo: ConvGeometry, bias=None):
         tasks, out_ch, in_ch, kh, kw = weight.shape
         return F.conv2d(
             self._layout(x), weight.reshape(tasks * out_ch, in_ch, kh, kw),
+            None if bias is None else bias.reshape(tasks * out_ch),
             stride=geo.stride, padding=geo.padding, groups=tasks,
         )
 
@@ -157,7 +159,7 @@ class _ConvWeightGrad(torch.autograd.Function):
 class _ConvEpilogue(torch.autograd.Function):
     """y = conv(x, w) + b, optionally relu'd, and optionally with y's per-channel batch statistics
     (mean and biased variance over batch and pixels, ``[T*O]`` each), all from one forward kernel: for
-    a backend whose forward fuses the epilogue (``fuses_epilogue``).
+    a backend whose forward fuses the epilogue (``fuses_epilogue``; the bias alone: ``fuses_bias``).
 
     The backward reduces to the conv's: the statistics' gradients are broadcast into gy
     (``gy + (g_mean + 2 (y - mean) g_var) / N``, N values per channel), the ReLU masks it by ``y > 0``
@@ -171,7 +173,8 @@ class _ConvEpilogue(torch.autograd.Function):
             outputs = impl.forward_with_stats(x, weight, geo, bias=bias, relu=relu)
             y, mean = outputs[0], outputs[1]
         else:
-            outputs = y = impl.forward(x, weight, geo, bias=bias, relu=relu)
+            # relu= only when asked: a forward that fuses just the bias takes no relu argument.
+            outputs = y = impl.forward(x, weight, geo, bias=bias, **({"relu": True} if relu else {}))
             mean = None
         ctx.save_for_backward(x, weight, y if relu or with_stats else None, mean)
         ctx.geo, ctx.backend, ctx.relu, ctx.with_stats = geo, backend, relu, with_stats
@@ -227,6 +230,11 @@ def _fuses_epilogue(backend: str) -> bool:
     return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_epilogue", False)
 
 
+def _fuses_bias(backend: str) -> bool:
+    """Whether `backend`'s forward takes the bias (added in the conv kernel, not by another pass)."""
+    return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_bias", False) or _fuses_epilogue(backend)
+
+
 def _prepare(x, weight, bias, stride, padding, backend: str):
     """Checked arguments: (weight in the backend's preferred layout, geometry)."""
     if weight.dim() != 5:
@@ -251,7 +259,7 @@ def _prepare(x, weight, bias, stride, padding, backend: str):
 def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
     """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
     weight, geo = _prepare(x, weight, bias, stride, padding, backend)
-    if bias is not None and _fuses_epilogue(backend):
+    if bias is not None and _fuses_bias(backend):
         return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, False)
     y = conv2d_forward(x, weight, geo, backend)
     if bias is not None:
