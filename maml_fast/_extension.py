@@ -80,3 +80,28 @@ def extension_unavailable_reasons(device: torch.device | str) -> list[str]:
 def is_available(device: torch.device | str) -> bool:
     """True when the compiled kernels can run on `device`."""
     return not extension_unavailable_reasons(device)
+
+
+class CompiledOps:
+    """A group of ``torch.ops.maml_fast`` operators and where they can run: the extension's reasons
+    (`extension_unavailable_reasons`), plus one when a loaded library was built from sources older
+    than these operators. Each op module keeps one and exports its two checks."""
+
+    def __init__(self, *names: str):
+        missing = [name for name in names if LOAD_ERROR is None and not hasattr(torch.ops.maml_fast, name)]
+        self.missing_reason = (
+            f"maml_fast._C has no {', '.join(missing)} operator (built from older sources); "
+            "rebuild it with `pip install -e . --no-build-isolation`"
+        ) if missing else None
+        #: Whether the operators are registered (the library loaded and has them): their fake
+        #: (meta) kernels can be registered.
+        self.registered = LOAD_ERROR is None and not missing
+
+    def unavailable_reasons(self, device: torch.device | str) -> list[str]:
+        """Why these compiled ops cannot run on `device`; an empty list means they can."""
+        reasons = extension_unavailable_reasons(device)
+        return reasons if reasons or self.missing_reason is None else [self.missing_reason]
+
+    def is_available(self, device: torch.device | str) -> bool:
+        """True when these compiled ops can run on `device`."""
+        return self.missing_reason is None and is_available(device)

@@ -39,3 +39,41 @@ def random_task_batch(tasks=2, ways=2, shots=1, queries=2, example_shape=(1, 8, 
 def make_batch():
     """``make_batch(tasks=, ways=, shots=, queries=, example_shape=, regression=, dtype=)``."""
     return random_task_batch
+
+
+def op_devices(unavailable_reasons):
+    """The "cpu" and "cuda" test parameters of a compiled op, each skipped with its reason where the
+    op module's `unavailable_reasons(device)` says the op cannot run there."""
+    def param(device):
+        if device == "cuda" and not torch.cuda.is_available():
+            return pytest.param(device, marks=pytest.mark.skip(reason="no CUDA device"))
+        reasons = unavailable_reasons(device)
+        return pytest.param(device, marks=pytest.mark.skip(reason="; ".join(reasons))) if reasons else device
+    return [param("cpu"), param("cuda")]
+
+
+@pytest.fixture
+def poisoned_empty():
+    """Deterministic mode fills every freshly allocated float tensor with NaN."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(16).isnan().all(), "deterministic mode no longer fills empty tensors"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled)
+
+
+def count_op_calls(monkeypatch, *names: str) -> dict[str, int]:
+    """Counts the calls of the compiled ``torch.ops.maml_fast`` operators `names` from here on (the
+    launchers and autograd glue look them up per call)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        op = getattr(torch.ops.maml_fast, name)
+
+        def counting(*args, _op=op, _name=name):
+            calls[_name] += 1
+            return _op(*args)
+
+        monkeypatch.setattr(torch.ops.maml_fast, name, counting)
+    return calls

@@ -15,20 +15,12 @@ from maml_fast import backends, cuda_backend
 from maml_fast.ops import batch_norm_relu as bnr
 from maml_fast.ops import norm
 from maml_fast.program import lower
+from conftest import count_op_calls, op_devices
 
 EPS = 1e-5
 
 
-def _device_param(device: str):
-    if device == "cuda" and not torch.cuda.is_available():
-        return pytest.param(device, marks=pytest.mark.skip(reason="no CUDA device"))
-    reasons = bnr.unavailable_reasons(device)
-    if reasons:
-        return pytest.param(device, marks=pytest.mark.skip(reason="; ".join(reasons)))
-    return device
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
+DEVICES = op_devices(bnr.unavailable_reasons)
 needs_cpu_ops = pytest.mark.skipif(not bnr.is_available("cpu"), reason="; ".join(bnr.unavailable_reasons("cpu")))
 
 # (rows, channels): the smallest batch, single channels, primes, T*C not a power of two, widths
@@ -170,18 +162,6 @@ def test_relu_mask_and_nan(device):
     y, _, _ = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS)
     assert y[0, 0] == 0 and y[1, 0] == 0 and y[2, 0] > 0  # mean 1: only the last value is above it
     assert y[:, 1].isnan().all()  # a NaN in a column makes the column's statistics NaN
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Deterministic mode fills every freshly allocated float tensor with NaN."""
-    was_enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert torch.empty(16).isnan().all(), "deterministic mode no longer fills empty tensors"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_enabled)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -484,19 +464,8 @@ def _tiny_conv4_meta_gradient(backend, device="cpu", inner_steps=2):
 
 
 def _count_op_calls(monkeypatch) -> dict[str, int]:
-    """Counts the calls of the compiled ops from here on (the glue looks them up per call)."""
-    calls = {}
-    for name in ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_double_backward",
-                 "fast_weight_update"):
-        op = getattr(torch.ops.maml_fast, name)
-        calls[name] = 0
-
-        def counting(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(torch.ops.maml_fast, name, counting)
-    return calls
+    return count_op_calls(monkeypatch, "batch_norm_relu", "batch_norm_relu_backward",
+                          "batch_norm_relu_double_backward", "fast_weight_update")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,23 +14,14 @@ from torch import nn
 import maml_fast as mf
 from maml_fast.ops import batch_norm_relu_pool as bnrp
 from maml_fast.program import lower
+from conftest import count_op_calls, op_devices
 
 EPS = 1e-5
 _assert_close_scaled = bn_relu_tests._assert_close_scaled
 _graph_has = bn_relu_tests._graph_has
-poisoned_empty = bn_relu_tests.poisoned_empty  # the fixture (deterministic mode: NaN-filled empty tensors)
 
 
-def _device_param(device: str):
-    if device == "cuda" and not torch.cuda.is_available():
-        return pytest.param(device, marks=pytest.mark.skip(reason="no CUDA device"))
-    reasons = bnrp.unavailable_reasons(device)
-    if reasons:
-        return pytest.param(device, marks=pytest.mark.skip(reason="; ".join(reasons)))
-    return device
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
+DEVICES = op_devices(bnrp.unavailable_reasons)
 needs_cpu_ops = pytest.mark.skipif(not bnrp.is_available("cpu"), reason="; ".join(bnrp.unavailable_reasons("cpu")))
 
 # (batch, height, width, channels): the smallest window, odd heights / widths (an uncovered last row
@@ -426,19 +417,8 @@ def _maxpool_conv4_meta_gradient(backend, device="cpu", inner_steps=2, image_siz
 
 
 def _count_op_calls(monkeypatch) -> dict[str, int]:
-    """Counts the calls of the compiled ops from here on (the glue looks them up per call)."""
-    calls = {}
-    for name in ("batch_norm_relu", "batch_norm_relu_max_pool", "batch_norm_relu_max_pool_backward",
-                 "batch_norm_relu_max_pool_double_backward"):
-        op = getattr(torch.ops.maml_fast, name)
-        calls[name] = 0
-
-        def counting(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(torch.ops.maml_fast, name, counting)
-    return calls
+    return count_op_calls(monkeypatch, "batch_norm_relu", "batch_norm_relu_max_pool",
+                          "batch_norm_relu_max_pool_backward", "batch_norm_relu_max_pool_double_backward")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,19 +13,10 @@ import maml_fast as mf
 from maml_fast import cuda_backend
 from maml_fast.ops import conv2d as conv_ops
 from maml_fast.ops import direct_conv as dc
-from test_fast_weight_update import poisoned_empty  # noqa: F401 (a fixture: fresh tensors are NaN)
+from conftest import count_op_calls, op_devices
 
 
-def _device_param(device: str):
-    if device == "cuda" and not torch.cuda.is_available():
-        return pytest.param(device, marks=pytest.mark.skip(reason="no CUDA device"))
-    reasons = dc.unavailable_reasons(device)
-    if reasons:
-        return pytest.param(device, marks=pytest.mark.skip(reason="; ".join(reasons)))
-    return device
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
+DEVICES = op_devices(dc.unavailable_reasons)
 needs_cpu_ops = pytest.mark.skipif(not dc.is_available("cpu"), reason="; ".join(dc.unavailable_reasons("cpu")))
 
 
@@ -161,18 +152,7 @@ def test_results_do_not_depend_on_threads(threads, generator):
 
 # ------------------------------------------------------------- through conv2d with backend "cuda"
 def _count_direct_calls(monkeypatch) -> dict[str, int]:
-    """Counts the calls of the compiled direct ops from here on (the launchers look them up per call)."""
-    calls = {}
-    for name in ("direct_conv2d", "direct_conv2d_weight_grad"):
-        op = getattr(torch.ops.maml_fast, name)
-        calls[name] = 0
-
-        def counting(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(torch.ops.maml_fast, name, counting)
-    return calls
+    return count_op_calls(monkeypatch, "direct_conv2d", "direct_conv2d_weight_grad")
 
 
 @needs_cpu_ops

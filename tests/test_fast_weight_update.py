@@ -12,18 +12,10 @@ from maml_fast.ops.fast_weight_update import (
     fast_weight_update,
     fast_weight_update_reference,
 )
+from conftest import op_devices
 
 
-def _device_param(device: str):
-    if device == "cuda" and not torch.cuda.is_available():
-        return pytest.param(device, marks=pytest.mark.skip(reason="no CUDA device"))
-    reasons = _extension.extension_unavailable_reasons(device)
-    if reasons:
-        return pytest.param(device, marks=pytest.mark.skip(reason="; ".join(reasons)))
-    return device
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
+DEVICES = op_devices(_extension.extension_unavailable_reasons)
 needs_cpu_extension = pytest.mark.skipif(
     not _extension.is_available("cpu"), reason="; ".join(_extension.extension_unavailable_reasons("cpu"))
 )
@@ -157,18 +149,6 @@ def test_low_precision_against_float64(device, dtype, tolerance, generator):
         assert out.dtype == dtype
         # One rounding of the result, computed in float32: within a unit or two of the last place.
         torch.testing.assert_close(out.double(), ref, rtol=tolerance, atol=tolerance)
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Deterministic mode fills every freshly allocated float tensor with NaN."""
-    was_enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert torch.empty(16).isnan().all(), "deterministic mode no longer fills empty tensors"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_enabled)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ import torch
 
 import maml_fast as mf
 from maml_fast.ops import losses
+from conftest import op_devices
 
 # (tasks, examples, classes): single task / example / class, primes, few-shot sizes (5-way 1-shot
 # with 32 tasks, 5-way 15-query), and a wide row.
@@ -28,12 +29,7 @@ def _skip_reason(device: str) -> str | None:
     return "; ".join(losses.unavailable_reasons(device)) or None
 
 
-def _device_param(device: str):
-    reason = _skip_reason(device)
-    return device if reason is None else pytest.param(device, marks=pytest.mark.skip(reason=reason))
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
+DEVICES = op_devices(losses.unavailable_reasons)
 needs_cpu_ops = pytest.mark.skipif(_skip_reason("cpu") is not None, reason=str(_skip_reason("cpu")))
 needs_cuda_ops = pytest.mark.skipif(_skip_reason("cuda") is not None, reason=str(_skip_reason("cuda")))
 
@@ -160,18 +156,6 @@ def test_extreme_logits(device):
     ref_loss, _ = losses.cross_entropy_per_task(logits.cpu(), labels.cpu())
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-6, atol=1e-4, equal_nan=True)
     assert ref_loss[1].isnan() and logsumexp[1, 0].isnan() and accuracy.tolist() == [0.0, 0.0]
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Deterministic mode fills every freshly allocated float tensor with NaN."""
-    was_enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert torch.empty(16).isnan().all(), "deterministic mode no longer fills empty tensors"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_enabled)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -42,31 +42,9 @@ from . import norm
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def missing_op_reason(name: str) -> str | None:
-    """Why a loaded maml_fast._C lacks operator `name` (None when it has it, or is not loaded)."""
-    if _extension.LOAD_ERROR is not None or hasattr(torch.ops.maml_fast, name):
-        return None
-    return (f"maml_fast._C has no {name} operator (built from older sources); "
-            "rebuild it with `pip install -e . --no-build-isolation`")
-
-
-_MISSING_OP = missing_op_reason("batch_norm_relu")
-
-
-def op_unavailable_reasons(missing_op: str | None, device: torch.device | str) -> list[str]:
-    """Why a compiled op of maml_fast._C cannot run on `device`, given its `missing_op_reason`."""
-    reasons = _extension.extension_unavailable_reasons(device)
-    return reasons if reasons or missing_op is None else [missing_op]
-
-
-def unavailable_reasons(device: torch.device | str) -> list[str]:
-    """Why the compiled batch_norm_relu ops cannot run on `device`; an empty list means they can."""
-    return op_unavailable_reasons(_MISSING_OP, device)
-
-
-def is_available(device: torch.device | str) -> bool:
-    """True when the compiled batch_norm_relu ops can run on `device`."""
-    return _MISSING_OP is None and _extension.is_available(device)
+_OPS = _extension.CompiledOps("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_double_backward")
+unavailable_reasons = _OPS.unavailable_reasons
+is_available = _OPS.is_available
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -293,7 +271,7 @@ def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels
-if _extension.LOAD_ERROR is None and _MISSING_OP is None:
+if _OPS.registered:
 
     @torch.library.register_fake("maml_fast::batch_norm_relu")
     def _batch_norm_relu_fake(x, weight, bias, eps):

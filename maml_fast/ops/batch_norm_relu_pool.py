@@ -32,17 +32,10 @@ from maml_fast import _extension
 
 from . import batch_norm_relu as bnr
 
-_MISSING_OP = bnr.missing_op_reason("batch_norm_relu_max_pool")
-
-
-def unavailable_reasons(device: torch.device | str) -> list[str]:
-    """Why the compiled batch_norm_relu_max_pool ops cannot run on `device`; empty when they can."""
-    return bnr.op_unavailable_reasons(_MISSING_OP, device)
-
-
-def is_available(device: torch.device | str) -> bool:
-    """True when the compiled batch_norm_relu_max_pool ops can run on `device`."""
-    return _MISSING_OP is None and _extension.is_available(device)
+_OPS = _extension.CompiledOps("batch_norm_relu_max_pool", "batch_norm_relu_max_pool_backward",
+                              "batch_norm_relu_max_pool_double_backward")
+unavailable_reasons = _OPS.unavailable_reasons
+is_available = _OPS.is_available
 
 
 def pooled_shape(x) -> tuple[int, int, int, int]:
@@ -191,7 +184,7 @@ def batch_norm_relu_max_pool(x, weight, bias, tasks: int, eps: float = 1e-5, bac
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels
-if _extension.LOAD_ERROR is None and _MISSING_OP is None:
+if _OPS.registered:
 
     @torch.library.register_fake("maml_fast::batch_norm_relu_max_pool")
     def _batch_norm_relu_max_pool_fake(x, weight, bias, eps):

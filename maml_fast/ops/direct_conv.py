@@ -27,25 +27,9 @@ from .conv2d import ConvGeometry, conv2d_reference
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _missing_op_reason() -> str | None:
-    if _extension.LOAD_ERROR is not None or hasattr(torch.ops.maml_fast, "direct_conv2d"):
-        return None
-    return ("maml_fast._C has no direct_conv2d operator (built from older sources); "
-            "rebuild it with `pip install -e . --no-build-isolation`")
-
-
-_MISSING_OP = _missing_op_reason()
-
-
-def unavailable_reasons(device: torch.device | str) -> list[str]:
-    """Why the compiled direct_conv2d ops cannot run on `device`; an empty list means they can."""
-    reasons = _extension.extension_unavailable_reasons(device)
-    return reasons if reasons or _MISSING_OP is None else [_MISSING_OP]
-
-
-def is_available(device: torch.device | str) -> bool:
-    """True when the compiled direct_conv2d ops can run on `device`."""
-    return _MISSING_OP is None and _extension.is_available(device)
+_OPS = _extension.CompiledOps("direct_conv2d", "direct_conv2d_weight_grad")
+unavailable_reasons = _OPS.unavailable_reasons
+is_available = _OPS.is_available
 
 
 # ----------------------------------------------------------------------------------- references
@@ -179,7 +163,7 @@ def direct_conv2d_weight_grad(x, grad_out, tasks: int, kernel_size, stride=(1, 1
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels
-if _extension.LOAD_ERROR is None and _MISSING_OP is None:
+if _OPS.registered:
 
     @torch.library.register_fake("maml_fast::direct_conv2d")
     def _direct_conv2d_fake(x, weight, bias, stride, padding):

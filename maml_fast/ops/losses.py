@@ -43,32 +43,10 @@ import torch.nn.functional as F
 from maml_fast import _extension
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_OPS = ("cross_entropy_per_task", "cross_entropy_per_task_backward", "cross_entropy_per_task_double_backward",
-        "mse_per_task", "mse_per_task_backward")
-
-
-def _missing_op_reason() -> str | None:
-    if _extension.LOAD_ERROR is not None:
-        return None
-    missing = [name for name in _OPS if not hasattr(torch.ops.maml_fast, name)]
-    if not missing:
-        return None
-    return (f"maml_fast._C has no {', '.join(missing)} operator (built from older sources); "
-            "rebuild it with `pip install -e . --no-build-isolation`")
-
-
-_MISSING_OP = _missing_op_reason()
-
-
-def unavailable_reasons(device: torch.device | str) -> list[str]:
-    """Why the compiled loss ops cannot run on `device`; an empty list means they can."""
-    reasons = _extension.extension_unavailable_reasons(device)
-    return reasons if reasons or _MISSING_OP is None else [_MISSING_OP]
-
-
-def is_available(device: torch.device | str) -> bool:
-    """True when the compiled loss ops can run on `device`."""
-    return _MISSING_OP is None and _extension.is_available(device)
+_OPS = _extension.CompiledOps("cross_entropy_per_task", "cross_entropy_per_task_backward",
+                              "cross_entropy_per_task_double_backward", "mse_per_task", "mse_per_task_backward")
+unavailable_reasons = _OPS.unavailable_reasons
+is_available = _OPS.is_available
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -299,7 +277,7 @@ def per_task_loss(name: str, use_extension: bool):
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels
-if _extension.LOAD_ERROR is None and _MISSING_OP is None:
+if _OPS.registered:
 
     @torch.library.register_fake("maml_fast::cross_entropy_per_task")
     def _cross_entropy_per_task_fake(logits, labels):
