@@ -37,13 +37,13 @@ from .ops import direct_conv as _direct
 
 BACKEND = "cuda"
 
-#: Why "auto" prefers this backend on the CPU: one second-order meta-step of omniglot_5w1s (conv4,
-#: T=32, float32), pure-PyTorch vs fused BatchNorm+ReLU, rounds interleaved in one process, on a
-#: shared 2-core AMD EPYC (Zen 4) VM, torch 2.14.1: 1.26-1.28x faster with the C++ ops (2 threads:
-#: 200 -> 159 ms fastest round; 1 thread: 317 -> 252 ms). BatchNorm+ReLU itself went from ~117 to
-#: ~28 ms of a ~340 ms single-thread step; convolutions are most of the rest. Re-measure with
-#: ``python -m benchmarks.bench_table`` (peers "torch" and "cuda"); see benchmarks/RESULTS.md.
-CPU_OPS_MEASUREMENT = "1.26-1.28x faster meta-step (omniglot_5w1s, 2-core Zen 4, see above)"
+#: Why "auto" prefers this backend on the CPU: one second-order meta-step, pure-PyTorch program
+#: ("torch") vs this backend, median of rounds interleaved in one process
+#: (``python -m benchmarks.bench_table``), quiet 2-core AMD EPYC (Zen 4) VM, torch 2.14.1, float32,
+#: commit 635de00: omniglot_5w1s (conv4, T=32) 162.4 -> 129.1 ms (1.26x); miniimagenet_5w1s (T=4, 5
+#: inner steps, 75 queries) 2377 -> 1119 ms (2.12x). Convolutions (oneDNN, the same in both) are most of
+#: what is left of the Omniglot step. See benchmarks/RESULTS.md.
+CPU_OPS_MEASUREMENT = "1.26x (omniglot_5w1s) and 2.12x (miniimagenet_5w1s) faster meta-step on a 2-core Zen 4"
 
 
 def unavailable_reasons(device: torch.device | str) -> list[str]:
