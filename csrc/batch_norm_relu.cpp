@@ -6,6 +6,7 @@
 #include "batch_norm_relu.h"
 
 #include "batch_norm_relu_cpu.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -24,12 +25,7 @@ void check_dtype(const char* op, const char* name, const at::Tensor& tensor) {
 void check_like_x(
     const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& x,
     at::IntArrayRef sizes) {
-  TORCH_CHECK_TYPE(
-      tensor.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", tensor.scalar_type(),
-      " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(
-      tensor.device() == x.device(), op, ": ", name, " is on ", tensor.device(), " but x is on ",
-      x.device());
+  check_dtype_and_device_of_x(op, name, tensor, x);
   TORCH_CHECK_VALUE(
       tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, " (x has shape ",
       x.sizes(), "), got ", tensor.sizes());

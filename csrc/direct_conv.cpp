@@ -14,6 +14,7 @@
 //                rounding error grows with pixels / kPixelBlock rather than with the pixel count.
 //                Each item sums its pixels in a fixed order: results do not depend on threads.
 #include "direct_conv.h"
+#include "op_checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -48,15 +49,6 @@ void check_activation(const char* op, const char* name, const at::Tensor& tensor
       tensor.sizes());
 }
 
-void check_matches_x(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& x) {
-  TORCH_CHECK_TYPE(
-      tensor.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", tensor.scalar_type(),
-      " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(
-      tensor.device() == x.device(), op, ": ", name, " is on ", tensor.device(), " but x is on ",
-      x.device());
-}
-
 // Fills the spatial part of `geo` from x, the kernel size, stride and padding, checking the output
 // size.
 void complete_geometry(const char* op, Geometry& geo, const at::Tensor& x, at::IntArrayRef kernel,
@@ -88,7 +80,7 @@ Geometry check_forward_inputs(
     at::IntArrayRef stride, at::IntArrayRef padding) {
   const char* op = kForwardName;
   check_activation(op, "x", x);
-  check_matches_x(op, "weight", weight, x);
+  check_dtype_and_device_of_x(op, "weight", weight, x);
   TORCH_CHECK_VALUE(
       weight.dim() == 5, op, ": weight must be 5-D [tasks, out, in, kh, kw], got shape ",
       weight.sizes());
@@ -104,7 +96,7 @@ Geometry check_forward_inputs(
       geo.tasks * geo.in_channels, " channels for weight of shape ", weight.sizes(),
       ", got shape ", x.sizes());
   if (bias.has_value() && bias->defined()) {
-    check_matches_x(op, "bias", *bias, x);
+    check_dtype_and_device_of_x(op, "bias", *bias, x);
     TORCH_CHECK_VALUE(
         bias->dim() == 2 && bias->size(0) == geo.tasks && bias->size(1) == geo.out_channels, op,
         ": bias must have shape [", geo.tasks, ", ", geo.out_channels, "] (tasks, out), got ",
@@ -120,7 +112,7 @@ Geometry check_weight_grad_inputs(
   const char* op = kWeightGradName;
   check_activation(op, "x", x);
   check_activation(op, "grad_out", grad_out);
-  check_matches_x(op, "grad_out", grad_out, x);
+  check_dtype_and_device_of_x(op, "grad_out", grad_out, x);
   check_pair(op, "kernel_size", kernel_size, 1);
   TORCH_CHECK_VALUE(tasks >= 1, op, ": tasks must be >= 1, got ", tasks);
   TORCH_CHECK_VALUE(
