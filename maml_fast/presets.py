@@ -221,12 +221,14 @@ PRESETS: dict[str, ExperimentConfig] = {
     # (`maml-fast train --preset omniglot-5w1s-cpu --time-limit 8`: about 95-96% held-out accuracy). Small
     # meta-batches run far more meta-steps per second there (the activations stay in cache), 5 query
     # examples per class give each step a less noisy meta-gradient than 1, the pre-update query
-    # forward used only for logging is skipped, and a doubled meta lr decays (cosine) to 0 over the
-    # 4500 iterations a 2-core machine runs in about 8 minutes.
+    # forward used only for logging is skipped, and a doubled meta lr decays (cosine) to 0 over 4500
+    # iterations. Backend "auto" takes the compiled C++ ops on the CPU: `maml-fast bench --preset
+    # omniglot-5w1s-cpu --backends torch cuda torch cuda --steps 20` measured 103-115 ms per meta-step
+    # with "torch" and 76-77 with "cuda" (2-core Zen 4, quiet, commit 59b2622).
     "omniglot-5w1s-cpu": ExperimentConfig(
         name="omniglot-5w1s-cpu", datasource="omniglot", ways=5, shots=1, queries=5, meta_batch_size=8,
         inner_steps=1, inner_lr=0.4, iterations=4500, hidden=64, eval_inner_steps=3, cosine=True,
-        step_metrics=False, backend="torch", log_every=100, checkpoint_every=500,
+        step_metrics=False, log_every=100, checkpoint_every=500,
         **{**_CLASSIFICATION, "meta_lr": 2e-3},
         description="Omniglot 5-way 1-shot sized for a 2-core CPU (minutes): 8 tasks, 5 queries per class, "
                     "meta lr 2e-3 with cosine decay"),
