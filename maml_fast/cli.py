@@ -294,6 +294,12 @@ def _resolve_device(torch, name):
     return device
 
 
+def _backend_label(name: str, device) -> str:
+    """The backend as configured, with what "auto" chose on `device`, e.g. "auto (cuda)"."""
+    from . import backends
+    return f"{name} ({backends.resolve_backend(name, device)})" if name == "auto" else name
+
+
 def _check_backend(config):
     from . import backends
     if config.backend != "auto" and config.backend not in backends.backend_names():
@@ -363,7 +369,7 @@ def cmd_train(args) -> int:
         if ctx.is_main:
             resumed = f", resumed at iteration {trainer.iteration}" if trainer.iteration else ""
             _print(f"maml-fast train: {config.name} ({config.description or config.datasource}) on {device}, "
-                   f"backend {config.backend}, {torch.get_num_threads()} CPU threads"
+                   f"backend {_backend_label(config.backend, device)}, {torch.get_num_threads()} CPU threads"
                    + (f", {ctx.world_size} processes" if ctx.active else "") + f"; logdir {logdir}{resumed}")
         try:
             summary = trainer.train()

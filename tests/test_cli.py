@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maml_fast import cli
+from maml_fast import backends, cli
 from maml_fast.presets import PRESETS, ExperimentConfig, build_learner, build_source, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +164,9 @@ def test_train_tiny_omniglot_on_the_bundled_data(tmp_path, capsys):
                         "--logdir", str(tmp_path / "o"), "--no-progress", "--val-every", "2", "--val-episodes", "4")
     assert code == 0
     assert "RESULT after 3 steps: accuracy" in out.out
+    # the banner says which backend "auto" chose
+    chosen = backends.resolve_backend("auto", torch.device("cpu"))
+    assert f"backend auto ({chosen})" in out.out
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "val" for r in records)
 
