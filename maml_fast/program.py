@@ -72,7 +72,7 @@ def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str, batch_norm_prefi
 
 def _lower_linear(module: nn.Linear, prefix: str, backend: str):
     def run(x, params, tasks):
-        return linear_ops.linear(x, params[prefix + "weight"], _param(params, prefix, "bias", module))
+        return linear_ops.linear(x, params[prefix + "weight"], _param(params, prefix, "bias", module), backend)
     return run, None
 
 

@@ -1,16 +1,18 @@
-"""The "triton" backend: task-batched conv primitives as Triton implicit-GEMM kernels (`kernels.conv2d`).
+"""The "triton" backend: task-batched conv primitives as Triton implicit-GEMM kernels (`kernels.conv2d`)
+and the task-batched linear layer's products as one Triton batched-matmul kernel (`kernels.linear`).
 
-Importing this module registers the backend name and puts a lazy implementation into
-`maml_fast.ops.conv2d.CONV_IMPLEMENTATIONS["triton"]`; it neither imports Triton nor touches a GPU.
-The kernels module (and with it Triton) is loaded on the first conv call.
+Importing this module registers the backend name and puts lazy implementations into
+`maml_fast.ops.conv2d.CONV_IMPLEMENTATIONS["triton"]` and `maml_fast.ops.linear.LINEAR_IMPLEMENTATIONS
+["triton"]`; it neither imports Triton nor touches a GPU. The kernels modules (and with them Triton)
+are loaded on the first conv or linear call.
 
 Where it runs (`unavailable_reasons`): CUDA devices of compute capability >= 8.0 with Triton >= 3.0
 installed; on the CPU only when ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests; it is
 slow). It is not preferred by ``backend="auto"``: its speed against cuDNN's grouped convolution is
 unmeasured, so "auto" keeps "torch" on CUDA until benchmarks say otherwise.
 
-Only the convolutions run on Triton; every other op (linear, norms, pooling, losses) is the "torch"
-backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_epilogue`, see
+The convolutions and the linear layers (forward, input and weight gradients, every derivative order)
+run on Triton; every other op (norms, pooling, losses) is the "torch" backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_epilogue`, see
 ops/conv2d.py), and `fuse_conv_epilogue` (a `program.FUSION_RULES` entry) lowers a Conv2d followed by a
 ReLU, or by a BatchNorm2d with batch statistics, to one conv kernel with that epilogue.
 """
@@ -30,6 +32,7 @@ from torch import nn
 from . import program
 from .backends import register_backend
 from .ops import conv2d as conv_ops
+from .ops import linear as linear_ops
 from .ops import norm as norm_ops
 
 NAME = "triton"
@@ -130,6 +133,19 @@ def load_kernels():
     return _kernels
 
 
+def load_linear_kernels():
+    """The batched-matmul kernel module (loads the conv kernels first: it shares their helpers)."""
+    load_kernels()
+    return importlib.import_module("kernels.linear")
+
+
+class TritonBatchedMatmul:
+    """`maml_fast.ops.linear`'s batched product on Triton; loads the kernel lazily."""
+
+    def matmul(self, a, b, bias, batch_major):
+        return load_linear_kernels().batched_matmul(a, b, bias, batch_major)
+
+
 class TritonConvPrimitives:
     """The three conv primitives of `maml_fast.ops.conv2d` on Triton; loads the kernels lazily."""
 
@@ -201,3 +217,4 @@ def fuse_conv_epilogue(children, prefix: str, backend: str):
 register_backend(NAME, unavailable_reasons, prefer_on=())
 program.FUSION_RULES.append(fuse_conv_epilogue)
 conv_ops.CONV_IMPLEMENTATIONS.setdefault(NAME, TritonConvPrimitives())
+linear_ops.LINEAR_IMPLEMENTATIONS.setdefault(NAME, TritonBatchedMatmul())
