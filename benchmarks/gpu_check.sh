@@ -65,11 +65,21 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 # The compiled ops' test modules (each parametrised over cpu/cuda devices), present or not in this tree.
 OP_TESTS=$(ls tests/test_batch_norm_relu.py tests/test_batch_norm_relu_pool.py tests/test_loss_ops.py \
     tests/test_direct_conv.py tests/test_fast_weight_update.py 2>/dev/null)
-GPU_TESTS="$OP_TESTS $(ls tests/test_triton_conv.py tests/test_triton_fusion.py tests/test_extension.py \
+GPU_TESTS="$OP_TESTS $(ls tests/test_triton_conv.py tests/test_triton_fusion.py tests/test_triton_linear.py tests/test_extension.py \
     tests/test_cuda_graph.py tests/test_precision.py 2>/dev/null)"
 stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs $XDIST --durations=15 $GPU_TESTS
 
-# 2b. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
+# 3. the meta-step ratio table with the Triton peer (maml_fast.triton_backend imported explicitly, in
+#    case maml_fast/__init__ does not import it); without "triton" again if that run fails
+BENCH_PEERS="loop vmap functorch torch cuda triton"
+BENCH_RUN="import sys, maml_fast.triton_backend; from benchmarks.bench_table import main; main(sys.argv[1:])"
+stage bench_table 100 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 3 --out "$OUT/bench.json"
+if ! grep -q "^bench_table rc=0" "$STATUS"; then
+    stage bench_table_without_triton 80 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" \
+        --peers loop vmap functorch torch cuda --rounds 3 --out "$OUT/bench.json"
+fi
+
+# 4. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
 #     test id). memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races.
 #     --error-exitcode makes a finding fail the stage even when pytest passes.
 for tool in memcheck racecheck; do
@@ -77,17 +87,7 @@ for tool in memcheck racecheck; do
         --target-processes all $PY -m pytest -q -x -p no:cacheprovider -k "cuda and not meta_gradient" $OP_TESTS
 done
 
-# 3. the meta-step ratio table with the Triton peer (maml_fast.triton_backend imported explicitly, in
-#    case maml_fast/__init__ does not import it); without "triton" again if that run fails
-BENCH_PEERS="loop vmap functorch torch cuda triton"
-BENCH_RUN="import sys, maml_fast.triton_backend; from benchmarks.bench_table import main; main(sys.argv[1:])"
-stage bench_table 100 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 5 --out "$OUT/bench.json"
-if ! grep -q "^bench_table rc=0" "$STATUS"; then
-    stage bench_table_without_triton 80 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" \
-        --peers loop vmap functorch torch cuda --rounds 5 --out "$OUT/bench.json"
-fi
-
-# 4. per-primitive benchmark: Triton vs cuDNN grouped conv at the Omniglot / MiniImageNet layers
+# 5. per-primitive benchmark: Triton vs cuDNN grouped conv at the Omniglot / MiniImageNet layers
 stage conv_primitives 90 "$OUT/conv_primitives.log" $PY -m pytest -q benchmarks/test_conv_primitives.py \
     --benchmark-json="$OUT/conv_primitives.json" --benchmark-columns=min,median,mean,stddev,rounds \
     --benchmark-sort=name

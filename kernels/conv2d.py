@@ -57,7 +57,8 @@ _INT32_MAX = 2**31 - 1
 def _mma(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b, with tl.dot or (USE_DOT=False) a broadcast-multiply-sum in acc's dtype."""
     if USE_DOT:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # out_dtype: Triton 3.6 rejects a float64 accumulator with dot's float32 default.
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     else:
         acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
     return acc
