@@ -8,8 +8,9 @@ are loaded on the first conv or linear call.
 
 Where it runs (`unavailable_reasons`): CUDA devices of compute capability >= 8.0 with Triton >= 3.0
 installed; on the CPU only when ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests; it is
-slow). It is not preferred by ``backend="auto"``: its speed against cuDNN's grouped convolution is
-unmeasured, so "auto" keeps "torch" on CUDA until benchmarks say otherwise.
+slow). It is not preferred by ``backend="auto"``: in the first H100 measurement (benchmarks/RESULTS.md,
+3 rounds) its meta-step was slower than "torch" (Omniglot 24.4 vs 17.5 ms, MiniImageNet 142.7 vs
+105.8 ms), so "auto" keeps "torch" on CUDA.
 
 The convolutions and the linear layers (forward, input and weight gradients, every derivative order)
 run on Triton; every other op (norms, pooling, losses) is the "torch" backend's. The conv's bias is fused into the forward kernel's epilogue (`fuses_epilogue`, see
