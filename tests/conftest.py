@@ -77,3 +77,13 @@ def count_op_calls(monkeypatch, *names: str) -> dict[str, int]:
 
         monkeypatch.setattr(torch.ops.maml_fast, name, counting)
     return calls
+
+
+def assert_rejected(error, argument: str, check, op, args, op_available: bool):
+    """Both the Python check and (where it can run) the compiled op reject `args` with `error`
+    naming `argument`."""
+    with pytest.raises(error, match=rf"\b{argument}\b"):
+        check(*args)
+    if op_available:
+        with pytest.raises(error, match=rf"\b{argument}\b"):
+            op(*args)
