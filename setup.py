@@ -115,7 +115,9 @@ setup(
     name="maml_fast",
     version="0.1.0",
     description="Fast MAML meta-learning in PyTorch: task-batched ops on fused CUDA and Triton kernels",
-    packages=find_packages(include=["maml_fast", "maml_fast.*", "kernels", "kernels.*"]),
+    # The repository's kernels/ (Triton) installs inside the package, as maml_fast.kernels.
+    packages=[*find_packages(include=["maml_fast", "maml_fast.*"]), "maml_fast.kernels"],
+    package_dir={"maml_fast.kernels": "kernels"},
     package_data={
         "maml_fast": [
             "data/assets/*.npz",

@@ -8,9 +8,10 @@
 """
 import warnings
 
-from . import _extension, cuda_backend, data, models, triton_backend  # noqa: F401  (backends register on import)
+from . import _extension, backends, data, models  # noqa: F401
 from .backends import available_backends
-from .maml import MAML, FastWeights, MAMLOutput, multi_step_loss_weights
+from .maml import MAML, FastWeights, MAMLOutput
+from .maml_plus_plus import multi_step_loss_weights
 from .evaluation import evaluate
 from .task_batch import TaskBatch
 from .trainer import NonFiniteLossError, Trainer, TrainResult

@@ -297,7 +297,7 @@ def _resolve_device(torch, name):
 def _backend_label(name: str, device) -> str:
     """The backend as configured, with what "auto" chose on `device`, e.g. "auto (cuda)"."""
     from . import backends
-    return f"{name} ({backends.resolve_backend(name, device)})" if name == "auto" else name
+    return f"{name} ({backends.resolve_backend(name, device).name})" if name == "auto" else name
 
 
 def _check_backend(config):

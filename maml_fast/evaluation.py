@@ -84,20 +84,20 @@ class EvaluationResult:
         return path
 
 
-def _per_task_metrics(learner, batch, steps: int):
+def _per_task_metrics(learner, batch, steps: int, inner_lr: float | None):
     """Query loss and accuracy ``[steps + 1, T]`` of every task after 0..steps inner steps."""
     classification = not batch.query_y.is_floating_point()
     if learner.step_metrics and steps == learner.eval_inner_steps:
         # One forward when the learner reports per-task metrics (``MAMLOutput.per_task_metrics``):
         # `steps` inner steps instead of steps * (steps + 1) / 2 with adapt() per step count.
         with torch.no_grad():
-            out = learner(batch)
+            out = learner(batch, inner_lr=inner_lr)
         loss = out.per_task_metrics["query_loss"].double().cpu()
         accuracy = out.per_task_metrics["query_accuracy"].double().cpu() if classification else None
         return loss, accuracy
     losses, accuracies = [], []
     for k in range(steps + 1):
-        fast = learner.adapt(batch.support_x, batch.support_y, steps=k)
+        fast = learner.adapt(batch.support_x, batch.support_y, steps=k, inner_lr=inner_lr)
         with torch.no_grad():
             output = learner.predict(fast, batch.query_x)
             if classification:
@@ -122,20 +122,17 @@ def evaluate(learner, source, num_episodes: int = 600, steps: int | None = None,
     steps = learner.eval_inner_steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    was_training, saved_lr = learner.training, learner.inner_lr
+    was_training = learner.training
     losses, accuracies = [], []
     try:
         learner.eval()
-        if inner_lr is not None:
-            learner.inner_lr = float(inner_lr)
         for batch in source.fixed_episodes(num_episodes, seed=seed, meta_batch_size=batch_size):
-            loss, accuracy = _per_task_metrics(learner, batch, steps)
+            loss, accuracy = _per_task_metrics(learner, batch, steps, inner_lr)
             losses.append(loss)
             if accuracy is not None:
                 accuracies.append(accuracy)
     finally:
         learner.train(was_training)
-        learner.inner_lr = saved_lr
     loss = torch.cat(losses, 1).T.numpy()  # [episodes, steps + 1]
     loss_stats = [s.tolist() for s in mean_std_ci95(loss)]
     result = EvaluationResult(loss.shape[0], list(range(steps + 1)), *loss_stats,

@@ -3,7 +3,8 @@
 A program runs a network for all T tasks at once with per-task parameters ``{name: [T, *shape]}``.
 Activations flow in the grouped layout ``[B, T*C, ...]`` (see `maml_fast.ops.conv2d`). Any
 `nn.Sequential` (nested freely) of the layers in `_LOWERINGS` lowers; anything else makes `lower`
-return the reason, and the learner falls back to `torch.func.vmap`.
+return the reason, and the learner falls back to `torch.func.vmap`. The backend
+(`maml_fast.backends.ProgramBackend`) gives the primitives the ops run on and its fusion rules.
 """
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cuda_backend
-from .ops import batch_norm_relu as bn_relu_ops
-from .ops import batch_norm_relu_pool as bn_relu_pool_ops
 from .ops import conv2d as conv_ops
 from .ops import linear as linear_ops
 from .ops import norm as norm_ops
@@ -24,7 +22,7 @@ from .ops import norm as norm_ops
 Layer = Callable[[torch.Tensor, dict, int], torch.Tensor]
 
 
-def _param(params: dict, prefix: str, name: str, module: nn.Module):
+def parameter(params: dict, prefix: str, name: str, module: nn.Module):
     return params[prefix + name] if getattr(module, name, None) is not None else None
 
 
@@ -50,11 +48,11 @@ def cancel_bias_before_batch_norm(h, bias):
     return _BiasCancelledByBatchNorm.apply(h, bias)
 
 
-def _is_batch_norm_with_batch_statistics(module: nn.Module | None) -> bool:
+def is_batch_norm_with_batch_statistics(module: nn.Module | None) -> bool:
     return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) and not module.track_running_stats
 
 
-def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str, batch_norm_prefix: str | None = None):
+def lower_conv2d(module: nn.Conv2d, prefix: str, backend, batch_norm_prefix: str | None = None):
     """The per-task conv; `batch_norm_prefix` names the BatchNorm (batch statistics) right after it,
     which cancels the bias (`_BiasCancelledByBatchNorm`) unless it normalises with MAML++ per-step
     running statistics (passed in params)."""
@@ -63,98 +61,66 @@ def _lower_conv2d(module: nn.Conv2d, prefix: str, backend: str, batch_norm_prefi
     stride, padding = module.stride, module.padding
 
     def run(x, params, tasks):
-        weight, bias = params[prefix + "weight"], _param(params, prefix, "bias", module)
+        weight, bias = params[prefix + "weight"], parameter(params, prefix, "bias", module)
         if bias is not None and batch_norm_prefix is not None and batch_norm_prefix + "running_mean" not in params:
-            return cancel_bias_before_batch_norm(conv_ops.conv2d(x, weight, None, stride, padding, backend), bias)
-        return conv_ops.conv2d(x, weight, bias, stride, padding, backend)
+            return cancel_bias_before_batch_norm(conv_ops.conv2d(x, weight, None, stride, padding, backend.conv), bias)
+        return conv_ops.conv2d(x, weight, bias, stride, padding, backend.conv)
     return run, None
 
 
-def _lower_linear(module: nn.Linear, prefix: str, backend: str):
+def _lower_linear(module: nn.Linear, prefix: str, backend):
     def run(x, params, tasks):
-        return linear_ops.linear(x, params[prefix + "weight"], _param(params, prefix, "bias", module), backend)
+        return linear_ops.linear(x, params[prefix + "weight"], parameter(params, prefix, "bias", module), backend.matmul)
     return run, None
 
 
-def _lower_batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str):
+def lower_batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend):
     if module.track_running_stats:
         return None, "BatchNorm with track_running_stats=True (MAML uses per-task batch statistics)"
 
     def run(x, params, tasks):
         if prefix + "running_mean" in params:
-            return _batch_norm_with_statistics(x, params, prefix, module)
-        return norm_ops.batch_norm(x, _param(params, prefix, "weight", module),
-                                   _param(params, prefix, "bias", module), tasks, module.eps, backend)
+            return batch_norm_with_statistics(x, params, prefix, module)
+        return norm_ops.batch_norm(x, parameter(params, prefix, "weight", module),
+                                   parameter(params, prefix, "bias", module), tasks, module.eps)
     return run, None
 
 
-def _batch_norm_with_statistics(x, params, prefix: str, module: nn.Module):
+def batch_norm_with_statistics(x, params, prefix: str, module: nn.Module):
     """Eval with MAML++ per-step running statistics (passed as ``[T, C]`` entries of params, like
     functional_call's buffers): normalise with them instead of the batch statistics."""
     flat = lambda t: None if t is None else t.reshape(-1)
     return F.batch_norm(x, flat(params[prefix + "running_mean"]), flat(params[prefix + "running_var"]),
-                        flat(_param(params, prefix, "weight", module)), flat(_param(params, prefix, "bias", module)),
+                        flat(parameter(params, prefix, "weight", module)), flat(parameter(params, prefix, "bias", module)),
                         training=False, eps=module.eps)
 
 
-def _fuses_batch_norm_relu(module: nn.Module, following: nn.Module | None, backend: str) -> bool:
-    """A BatchNorm with batch statistics directly followed by a ReLU (siblings in one Sequential), in
-    a program for a backend that uses the extension's fused ops (`cuda_backend.may_use_extension_ops`)."""
-    return (_is_batch_norm_with_batch_statistics(module) and type(following) is nn.ReLU
-            and cuda_backend.may_use_extension_ops(backend))
-
-
-def _is_max_pool_2x2(module: nn.Module | None) -> bool:
-    """Exactly nn.MaxPool2d(2) (stride 2, no padding, dilation 1, floor mode, no indices): the pool
-    the fused BatchNorm+ReLU+max-pool op computes."""
-    pair = lambda value: value if isinstance(value, tuple) else (value, value)  # noqa: E731
-    return (type(module) is nn.MaxPool2d and pair(module.kernel_size) == (2, 2) and pair(module.stride) == (2, 2)
-            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode
-            and not module.return_indices)
-
-
-def _lower_batch_norm_relu(module: nn.modules.batchnorm._BatchNorm, prefix: str, backend: str,
-                           max_pool: bool) -> Layer:
-    """BatchNorm then ReLU (then, with `max_pool`, a 2x2 max-pool) as one fused op with closed-form
-    derivatives on the devices where `backend` runs the extension's ops; elsewhere (and for layouts
-    without a free [rows, channels] view) the same unfused ops as without fusion."""
-    fused = bn_relu_pool_ops.batch_norm_relu_max_pool if max_pool else bn_relu_ops.batch_norm_relu
-
+def _lower_layer_norm(module: nn.LayerNorm, prefix: str, backend):
     def run(x, params, tasks):
-        if prefix + "running_mean" in params:
-            y = torch.relu(_batch_norm_with_statistics(x, params, prefix, module))
-            return F.max_pool2d(y, 2) if max_pool else y
-        return fused(x, _param(params, prefix, "weight", module), _param(params, prefix, "bias", module), tasks,
-                     module.eps, backend, use_extension=cuda_backend.uses_extension_ops(backend, x.device))
-    return run
-
-
-def _lower_layer_norm(module: nn.LayerNorm, prefix: str, backend: str):
-    def run(x, params, tasks):
-        return norm_ops.layer_norm(x, module.normalized_shape, _param(params, prefix, "weight", module),
-                                   _param(params, prefix, "bias", module), tasks, module.eps)
+        return norm_ops.layer_norm(x, module.normalized_shape, parameter(params, prefix, "weight", module),
+                                   parameter(params, prefix, "bias", module), tasks, module.eps)
     return run, None
 
 
-def _lower_group_norm(module: nn.GroupNorm, prefix: str, backend: str):
+def _lower_group_norm(module: nn.GroupNorm, prefix: str, backend):
     def run(x, params, tasks):
-        return norm_ops.group_norm(x, module.num_groups, _param(params, prefix, "weight", module),
-                                   _param(params, prefix, "bias", module), tasks, module.eps)
+        return norm_ops.group_norm(x, module.num_groups, parameter(params, prefix, "weight", module),
+                                   parameter(params, prefix, "bias", module), tasks, module.eps)
     return run, None
 
 
-def _lower_stateless(module: nn.Module, prefix: str, backend: str):
+def _lower_stateless(module: nn.Module, prefix: str, backend):
     # Channel-wise ops compute the same function in the grouped layout as per task.
     return (lambda x, params, tasks: module(x)), None
 
 
-def _lower_adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, prefix: str, backend: str):
+def _lower_adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, prefix: str, backend):
     if module.output_size not in (1, (1, 1)):
         return None, "only AdaptiveAvgPool2d(1) (global mean pool) is task-batched"
     return (lambda x, params, tasks: x.mean(dim=(2, 3), keepdim=True)), None
 
 
-def _lower_flatten(module: nn.Flatten, prefix: str, backend: str):
+def _lower_flatten(module: nn.Flatten, prefix: str, backend):
     if module.start_dim != 1 or module.end_dim != -1:
         return None, "only Flatten(start_dim=1, end_dim=-1) is task-batched"
     # [B, T*C, H, W] in logical NCHW order flattens to [B, T*(C*H*W)]: task t's features stay in block t.
@@ -162,10 +128,10 @@ def _lower_flatten(module: nn.Flatten, prefix: str, backend: str):
 
 
 _LOWERINGS = {
-    nn.Conv2d: _lower_conv2d,
+    nn.Conv2d: lower_conv2d,
     nn.Linear: _lower_linear,
-    nn.BatchNorm1d: _lower_batch_norm,
-    nn.BatchNorm2d: _lower_batch_norm,
+    nn.BatchNorm1d: lower_batch_norm,
+    nn.BatchNorm2d: lower_batch_norm,
     nn.LayerNorm: _lower_layer_norm,
     nn.GroupNorm: _lower_group_norm,
     nn.ReLU: _lower_stateless,
@@ -175,12 +141,6 @@ _LOWERINGS = {
     nn.AdaptiveAvgPool2d: _lower_adaptive_avg_pool,
     nn.Flatten: _lower_flatten,
 }
-
-
-# Fusions a backend module registers: rule(children, prefix, backend) gets the (name, module) pairs of
-# an nn.Sequential from the current position on and returns (layer, number of children it replaces),
-# or None to leave them to the per-layer lowerings. Tried in order, before those.
-FUSION_RULES: list[Callable] = []
 
 
 @dataclass
@@ -197,8 +157,10 @@ class Program:
         return h.reshape(batch, tasks, h.shape[1] // tasks, *h.shape[2:]).transpose(0, 1)
 
 
-def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
-    """The task-batched program of `module`, or (None, reason naming the layer that prevents it)."""
+def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
+    """The task-batched program of `module` on `backend` (a `maml_fast.backends.ProgramBackend`), or
+    (None, reason naming the layer that prevents it). The backend's fusion rules are tried at every
+    position of an nn.Sequential before the per-layer lowerings."""
     layers: list[Layer] = []
 
     def visit(mod: nn.Module, prefix: str, batch_norm_prefix: str | None = None) -> str | None:
@@ -207,18 +169,14 @@ def lower(module: nn.Module, backend: str) -> tuple[Program | None, str | None]:
             index = 0
             while index < len(children):
                 name, child = children[index]
-                fused = next(filter(None, (rule(children[index:], prefix, backend) for rule in FUSION_RULES)), None)
+                rules = (rule(children[index:], prefix, backend) for rule in backend.fusion_rules)
+                fused = next(filter(None, rules), None)
                 if fused is not None:
                     layers.append(fused[0])
                     index += fused[1]
                     continue
                 following = children[index + 1][1] if index + 1 < len(children) else None
-                if _fuses_batch_norm_relu(child, following, backend):
-                    max_pool = index + 2 < len(children) and _is_max_pool_2x2(children[index + 2][1])
-                    layers.append(_lower_batch_norm_relu(child, f"{prefix}{name}.", backend, max_pool))
-                    index += 3 if max_pool else 2
-                    continue
-                cancels_bias = type(child) is nn.Conv2d and _is_batch_norm_with_batch_statistics(following)
+                cancels_bias = type(child) is nn.Conv2d and is_batch_norm_with_batch_statistics(following)
                 reason = visit(child, f"{prefix}{name}.",
                                f"{prefix}{children[index + 1][0]}." if cancels_bias else None)
                 if reason:

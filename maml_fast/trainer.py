@@ -276,11 +276,7 @@ class Trainer:
             batch = batch.split_tasks(start, stop)
         if phase == "pretrain":  # the pre-update loss: support loss at θ (the reference's pretrain_op)
             batch = TaskBatch(batch.support_x, batch.support_y, batch.support_x, batch.support_y)
-            saved_steps, self.learner.inner_steps = self.learner.inner_steps, 0
-            try:
-                out = self.learner(batch)
-            finally:
-                self.learner.inner_steps = saved_steps
+            out = self.learner(batch, steps=0)
         else:
             out = self.learner(batch)
         loss = out.loss * weight if weight != 1.0 else out.loss

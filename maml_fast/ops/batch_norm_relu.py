@@ -231,12 +231,12 @@ def _affine(param, total, x, fill: float):
     return param.reshape(total)
 
 
-def extension_affine(x, weight, bias, tasks: int, use_extension: bool, available: bool):
+def extension_affine(x, weight, bias, tasks: int, available: bool):
     """weight and bias ``[T, C]`` (or None) as the ``[T*C]`` vectors of a fused op, when the fused op
-    can take x: ``use_extension``, the op ``available`` on x's device, x of a supported dtype and the
+    can take x: the op ``available`` on x's device, x of a supported dtype and the
     affine parameters of x's dtype; None otherwise (x goes to the unfused path). Raises like
     `norm.batch_norm` for a bad ``tasks`` or affine shape."""
-    if not (use_extension and available and x.dtype in _SUPPORTED_DTYPES):
+    if not (available and x.dtype in _SUPPORTED_DTYPES):
         return None
     if not all(p is None or (isinstance(p, torch.Tensor) and p.dtype == x.dtype) for p in (weight, bias)):
         return None
@@ -249,25 +249,27 @@ def extension_affine(x, weight, bias, tasks: int, use_extension: bool, available
     return _affine(weight, total, x, 1.0), _affine(bias, total, x, 0.0)
 
 
-def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str = "torch",
-                    use_extension: bool = False):
+def batch_norm_relu(x, weight, bias, tasks: int, eps: float = 1e-5):
     """relu(per-task batch_norm(x)) in the grouped layout: x ``[B, T*C]`` or ``[B, T*C, H, W]``;
     weight/bias ``[T, C]`` or None. Checked like `norm.batch_norm`.
 
-    With ``use_extension``, and when the compiled op can run on x's device, x is a 2-D matrix or
-    a channels-last 4-D tensor (a free ``[rows, T*C]`` view) and weight/bias share x's dtype, the
-    fused op runs; otherwise ``relu(norm.batch_norm(..., backend))``, the unfused path, does (same
-    function)."""
+    When the compiled op can run on x's device, x is a 2-D matrix or a channels-last 4-D tensor (a
+    free ``[rows, T*C]`` view) and weight/bias share x's dtype, the fused op runs; otherwise
+    `batch_norm_relu_unfused`, the same function, does."""
     if isinstance(x, torch.Tensor):
         view = _rows_view(x)
-        affine = None if view is None else extension_affine(x, weight, bias, tasks, use_extension,
-                                                            is_available(x.device))
+        affine = None if view is None else extension_affine(x, weight, bias, tasks, is_available(x.device))
         if affine is not None:
             rows, restore = view
             if rows.shape[0] < 2:
                 raise ValueError("batch_norm needs more than one value per channel (batch of 1 with no spatial dims)")
             return restore(batch_norm_relu_rows(rows, *affine, eps))
-    return F.relu(norm.batch_norm(x, weight, bias, tasks, eps, backend))
+    return batch_norm_relu_unfused(x, weight, bias, tasks, eps)
+
+
+def batch_norm_relu_unfused(x, weight, bias, tasks: int, eps: float = 1e-5):
+    """relu(per-task batch_norm(x)) by two ops (`norm.batch_norm`, then ReLU): the fused op's reference."""
+    return F.relu(norm.batch_norm(x, weight, bias, tasks, eps))
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels

@@ -166,21 +166,20 @@ def batch_norm_relu_max_pool_nhwc(x, weight, bias, eps: float = 1e-5):
     return _BatchNormReluMaxPool.apply(x, weight, bias, float(eps))
 
 
-def batch_norm_relu_max_pool(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str = "torch",
-                             use_extension: bool = False):
+def batch_norm_relu_max_pool(x, weight, bias, tasks: int, eps: float = 1e-5):
     """max_pool2d(relu(per-task batch_norm(x)), 2) in the grouped layout: x ``[B, T*C, H, W]``,
     weight/bias ``[T, C]`` or None. Checked like `norm.batch_norm`.
 
-    With ``use_extension``, when the compiled op can run on x's device, x is channels-last (a free
+    When the compiled op can run on x's device, x is channels-last (a free
     NHWC view) with H, W >= 2 and weight/bias share x's dtype, the fused op runs and y is
     channels-last; otherwise `bnr.batch_norm_relu` (fused BatchNorm+ReLU where it can run) and
     ``F.max_pool2d``, the same function."""
     if (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2
             and x.is_contiguous(memory_format=torch.channels_last)):
-        affine = bnr.extension_affine(x, weight, bias, tasks, use_extension, is_available(x.device))
+        affine = bnr.extension_affine(x, weight, bias, tasks, is_available(x.device))
         if affine is not None:
             return _nchw(batch_norm_relu_max_pool_nhwc(_nhwc(x), *affine, eps))
-    return F.max_pool2d(bnr.batch_norm_relu(x, weight, bias, tasks, eps, backend, use_extension), 2)
+    return F.max_pool2d(bnr.batch_norm_relu(x, weight, bias, tasks, eps), 2)
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels

@@ -13,10 +13,11 @@ with gy) — are autograd Functions whose backwards call each other:
     wgrad    gw = wgrad(x, g)    ->  gx = dgrad(g, ggw),        gg = fwd(x, ggw)
 
 This replaces PyTorch's grouped-convolution double backward, which loops over the T groups.
-A backend plugs in by adding an object with the three methods to `CONV_IMPLEMENTATIONS`. Its forward
-may take ``bias=`` (it then sets ``fuses_bias``: `conv2d` with a bias is one call); one whose forward
-also takes ``relu=`` and that has ``forward_with_stats`` sets ``fuses_epilogue``: `conv2d_relu` and
-`conv2d_with_batch_stats` then run as one kernel each too (`_ConvEpilogue`).
+Every function takes the ``primitives`` to run on: an object with the three methods (`TORCH_CONV`, the
+default, or a backend's, see `maml_fast.backends`). Its forward may take ``bias=`` (it then sets
+``fuses_bias``: `conv2d` with a bias is one call); one whose forward also takes ``relu=`` and that has
+``forward_with_stats`` sets ``fuses_epilogue``: `conv2d_relu` and `conv2d_with_batch_stats` then run as
+one kernel each too (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
@@ -98,61 +99,61 @@ class TorchConvPrimitives:
         return grad_weight.reshape(tasks, out_ch, in_ch, *geo.kernel_hw)
 
 
-CONV_IMPLEMENTATIONS: dict[str, object] = {"torch": TorchConvPrimitives()}
+TORCH_CONV = TorchConvPrimitives()
 
 
 class _ConvForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, geo, backend):
+    def forward(ctx, x, weight, geo, primitives):
         ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.backend = geo, backend
-        return CONV_IMPLEMENTATIONS[backend].forward(x, weight, geo)
+        ctx.geo, ctx.primitives = geo, primitives
+        return primitives.forward(x, weight, geo)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.backend)
+            grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.primitives)
         if ctx.needs_input_grad[1]:
-            grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.backend)
+            grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.primitives)
         return grad_x, grad_w, None, None
 
 
 class _ConvInputGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grad_out, weight, geo, backend):
+    def forward(ctx, grad_out, weight, geo, primitives):
         ctx.save_for_backward(grad_out, weight)
-        ctx.geo, ctx.backend = geo, backend
-        return CONV_IMPLEMENTATIONS[backend].input_grad(grad_out, weight, geo)
+        ctx.geo, ctx.primitives = geo, primitives
+        return primitives.input_grad(grad_out, weight, geo)
 
     @staticmethod
     def backward(ctx, grad_grad_x):
         grad_out, weight = ctx.saved_tensors
         grad_grad_out = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_grad_out = conv2d_forward(grad_grad_x, weight, ctx.geo, ctx.backend)
+            grad_grad_out = conv2d_forward(grad_grad_x, weight, ctx.geo, ctx.primitives)
         if ctx.needs_input_grad[1]:
-            grad_w = conv2d_weight_grad(grad_grad_x, grad_out, ctx.geo, ctx.backend)
+            grad_w = conv2d_weight_grad(grad_grad_x, grad_out, ctx.geo, ctx.primitives)
         return grad_grad_out, grad_w, None, None
 
 
 class _ConvWeightGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, grad_out, geo, backend):
+    def forward(ctx, x, grad_out, geo, primitives):
         ctx.save_for_backward(x, grad_out)
-        ctx.geo, ctx.backend = geo, backend
-        return CONV_IMPLEMENTATIONS[backend].weight_grad(x, grad_out, geo)
+        ctx.geo, ctx.primitives = geo, primitives
+        return primitives.weight_grad(x, grad_out, geo)
 
     @staticmethod
     def backward(ctx, grad_grad_w):
         x, grad_out = ctx.saved_tensors
         grad_x = grad_grad_out = None
-        grad_grad_w = _prepared_weight(grad_grad_w, ctx.backend)
+        grad_grad_w = _prepared_weight(grad_grad_w, ctx.primitives)
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input_grad(grad_out, grad_grad_w, ctx.geo, ctx.backend)
+            grad_x = conv2d_input_grad(grad_out, grad_grad_w, ctx.geo, ctx.primitives)
         if ctx.needs_input_grad[1]:
-            grad_grad_out = conv2d_forward(x, grad_grad_w, ctx.geo, ctx.backend)
+            grad_grad_out = conv2d_forward(x, grad_grad_w, ctx.geo, ctx.primitives)
         return grad_x, grad_grad_out, None, None
 
 
@@ -167,8 +168,8 @@ class _ConvEpilogue(torch.autograd.Function):
     torch ops and primitives on the saved outputs y and mean, so every order of derivative exists."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geo, backend, relu, with_stats):
-        impl = CONV_IMPLEMENTATIONS[backend]
+    def forward(ctx, x, weight, bias, geo, primitives, relu, with_stats):
+        impl = primitives
         if with_stats:
             outputs = impl.forward_with_stats(x, weight, geo, bias=bias, relu=relu)
             y, mean = outputs[0], outputs[1]
@@ -177,7 +178,7 @@ class _ConvEpilogue(torch.autograd.Function):
             outputs = y = impl.forward(x, weight, geo, bias=bias, **({"relu": True} if relu else {}))
             mean = None
         ctx.save_for_backward(x, weight, y if relu or with_stats else None, mean)
-        ctx.geo, ctx.backend, ctx.relu, ctx.with_stats = geo, backend, relu, with_stats
+        ctx.geo, ctx.primitives, ctx.relu, ctx.with_stats = geo, primitives, relu, with_stats
         return outputs
 
     @staticmethod
@@ -192,29 +193,29 @@ class _ConvEpilogue(torch.autograd.Function):
             grad_out = grad_out * (y > 0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.backend)
+            grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, ctx.primitives)
         if ctx.needs_input_grad[1]:
-            grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.backend)
+            grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, ctx.primitives)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3)).reshape(ctx.geo.tasks, -1)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _prepared_weight(weight, backend: str):
-    prepare = getattr(CONV_IMPLEMENTATIONS[backend], "prepare_weight", torch.Tensor.contiguous)
+def _prepared_weight(weight, primitives):
+    prepare = getattr(primitives, "prepare_weight", torch.Tensor.contiguous)
     return prepare(weight)
 
 
-def conv2d_forward(x, weight, geo: ConvGeometry, backend: str):
-    return _ConvForward.apply(x, weight, geo, backend)
+def conv2d_forward(x, weight, geo: ConvGeometry, primitives):
+    return _ConvForward.apply(x, weight, geo, primitives)
 
 
-def conv2d_input_grad(grad_out, weight, geo: ConvGeometry, backend: str):
-    return _ConvInputGrad.apply(grad_out, weight, geo, backend)
+def conv2d_input_grad(grad_out, weight, geo: ConvGeometry, primitives):
+    return _ConvInputGrad.apply(grad_out, weight, geo, primitives)
 
 
-def conv2d_weight_grad(x, grad_out, geo: ConvGeometry, backend: str):
-    return _ConvWeightGrad.apply(x, grad_out, geo, backend)
+def conv2d_weight_grad(x, grad_out, geo: ConvGeometry, primitives):
+    return _ConvWeightGrad.apply(x, grad_out, geo, primitives)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -224,18 +225,18 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
-def _fuses_epilogue(backend: str) -> bool:
-    """Whether `backend`'s forward kernel adds the bias, applies a ReLU and computes BatchNorm's batch
+def _fuses_epilogue(primitives) -> bool:
+    """Whether the forward kernel of `primitives` adds the bias, applies a ReLU and computes BatchNorm's batch
     statistics in its epilogue (the Triton kernels do; see `_ConvEpilogue`)."""
-    return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_epilogue", False)
+    return getattr(primitives, "fuses_epilogue", False)
 
 
-def _fuses_bias(backend: str) -> bool:
-    """Whether `backend`'s forward takes the bias (added in the conv kernel, not by another pass)."""
-    return getattr(CONV_IMPLEMENTATIONS[backend], "fuses_bias", False) or _fuses_epilogue(backend)
+def _fuses_bias(primitives) -> bool:
+    """Whether the forward of `primitives` takes the bias (added in the conv kernel, not by another pass)."""
+    return getattr(primitives, "fuses_bias", False) or _fuses_epilogue(primitives)
 
 
-def _prepare(x, weight, bias, stride, padding, backend: str):
+def _prepare(x, weight, bias, stride, padding, primitives):
     """Checked arguments: (weight in the backend's preferred layout, geometry)."""
     if weight.dim() != 5:
         raise ValueError(f"weight must have shape [tasks, out, in, kh, kw], got {tuple(weight.shape)}")
@@ -253,38 +254,38 @@ def _prepare(x, weight, bias, stride, padding, backend: str):
     # θ expanded over the tasks (stride 0) would be copied by every primitive that reads it; one
     # differentiable copy in the implementation's preferred layout serves the forward and all
     # derivatives that save it.
-    return _prepared_weight(weight, backend), geo
+    return _prepared_weight(weight, primitives), geo
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+def conv2d(x, weight, bias=None, stride=1, padding=0, primitives=TORCH_CONV):
     """Per-task conv2d: x ``[B, T*C, H, W]``, weight ``[T, O, C, kh, kw]``, bias ``[T, O]`` or None."""
-    weight, geo = _prepare(x, weight, bias, stride, padding, backend)
-    if bias is not None and _fuses_bias(backend):
-        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, False)
-    y = conv2d_forward(x, weight, geo, backend)
+    weight, geo = _prepare(x, weight, bias, stride, padding, primitives)
+    if bias is not None and _fuses_bias(primitives):
+        return _ConvEpilogue.apply(x, weight, bias, geo, primitives, False, False)
+    y = conv2d_forward(x, weight, geo, primitives)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     return y
 
 
-def conv2d_relu(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0, primitives=TORCH_CONV):
     """``relu(conv2d(x, weight, bias))``, one kernel where the backend fuses the epilogue."""
-    if _fuses_epilogue(backend):
-        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
-        return _ConvEpilogue.apply(x, weight, bias, geo, backend, True, False)
-    return torch.relu(conv2d(x, weight, bias, stride, padding, backend))
+    if _fuses_epilogue(primitives):
+        weight, geo = _prepare(x, weight, bias, stride, padding, primitives)
+        return _ConvEpilogue.apply(x, weight, bias, geo, primitives, True, False)
+    return torch.relu(conv2d(x, weight, bias, stride, padding, primitives))
 
 
-def conv2d_with_batch_stats(x, weight, bias=None, stride=1, padding=0, backend: str = "torch"):
+def conv2d_with_batch_stats(x, weight, bias=None, stride=1, padding=0, primitives=TORCH_CONV):
     """``(y, mean, var)``: y = conv2d(x, weight, bias) and its per-channel mean and biased variance over
     batch and pixels (``[T*O]``; fp32 for fp16/bf16/fp32, fp64 for fp64), the input of
     `maml_fast.ops.norm.batch_norm_from_statistics`. Where the backend fuses the epilogue, the
     statistics come out of the conv kernel and y is not read again; all three outputs are
     differentiable to any order."""
-    if _fuses_epilogue(backend):
-        weight, geo = _prepare(x, weight, bias, stride, padding, backend)
-        return _ConvEpilogue.apply(x, weight, bias, geo, backend, False, True)
-    return with_batch_stats(conv2d(x, weight, bias, stride, padding, backend))
+    if _fuses_epilogue(primitives):
+        weight, geo = _prepare(x, weight, bias, stride, padding, primitives)
+        return _ConvEpilogue.apply(x, weight, bias, geo, primitives, False, True)
+    return with_batch_stats(conv2d(x, weight, bias, stride, padding, primitives))
 
 
 def with_batch_stats(y):

@@ -27,7 +27,9 @@ from maml_fast import _extension
 def fast_weight_update_reference(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Plain PyTorch, one update per tensor; differentiable to any order."""
+    """Plain PyTorch, one update per tensor, checked (`check_fast_weight_update_inputs`);
+    differentiable to any order."""
+    check_fast_weight_update_inputs(params, grads, lrs)
     return [param - lr * grad for param, grad, lr in zip(params, grads, lrs, strict=True)]
 
 
@@ -118,19 +120,15 @@ def fast_weight_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     lrs: Sequence[torch.Tensor],
-    use_extension: bool,
 ) -> list[torch.Tensor]:
-    """``[params_i - lrs_i * grads_i]``, differentiable in all three inputs to any order.
-
-    With ``use_extension`` the compiled kernel runs when it is available for the tensors' device
-    (see `maml_fast._extension.extension_unavailable_reasons`), else the reference does.
+    """``[params_i - lrs_i * grads_i]``, differentiable in all three inputs to any order, by the
+    compiled kernel where it can run on the tensors' device (see
+    `maml_fast._extension.extension_unavailable_reasons`), else by the reference.
     """
+    if not (params and isinstance(params[0], torch.Tensor) and _extension.is_available(params[0].device)):
+        return fast_weight_update_reference(params, grads, lrs)
     check_fast_weight_update_inputs(params, grads, lrs)
-    if not params:
-        return []
-    if use_extension and _extension.is_available(params[0].device):
-        return list(_FastWeightUpdate.apply(len(params), *params, *grads, *lrs))
-    return fast_weight_update_reference(params, grads, lrs)
+    return list(_FastWeightUpdate.apply(len(params), *params, *grads, *lrs))
 
 
 def update_output_like(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

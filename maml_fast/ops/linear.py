@@ -3,9 +3,9 @@
 x is ``[B, T*F]`` (the grouped layout), weight ``[T, O, F]``, bias ``[T, O]``. One batched matmul for all
 tasks; its derivatives are batched matmuls again, so every order of derivative stays task-batched.
 
-By default (every backend without an entry in `LINEAR_IMPLEMENTATIONS`) the product is torch.bmm /
-baddbmm with PyTorch's autograd. A backend with an entry (an object with ``matmul(a, b, bias,
-batch_major)``, see `_BatchedMatmul`) runs all three products through it: the layer is bilinear, so
+By default (``matmul=None``) the product is torch.bmm / baddbmm with PyTorch's autograd. A backend's
+``matmul`` (an object with ``matmul(a, b, bias, batch_major)``, see `_BatchedMatmul`) runs all three
+products instead: the layer is bilinear, so
 
     c = a @ b (+ bias)   ->   ga = gc @ b^T,   gb = a^T @ gc,   gbias = Σ_rows gc
 
@@ -16,44 +16,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINEAR_IMPLEMENTATIONS: dict[str, object] = {}
-
-
 def _batch_major(t: torch.Tensor) -> bool:
     """Whether the [T, M, N] tensor t is laid out rows-first (a view of the grouped layout [M, T*N])."""
     return t.stride(0) < t.stride(1)
 
 
 class _BatchedMatmul(torch.autograd.Function):
-    """c ``[T, M, N]`` = a ``[T, M, K]`` @ b ``[T, K, N]`` (+ bias ``[T, N]``) on a backend's kernel.
+    """c ``[T, M, N]`` = a ``[T, M, K]`` @ b ``[T, K, N]`` (+ bias ``[T, N]``) on ``matmul``'s kernel.
     Each gradient is laid out as its operand (``batch_major``), so grouped-layout views stay free."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, backend, batch_major):
+    def forward(ctx, a, b, bias, matmul, batch_major):
         ctx.save_for_backward(a, b)
-        ctx.backend = backend
+        ctx.matmul = matmul
         ctx.layouts = _batch_major(a), _batch_major(b)
-        return LINEAR_IMPLEMENTATIONS[backend].matmul(a, b, bias, batch_major)
+        return matmul.matmul(a, b, bias, batch_major)
 
     @staticmethod
     def backward(ctx, grad_c):
         a, b = ctx.saved_tensors
         grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_a = batched_matmul(grad_c, b.transpose(1, 2), None, ctx.backend, ctx.layouts[0])
+            grad_a = batched_matmul(grad_c, b.transpose(1, 2), None, ctx.matmul, ctx.layouts[0])
         if ctx.needs_input_grad[1]:
-            grad_b = batched_matmul(a.transpose(1, 2), grad_c, None, ctx.backend, ctx.layouts[1])
+            grad_b = batched_matmul(a.transpose(1, 2), grad_c, None, ctx.matmul, ctx.layouts[1])
         if ctx.needs_input_grad[2]:
             grad_bias = grad_c.sum(1)
         return grad_a, grad_b, grad_bias, None, None
 
 
-def batched_matmul(a, b, bias, backend: str, batch_major: bool = False):
-    """a @ b (+ bias) per task on `backend`'s kernel (which must be in `LINEAR_IMPLEMENTATIONS`)."""
-    return _BatchedMatmul.apply(a, b, bias, backend, batch_major)
+def batched_matmul(a, b, bias, matmul, batch_major: bool = False):
+    """a @ b (+ bias) per task on the kernel of `matmul`."""
+    return _BatchedMatmul.apply(a, b, bias, matmul, batch_major)
 
 
-def linear(x, weight, bias=None, backend: str = "torch"):
+def linear(x, weight, bias=None, matmul=None):
     if weight.dim() != 3:
         raise ValueError(f"weight must have shape [tasks, out, in], got {tuple(weight.shape)}")
     tasks, out_features, in_features = weight.shape
@@ -65,8 +62,8 @@ def linear(x, weight, bias=None, backend: str = "torch"):
         raise ValueError(f"bias must have shape {(tasks, out_features)}, got {tuple(bias.shape)}")
     batch = x.shape[0]
     task_major = x.reshape(batch, tasks, in_features).transpose(0, 1)            # [T, B, F]
-    if backend in LINEAR_IMPLEMENTATIONS:
-        y = batched_matmul(task_major, weight.transpose(1, 2), bias, backend, batch_major=True)
+    if matmul is not None:
+        y = batched_matmul(task_major, weight.transpose(1, 2), bias, matmul, batch_major=True)
     elif bias is None:
         y = torch.bmm(task_major, weight.transpose(1, 2))
     else:

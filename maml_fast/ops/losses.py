@@ -4,8 +4,8 @@ Outputs are task-major ``[T, B, N]`` (every backend returns them so); labels ``[
 indices) and regression targets ``[T, B, ...]`` as in a TaskBatch.
 
 `cross_entropy_per_task` and `mse_per_task` are the pure-PyTorch definitions: the references of the
-compiled ops below and the losses of every backend but "cuda". Backend "cuda" uses the fused ops
-(`per_task_loss(name, use_extension=True)`), defined with x = logits, y = labels, g = grad_loss:
+compiled ops below (`LOSSES`). The fused ops (`FUSED_LOSSES`, the "fused" backend's losses) are
+defined with x = logits, y = labels, g = grad_loss:
 
     cross_entropy_per_task(x [T, B, N], y [T, B] int64) -> (loss [T], accuracy [T], lse [T, B])
         lse = logsumexp(x, -1),  loss_t = mean_b (lse - x[y]),  accuracy_t = mean_b (argmax x == y)
@@ -267,13 +267,8 @@ def _extension_mse(prediction, targets):
     return fused_mse_per_task(prediction.reshape(tasks, -1), targets.reshape(tasks, -1)), None
 
 
-_EXTENSION_LOSSES = {"cross_entropy": _extension_cross_entropy, "mse": _extension_mse}
-
-
-def per_task_loss(name: str, use_extension: bool):
-    """The loss `name` of `LOSSES`, ``(output, labels) -> (loss [T], accuracy [T] or None)``; with
-    ``use_extension`` by the fused ops wherever the extension can run and the inputs fit them."""
-    return (_EXTENSION_LOSSES if use_extension else LOSSES)[name]
+#: `LOSSES` by the fused ops wherever the extension can run and the inputs fit them.
+FUSED_LOSSES = {"cross_entropy": _extension_cross_entropy, "mse": _extension_mse}
 
 
 # ---------------------------------------------------------------------------- fake (meta) kernels

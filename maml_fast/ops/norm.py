@@ -20,7 +20,7 @@ def _flat(param):
     return None if param is None else param.reshape(-1)
 
 
-def batch_norm(x, weight, bias, tasks: int, eps: float = 1e-5, backend: str = "torch"):
+def batch_norm(x, weight, bias, tasks: int, eps: float = 1e-5):
     """x ``[B, T*C]`` or ``[B, T*C, H, W]``; weight/bias ``[T, C]`` or None; batch statistics per task."""
     if x.dim() not in (2, 3, 4) or x.shape[1] % tasks:
         raise ValueError(f"x must have shape [batch, tasks*channels, ...] with tasks={tasks}, got {tuple(x.shape)}")

@@ -1,0 +1,126 @@
+"""Backend "fused" (alias "cuda"): the task-batched program with the compiled operators of
+`maml_fast._C`, C++ on the CPU and CUDA C++ on a GPU. Where an op's inputs do not fit its kernel (dtype,
+layout), the same function runs as PyTorch ops.
+
+What it runs, beyond the "torch" backend's program:
+
+- BatchNorm with batch statistics followed by ReLU: one ``maml_fast::batch_norm_relu`` op with
+  closed-form backward and double backward (`maml_fast.ops.batch_norm_relu`); followed by ReLU and
+  ``MaxPool2d(2)``: one ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`)
+  (`fuse_batch_norm_relu`, its fusion rule);
+- the per-task cross-entropy (with accuracy) and MSE: ``maml_fast::cross_entropy_per_task`` /
+  ``mse_per_task`` (`maml_fast.ops.losses.FUSED_LOSSES`);
+- the fast-weight update of all parameters in one ``maml_fast::fast_weight_update`` call;
+- convolutions: PyTorch's grouped convolutions with channels-last activations on every device (so that
+  the BatchNorm input is a free ``[rows, channels]`` view) and the bias added by the convolution; the
+  first layer's forward and weight gradient on the direct ops ``maml_fast::direct_conv2d{,_weight_grad}``
+  (`maml_fast.ops.direct_conv`) for the shapes and devices where they were measured faster
+  (`uses_direct_conv`; benchmarks/RESULTS.md).
+
+``"auto"`` prefers it on the CPU, where it was measured faster than "torch" (benchmarks/RESULTS.md). On a
+GPU "auto" stays on "torch" until the CUDA kernels' test run has passed there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import batch_norm_relu as bn_relu_ops
+from ..ops import batch_norm_relu_pool as bn_relu_pool_ops
+from ..ops import conv2d as conv_ops
+from ..ops import direct_conv as direct_ops
+from ..ops.fast_weight_update import fast_weight_update
+from ..ops.losses import FUSED_LOSSES
+from .base import ProgramBackend
+
+#: Per primitive, the most input channels per task for which the direct ops run a convolution (a first
+#: layer's input gradient is not needed by MAML), and the device types where they do: the shape
+#: classes and devices where they were measured faster than oneDNN/cuDNN (benchmarks/RESULTS.md).
+DIRECT_CONV_MAX_IN_CHANNELS = {"forward": 1, "weight_grad": 3}
+DIRECT_CONV_DEVICE_TYPES = ("cpu",)
+
+
+def uses_direct_conv(primitive: str, x: torch.Tensor, in_channels: int) -> bool:
+    """Whether `primitive` ("forward" or "weight_grad") of a conv with `in_channels` input channels per
+    task runs on x by the direct ops: a measured-faster shape class and device, a supported dtype, and
+    the ops available there."""
+    return (in_channels <= DIRECT_CONV_MAX_IN_CHANNELS[primitive] and x.device.type in DIRECT_CONV_DEVICE_TYPES
+            and x.dtype in direct_ops.SUPPORTED_DTYPES and direct_ops.is_available(x.device))
+
+
+class ChannelsLastConvPrimitives(conv_ops.TorchConvPrimitives):
+    """PyTorch's grouped convolutions with channels-last activations on every device (the torch
+    primitives keep them channels-last on the CPU only), the bias fused into the forward, and the
+    direct ops for layers with few input channels (`uses_direct_conv`)."""
+
+    fuses_bias = True
+
+    @staticmethod
+    def _layout(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x, weight, geo: conv_ops.ConvGeometry, bias=None):
+        if uses_direct_conv("forward", x, weight.shape[2]):
+            return direct_ops.direct_conv2d(x, weight, bias, geo.stride, geo.padding)
+        return super().forward(x, weight, geo, bias=bias)
+
+    def weight_grad(self, x, grad_out, geo: conv_ops.ConvGeometry):
+        if uses_direct_conv("weight_grad", x, x.shape[1] // geo.tasks):
+            return direct_ops.direct_conv2d_weight_grad(x, grad_out, geo.tasks, geo.kernel_hw, geo.stride,
+                                                        geo.padding)
+        return super().weight_grad(x, grad_out, geo)
+
+
+def _is_max_pool_2x2(module: nn.Module | None) -> bool:
+    """Exactly nn.MaxPool2d(2) (stride 2, no padding, dilation 1, floor mode, no indices): the pool the
+    fused BatchNorm+ReLU+max-pool op computes."""
+    pair = lambda value: value if isinstance(value, tuple) else (value, value)  # noqa: E731
+    return (type(module) is nn.MaxPool2d and pair(module.kernel_size) == (2, 2) and pair(module.stride) == (2, 2)
+            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode
+            and not module.return_indices)
+
+
+def fuse_batch_norm_relu(children, prefix: str, backend):
+    """This backend's fusion rule: a BatchNorm with batch statistics directly followed by a ReLU (and
+    then, optionally, a 2x2 max-pool), siblings in one nn.Sequential, as one fused op with closed-form
+    derivatives. With MAML++ per-step running statistics (evaluation) the same layers run unfused."""
+    from .. import program
+
+    name, norm = children[0]
+    following = children[1][1] if len(children) > 1 else None
+    if not (program.is_batch_norm_with_batch_statistics(norm) and type(following) is nn.ReLU):
+        return None
+    max_pool = len(children) > 2 and _is_max_pool_2x2(children[2][1])
+    fused = bn_relu_pool_ops.batch_norm_relu_max_pool if max_pool else bn_relu_ops.batch_norm_relu
+    norm_prefix = f"{prefix}{name}."
+    weight = lambda params: program.parameter(params, norm_prefix, "weight", norm)  # noqa: E731
+    bias = lambda params: program.parameter(params, norm_prefix, "bias", norm)  # noqa: E731
+
+    def run(x, params, tasks):
+        if norm_prefix + "running_mean" in params:
+            y = torch.relu(program.batch_norm_with_statistics(x, params, norm_prefix, norm))
+            return nn.functional.max_pool2d(y, 2) if max_pool else y
+        return fused(x, weight(params), bias(params), tasks, norm.eps)
+    return run, 3 if max_pool else 2
+
+
+class FusedBackend(ProgramBackend):
+    name = "fused"
+    aliases = ("cuda",)
+    summary = "the task-batched program on the compiled C++ (CPU) and CUDA C++ (GPU) ops of maml_fast._C"
+    auto_rank = {"cpu": 10}
+    conv = ChannelsLastConvPrimitives()
+    fusion_rules = (fuse_batch_norm_relu,)
+    losses = FUSED_LOSSES
+
+    def unavailable_reasons(self, device):
+        return bn_relu_ops.unavailable_reasons(device)
+
+    def fast_weight_update(self, params, grads, lrs):
+        return fast_weight_update(params, grads, lrs)
+
+
+FUSED = FusedBackend()
+
+__all__ = ["FUSED", "FusedBackend", "ChannelsLastConvPrimitives", "uses_direct_conv", "fuse_batch_norm_relu",
+           "DIRECT_CONV_MAX_IN_CHANNELS", "DIRECT_CONV_DEVICE_TYPES"]

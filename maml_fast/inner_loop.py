@@ -1,0 +1,192 @@
+"""The inner loop of the MAML family, for a group of tasks at once:
+
+    fast_0 = θ expanded to [T, ...]                              (no copy)
+    for k < K:  g_k = ∇ Σ_t L_support,t(fast_k)                  (create_graph for second order)
+                fast_{k+1} = fast_k − α_k ⊙ g_k                  (the backend's fast-weight update)
+    objective = Σ_k w_k L_query,t(fast_k)                        (w: the last step only, or MAML++'s)
+
+`InnerLoop` runs it (`InnerLoop.run`) with one `InnerStep` per k. Both are written once over an
+`maml_fast.backends.Execution` (the backend's forward for the group) and the learner's
+`ParameterLayout`, which says how meta-parameters become per-task network parameters at step k.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Execution
+from .checkpointing import checkpointed_inner_step
+from .maml_plus_plus import PerStepBatchNormStatistics, inner_lr_at
+from .task_batch import check_labels
+
+METRIC_KEYS = ("support_loss", "support_accuracy", "query_loss", "query_accuracy")
+
+
+@dataclass(frozen=True)
+class MetaTensors:
+    """What an inner step reads besides the fast weights, all meta-learned: the network parameters that
+    do not adapt (``frozen``), MAML++ per-step BatchNorm weights ``[K+1, ...]`` (``per_step_bn``) and
+    the learned step sizes (``inner_lrs``)."""
+
+    frozen: tuple[torch.Tensor, ...]
+    per_step_bn: tuple[torch.Tensor, ...]
+    inner_lrs: tuple[torch.Tensor, ...]
+
+    def flat(self) -> list[torch.Tensor]:
+        return [*self.frozen, *self.per_step_bn, *self.inner_lrs]
+
+    def like(self, tensors: list[torch.Tensor]) -> "MetaTensors":
+        """The same structure holding `tensors` (in the order of `flat`)."""
+        a, b = len(self.frozen), len(self.frozen) + len(self.per_step_bn)
+        return MetaTensors(tuple(tensors[:a]), tuple(tensors[a:b]), tuple(tensors[b:]))
+
+    def detached(self) -> "MetaTensors":
+        return self.like([t.detach() for t in self.flat()])
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Which network parameters adapt in the inner loop (``adapted``), which have a per-step copy
+    (``per_step_bn``, MAML++), and which stay as they are (``frozen``); how the learned step sizes are
+    indexed (``inner_lr_mode``); and the per-step BatchNorm statistics used in evaluation."""
+
+    adapted: tuple[str, ...]
+    frozen: tuple[str, ...]
+    per_step_bn: tuple[str, ...]
+    inner_lr_mode: str
+    bn_statistics: PerStepBatchNormStatistics | None = None
+
+    def params_at(self, fast: list[torch.Tensor], meta: MetaTensors, step: int, tasks: int,
+                  running_statistics: bool = False) -> dict[str, torch.Tensor]:
+        """Every network parameter as ``[T, ...]`` for inner step `step` (and, with
+        `running_statistics`, the BatchNorm layers' per-step running statistics)."""
+        params = {n: t.expand(tasks, *t.shape) for n, t in zip(self.frozen, meta.frozen)}
+        for n, per_step in zip(self.per_step_bn, meta.per_step_bn):
+            params[n] = per_step[min(step, per_step.shape[0] - 1)].expand(tasks, *per_step.shape[1:])
+        params.update(zip(self.adapted, fast))
+        if running_statistics:
+            params.update(self.bn_statistics.running_at(step, tasks))
+        return params
+
+
+class CheckedLoss:
+    """`loss_fn` with the labels checked against the network's output: class labels once, at the first
+    loss of an inner loop (before any loss kernel could index out of range; ``host_checks=False`` skips
+    this check, which reads label values, for a graph-captured step), regression targets' shape at
+    every call."""
+
+    def __init__(self, loss_fn: Callable, support_y: torch.Tensor, query_y: torch.Tensor | None, host_checks: bool):
+        self.loss_fn, self.support_y, self.query_y = loss_fn, support_y, query_y
+        self.pending = host_checks and not support_y.is_floating_point()
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor):
+        if self.pending:
+            check_labels("support_y", self.support_y, output.shape[-1])
+            if self.query_y is not None:
+                check_labels("query_y", self.query_y, output.shape[-1])
+            self.pending = False
+        elif labels.is_floating_point() and output.shape[2:].numel() != labels.shape[2:].numel():
+            which = "support_y" if labels is self.support_y else "query_y"
+            raise ValueError(
+                f"{which} holds floating targets of shape {tuple(labels.shape[2:])} per example but the model "
+                f"outputs {tuple(output.shape[2:])}; pass integer class labels (or loss='cross_entropy') "
+                "for classification")
+        return self.loss_fn(output, labels)
+
+
+@dataclass(frozen=True)
+class InnerStep:
+    """Inner step `step`: ``(fast_k, meta, create_graph) -> (fast_{k+1}, support loss [T], accuracy [T]
+    or None)``, a pure function of its tensor arguments (so that a checkpointed step can recompute it)."""
+
+    step: int
+    loop: "InnerLoop"
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+
+    def __call__(self, fast: list[torch.Tensor], meta: MetaTensors, create_graph: bool):
+        loop = self.loop
+        params = loop.layout.params_at(fast, meta, self.step, self.support_x.shape[0], loop.running_statistics)
+        output = loop.execution.forward(params, self.support_x)
+        loss, accuracy = loop.loss(output, self.support_y)
+        # The reference code differentiates sum(CE)/K_shots = N_ways x the mean (see MAML's inner_loss).
+        scale = output.shape[-1] if loop.reference_inner_loss and not self.support_y.is_floating_point() else 1.0
+        grads = torch.autograd.grad(loss.sum() * scale, fast, create_graph=create_graph)
+        if loop.layout.inner_lr_mode == "fixed":
+            lrs = [fast[0].new_full((), loop.inner_lr)] * len(fast)
+        else:
+            lrs = [inner_lr_at(lr, loop.layout.inner_lr_mode, self.step) for lr in meta.inner_lrs]
+        return loop.update(fast, grads, lrs), loss, accuracy
+
+    def flat(self, tensors: list[torch.Tensor], num_fast: int, create_graph: bool):
+        """The step on the flat list ``[*fast, *meta.flat()]`` (the checkpointed step's arguments)."""
+        return self(tensors[:num_fast], self.loop.meta.like(tensors[num_fast:]), create_graph)
+
+
+@dataclass
+class InnerLoop:
+    """One inner loop for a group of tasks: K steps on the support set and, with a query set, the query
+    loss after 0..K steps (metrics, and the objective weighted by ``weights``).
+
+    ``execution``/``update``: the backend's; ``loss``: the backend's loss with the label checks
+    (`CheckedLoss`);
+    ``meta``: the meta-learned tensors (detached when only adapting); ``record_statistics``: record
+    MAML++ per-step BatchNorm statistics (training); ``running_statistics``: normalise with them
+    (evaluation)."""
+
+    layout: ParameterLayout
+    meta: MetaTensors
+    execution: Execution
+    update: Callable
+    loss: Callable
+    steps: int
+    inner_lr: float
+    second_order: bool
+    reference_inner_loss: bool = False
+    checkpoint: bool = False
+    step_metrics: bool = True
+    record_statistics: bool = False
+    running_statistics: bool = False
+
+    def run(self, fast: list[torch.Tensor], support_x, support_y, query_x=None, query_y=None,
+            weights=None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(fast weights after K steps, records): ``support_loss``/``support_accuracy`` ``[K, T]``,
+        ``query_loss``/``query_accuracy`` ``[K+1, T]`` and ``objective`` ``[T]`` with a query set."""
+        tasks = support_x.shape[0]
+        record: dict[str, list] = {key: [] for key in METRIC_KEYS}
+        objective = 0.0
+        for k in range(self.steps + 1):
+            if query_x is not None:
+                # weights[k-1] weighs the query loss after k steps; with no steps the loss is at θ.
+                weight = weights[k - 1] if k > 0 else (1.0 if self.steps == 0 else 0.0)
+                if weight != 0.0 or self.step_metrics or k == self.steps:
+                    params = self.layout.params_at(fast, self.meta, k, tasks, self.running_statistics)
+                    with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
+                        loss, accuracy = self.loss(self.execution.forward(params, query_x), query_y)
+                    if weight != 0.0:
+                        objective = objective + weight * loss
+                    record["query_loss"].append(loss.detach())
+                    record["query_accuracy"].append(accuracy)
+                else:
+                    record["query_loss"].append(support_x.new_full((tasks,), math.nan))
+                    record["query_accuracy"].append(support_x.new_full((tasks,), math.nan))
+                if self.record_statistics:
+                    self.layout.bn_statistics.record(self.layout.params_at(fast, self.meta, k, tasks), support_x, k)
+            if k == self.steps:
+                break
+            step = InnerStep(k, self, support_x, support_y)
+            with torch.enable_grad():
+                if self.checkpoint:
+                    fast, loss, accuracy = checkpointed_inner_step(step, fast, self.meta.flat(), self.second_order)
+                else:
+                    fast, loss, accuracy = step(fast, self.meta, self.second_order)
+            record["support_loss"].append(loss.detach())
+            record["support_accuracy"].append(accuracy)
+        classification = not support_y.is_floating_point()
+        stacked = {k: torch.stack(v) for k, v in record.items() if v and (classification or "accuracy" not in k)}
+        if query_x is not None:
+            stacked["objective"] = objective
+        return fast, stacked
