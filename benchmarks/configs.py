@@ -49,7 +49,7 @@ CONFIGS = {
 }
 
 
-PEERS = ("loop", "vmap", "functorch", "torch", "cuda", "triton")
+PEERS = ("loop", "vmap", "functorch", "torch", "fused", "triton")
 
 
 def available_peers(device) -> list[str]:
@@ -59,20 +59,19 @@ def available_peers(device) -> list[str]:
 
 
 def meta_step(peer: str, config: MetaStepConfig, device="cpu", dtype=torch.float32):
-    """A zero-argument callable running one second-order meta-step (inner loop, query loss,
-    meta-backward) of ``peer`` on ``config``; per-step metrics are off so every peer does the same work."""
-    from .functorch_peer import functorch_meta_loss
+    """A zero-argument callable running one second-order meta-training iteration of ``peer`` on
+    ``config``: the trainer's `maml_fast.meta_step.MetaStep` (inner loop, query loss, meta-backward,
+    gradient norm, fused Adam step). Per-step metrics are off so every peer does the same work."""
+    from maml_fast.meta_step import MetaStep
+
+    from .functorch_peer import FunctorchMAML
 
     net = config.make_net(device, dtype)
     batch = config.make_batch(device, dtype)
     if peer == "functorch":
-        def step():
-            net.zero_grad(set_to_none=True)
-            functorch_meta_loss(net, batch, config.inner_lr, config.inner_steps).backward()
-        return step
-    learner = mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=peer, step_metrics=False)
-
-    def step():
-        learner.zero_grad(set_to_none=True)
-        learner(batch).loss.backward()
-    return step
+        learner = FunctorchMAML(net, config.inner_lr, config.inner_steps)
+    else:
+        learner = mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=peer,
+                          step_metrics=False)
+    step = MetaStep(learner, torch.optim.Adam(learner.parameters(), lr=1e-3, fused=True))
+    return lambda: step(batch)

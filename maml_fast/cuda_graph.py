@@ -81,7 +81,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .precision import check_mode, precision_mode
+from .checks import check_int
+from .meta_step import MetaStep
 from .task_batch import TaskBatch
 
 __all__ = ["GraphedMetaStep", "GraphStats", "CaptureBackend", "Replayable", "CudaGraphBackend",
@@ -453,35 +454,18 @@ class GraphedMetaStep:
                  precision_options: dict | None = None, enabled: bool = True, backend: CaptureBackend | None = None,
                  warmup: int = 3, max_graphs: int = 4, skip_nonfinite: bool = True,
                  check_host_syncs: str = "raise", tensor_lr: bool = True, key: Callable[[], Any] | None = None):
-        if not isinstance(learner, torch.nn.Module):
-            raise TypeError(f"learner must be an nn.Module, got {type(learner).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not value > 0 or value == float("inf")):
-                raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
-        check_mode(precision, "precision")
+        self._step = MetaStep(learner, optimizer, clip_value=clip_value, clip_norm=clip_norm,
+                              skip_nonfinite=skip_nonfinite, precision=precision, precision_options=precision_options)
         for name, value, minimum in (("warmup", warmup, 1), ("max_graphs", max_graphs, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, value, minimum)
         if check_host_syncs not in SYNC_POLICIES:
             raise ValueError(f"check_host_syncs must be one of {SYNC_POLICIES}, got {check_host_syncs!r}")
         if key is not None and not callable(key):
             raise TypeError(f"key must be None or a callable, got {type(key).__name__}")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not params:
-            raise ValueError("optimizer holds no parameters")
-        devices = {p.device for p in params}
-        if len(devices) != 1:
-            raise ValueError(f"optimizer's parameters must be on one device, got {sorted(map(str, devices))}")
-        self.device = params[0].device
-        self.learner, self.optimizer, self._params = learner, optimizer, params
-        self.clip_value, self.clip_norm = clip_value, clip_norm
-        self.precision, self.precision_options = precision, dict(precision_options or {})
+        self.device, self._params = self._step.device, self._step.params
+        self.learner, self.optimizer = learner, optimizer
         self.enabled, self.warmup, self.max_graphs = bool(enabled), warmup, max_graphs
-        self.skip_nonfinite, self.check_host_syncs, self.key = bool(skip_nonfinite), check_host_syncs, key
-        self._fused_skip = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self.check_host_syncs, self.key = check_host_syncs, key
 
         if self.enabled and backend is None:
             if self.device.type != "cuda":
@@ -507,8 +491,6 @@ class GraphedMetaStep:
         self._last: dict[str, torch.Tensor] | None = None
         self._last_entry: _Entry | None = None
         self.stats = GraphStats()
-        zeros = lambda: torch.zeros((), device=self.device)  # noqa: E731
-        self._skipped, self._bad_run, self._bad_run_max = zeros(), zeros(), zeros()
 
     # ------------------------------------------------------------------ public
     def __call__(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
@@ -569,9 +551,8 @@ class GraphedMetaStep:
         return self._last
 
     def counters(self) -> dict[str, torch.Tensor]:
-        """Device counters (float tensors): ``skipped_steps`` in total, ``bad_run`` (the current run
-        of consecutive skipped steps) and ``bad_run_max`` (its maximum so far)."""
-        return {"skipped_steps": self._skipped, "bad_run": self._bad_run, "bad_run_max": self._bad_run_max}
+        """The step's device counters (`MetaStep.counters`)."""
+        return self._step.counters()
 
     def static_inputs(self) -> TaskBatch | None:
         """The static input buffers of the last signature (None when eager)."""
@@ -656,59 +637,5 @@ class GraphedMetaStep:
         return outputs
 
     def _body(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        """The step itself, identical eagerly, in warm-up and under capture. No host reads."""
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        with precision_mode(self.precision, **self.precision_options):
-            out = self.learner(batch)
-            out.loss.backward()
-        meta_loss = out.loss.detach().reshape(1)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads)
-            total_norm = torch.linalg.vector_norm(torch.stack([n.double() for n in norms]))
-        else:
-            total_norm = torch.zeros((), dtype=torch.float64, device=self.device)
-        finite = torch.isfinite(total_norm) & torch.isfinite(meta_loss).all()
-        found_inf = (~finite).to(torch.float32)
-        if self.clip_value is not None and grads:
-            torch._foreach_clamp_min_(grads, -self.clip_value)
-            torch._foreach_clamp_max_(grads, self.clip_value)
-        if self.clip_norm is not None and grads:
-            coef = torch.clamp(self.clip_norm / (total_norm + 1e-6), max=1.0)
-            for dtype in {g.dtype for g in grads}:
-                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
-        self._optimizer_step(finite, found_inf)
-        self._skipped.add_(found_inf)
-        self._bad_run.add_(found_inf).mul_(found_inf)
-        torch.maximum(self._bad_run_max, self._bad_run, out=self._bad_run_max)
-        outputs = {"meta_loss": meta_loss, "grad_norm": total_norm.reshape(1), "found_inf": found_inf}
-        for name, value in out.metrics.items():
-            outputs[name] = value.detach()
-        return outputs
-
-    def _optimizer_step(self, finite: torch.Tensor, found_inf: torch.Tensor) -> None:
-        optimizer = self.optimizer
-        if not self.skip_nonfinite:
-            optimizer.step()
-            return
-        if self._fused_skip:  # the fused kernel skips the update (and undoes its step count) itself
-            optimizer.found_inf, optimizer.grad_scale = found_inf, None
-            try:
-                optimizer.step()
-            finally:
-                optimizer.found_inf = None
-            return
-        # Any other optimizer: keep the old parameters and state where the step was not finite.
-        guarded = [p for p in self._params if p.grad is not None]
-        before = {id(t): t for p in guarded for t in optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)}
-        with torch.no_grad():
-            saved = [(t, t.clone()) for t in [*guarded, *before.values()]]
-        optimizer.step()
-        with torch.no_grad():
-            for tensor, old in saved:
-                tensor.copy_(torch.where(finite, tensor, old))
-            for p in guarded:  # state created by this very step starts from zeros when the step is skipped
-                for t in optimizer.state.get(p, {}).values():
-                    if isinstance(t, torch.Tensor) and id(t) not in before:
-                        t.copy_(torch.where(finite, t, torch.zeros_like(t)))
+        """The step itself (`MetaStep`), identical eagerly, in warm-up and under capture."""
+        return self._step(batch)

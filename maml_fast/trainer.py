@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .distributed import DistributedContext
+from .meta_step import MetaStep
 from .task_batch import TaskBatch
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -222,16 +223,13 @@ class Trainer:
         self.val_source, self.val_every, self.val_episodes, self.val_seed = val_source, val_every, val_episodes, val_seed
         self.device = params[0].device
         self.params = params
-        self.optimizer, self.fused = self._make_optimizer(params)
+        self.optimizer = self._make_optimizer(params)
+        self.meta_step = MetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
+                                  reduce=self.dist.all_reduce_sum_ if self.dist.active else None)
         factor = _CosineFactor(self.total_iterations, min_lr_ratio) if cosine else _Constant()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.iteration = 0
         self.elapsed_s = 0.0  # training time over all calls and resumes
-        # Device-side counters: skipped steps, the current run of consecutive skips and its max since
-        # the last host check.
-        self._skipped = torch.zeros((), device=self.device)
-        self._bad_run = torch.zeros((), device=self.device)
-        self._bad_run_max = torch.zeros((), device=self.device)
         # The host reads the counters every step on the CPU (free there) and at log/checkpoint
         # boundaries elsewhere.
         self._check_every = 1 if self.device.type == "cpu" else log_every
@@ -253,10 +251,10 @@ class Trainer:
     def _make_optimizer(self, params):
         if self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params):
             try:
-                return torch.optim.Adam(params, lr=self.meta_lr, fused=True), True
+                return torch.optim.Adam(params, lr=self.meta_lr, fused=True)
             except (RuntimeError, ValueError, TypeError):
                 pass
-        return torch.optim.Adam(params, lr=self.meta_lr), False
+        return torch.optim.Adam(params, lr=self.meta_lr)
 
     @property
     def lr(self) -> float:
@@ -266,71 +264,40 @@ class Trainer:
     def _phase(self, iteration: int) -> str:
         return "pretrain" if iteration < self.pretrain_iterations else "metatrain"
 
-    def _forward_backward(self, batch: TaskBatch, phase: str):
-        """This rank's part of the meta-loss, backward, and the all-reduce: returns the (global)
-        meta-loss and metrics as detached tensors; the global meta-gradient is in ``p.grad``."""
-        weight = 1.0
+    def _step_arguments(self, batch: TaskBatch, phase: str) -> tuple[TaskBatch, dict]:
+        """This rank's part of `batch` (its share of the tasks weighs its meta-loss), and for pretraining
+        the pre-update loss: the support loss at θ (the reference's pretrain_op)."""
+        options = {}
         if self.dist.active:
             start, stop = self.dist.task_range(batch.num_tasks)
-            weight = (stop - start) / batch.num_tasks
+            options["loss_weight"] = (stop - start) / batch.num_tasks
             batch = batch.split_tasks(start, stop)
-        if phase == "pretrain":  # the pre-update loss: support loss at θ (the reference's pretrain_op)
+        if phase == "pretrain":
             batch = TaskBatch(batch.support_x, batch.support_y, batch.support_x, batch.support_y)
-            out = self.learner(batch, steps=0)
-        else:
-            out = self.learner(batch)
-        loss = out.loss * weight if weight != 1.0 else out.loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics = {"meta_loss": loss.detach().reshape(1)}
-        for key in METRIC_KEYS:
-            if key in out.metrics and out.metrics[key].numel():
-                metrics[key] = out.metrics[key].detach().reshape(-1) * weight
-        grads = [p.grad for p in self.params if p.grad is not None]
-        self.dist.all_reduce_sum_(grads + list(metrics.values()))
-        return metrics, grads
+            options["steps"] = 0
+        return batch, options
 
     def meta_gradient(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """The (all-reduced) meta-gradient of `batch` by parameter name, without an optimizer step
         (for checks; it runs the learner's training forward, which counts as an iteration of it)."""
-        self._forward_backward(batch, "metatrain")
+        batch, options = self._step_arguments(batch, "metatrain")
+        self.meta_step.backward(batch, **options)
         grads = {n: p.grad.detach().clone() for n, p in self.learner.named_parameters() if p.grad is not None}
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
     def _step(self) -> None:
         phase = self._phase(self.iteration)
-        batch = self.source.sample()
-        metrics, grads = self._forward_backward(batch, phase)
-        if grads:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach()).double() for g in grads])
-            total_norm = torch.linalg.vector_norm(norms)
-        else:
-            total_norm = torch.zeros((), device=self.device)
-        finite = torch.isfinite(total_norm) & torch.isfinite(metrics["meta_loss"].float()).all()
-        found_inf = (~finite).float()
-        metrics["grad_norm"] = total_norm.reshape(1)
-        if self.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
-        if self.clip_norm is not None and grads:
-            coef = torch.clamp(self.clip_norm / (total_norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        if self.fused:
-            self.optimizer.found_inf = found_inf
-            self.optimizer.grad_scale = None
-            self.optimizer.step()
-        elif bool(finite):
-            self.optimizer.step()
+        batch, options = self._step_arguments(self.source.sample(), phase)
+        metrics = self.meta_step(batch, **options)
         self.scheduler.step()
-        self._skipped += found_inf
-        self._bad_run = (self._bad_run + found_inf) * found_inf
-        self._bad_run_max = torch.maximum(self._bad_run_max, self._bad_run)
-        self._accumulate(phase, metrics, found_inf)
+        self._accumulate(phase, metrics, metrics.pop("found_inf"))
         self.iteration += 1
 
     def _check_bad_steps(self) -> None:
-        worst, skipped = (int(v) for v in torch.stack([self._bad_run_max, self._skipped]).tolist())
-        self._bad_run_max = self._bad_run.clone()
+        counters = self.meta_step.counters()
+        worst, skipped = (int(v) for v in torch.stack([counters["bad_run_max"], counters["skipped_steps"]]).tolist())
+        counters["bad_run_max"].copy_(counters["bad_run"])
         if worst > self.max_bad_steps:
             raise NonFiniteLossError(
                 f"the meta-loss or meta-gradient was NaN/inf for {worst} consecutive steps (more than "
@@ -340,7 +307,7 @@ class Trainer:
                 + ". Lower the learning rates, clip the meta-gradient (--clip-norm/--clip-value) or check the data.")
 
     def _in_bad_run(self) -> bool:
-        return bool(self._bad_run.item() > 0)
+        return bool(self.meta_step.bad_run.item() > 0)
 
     # ------------------------------------------------------------------------------ metrics
     def _reset_accumulators(self):
@@ -368,7 +335,7 @@ class Trainer:
         keys = list(self._sums)
         sizes = [self._sums[k].numel() for k in keys]
         flat = torch.cat([self._sums[k].double().reshape(-1) for k in keys]
-                         + [self._count.double().reshape(1), self._skipped.double().reshape(1)]).cpu().tolist()
+                         + [self._count.double().reshape(1), self.meta_step.skipped.double().reshape(1)]).cpu().tolist()
         count, skipped = flat[-2], int(flat[-1])
         values, offset = {}, 0
         for key, size in zip(keys, sizes):
@@ -454,7 +421,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.source.state_dict(),
             "rng": rng_state(),
-            "counters": {"skipped_steps": float(self._skipped), "bad_run": float(self._bad_run)},
+            "counters": {"skipped_steps": float(self.meta_step.skipped), "bad_run": float(self.meta_step.bad_run)},
             "trainer": {"iterations": self.iterations, "pretrain_iterations": self.pretrain_iterations,
                         "meta_lr": self.meta_lr, "cosine": self.cosine, "min_lr_ratio": self.min_lr_ratio,
                         "clip_value": self.clip_value, "clip_norm": self.clip_norm,
@@ -473,9 +440,9 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         counters = state.get("counters", {})
-        self._skipped.fill_(counters.get("skipped_steps", 0.0))
-        self._bad_run.fill_(counters.get("bad_run", 0.0))
-        self._bad_run_max.copy_(self._bad_run)
+        self.meta_step.skipped.fill_(counters.get("skipped_steps", 0.0))
+        self.meta_step.bad_run.fill_(counters.get("bad_run", 0.0))
+        self.meta_step.bad_run_max.copy_(self.meta_step.bad_run)
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
         """Write the checkpoint atomically (rank 0; every rank waits for it). Returns its path."""
@@ -568,7 +535,7 @@ class Trainer:
         self.elapsed_s += time.monotonic() - self._run_start
         wall = time.monotonic() - call_start
         run = self.iteration - start_iteration
-        return TrainResult(self.iteration, run, stopped, wall, run / max(wall, 1e-9), int(float(self._skipped)),
+        return TrainResult(self.iteration, run, stopped, wall, run / max(wall, 1e-9), int(float(self.meta_step.skipped)),
                            self.last_record, checkpoint)
 
     def close(self) -> None:

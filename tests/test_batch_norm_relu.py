@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import maml_fast as mf
-from maml_fast import backends, cuda_backend
+from maml_fast import backends
+from maml_fast.backends import get_backend
+from maml_fast.ops.losses import LOSSES
 from maml_fast.ops import batch_norm_relu as bnr
 from maml_fast.ops import norm
 from maml_fast.program import lower
@@ -237,7 +239,7 @@ def test_grouped_layout_gradgradcheck(device, layout, generator):
     def function(x, weight, bias):
         if layout == "channels_last":  # gradcheck perturbs a contiguous copy; keep the fused layout
             x = x.contiguous(memory_format=torch.channels_last)
-        return bnr.batch_norm_relu(x, weight, bias, tasks, EPS, use_extension=True)
+        return bnr.batch_norm_relu(x, weight, bias, tasks, EPS)
 
     out = function(x, weight, bias)
     assert _graph_has(out.grad_fn, "_BatchNormReluRowsBackward"), "the fused op was not used"
@@ -252,11 +254,11 @@ def test_grouped_layout_gradgradcheck(device, layout, generator):
 @needs_cpu_ops
 def test_affine_none_and_unsupported_layout_fall_back(generator):
     x = torch.randn(3, 4, 2, 2, generator=generator, dtype=torch.float64)  # contiguous NCHW: no free view
-    out = bnr.batch_norm_relu(x, None, None, 2, EPS, use_extension=True)
+    out = bnr.batch_norm_relu(x, None, None, 2, EPS)
     torch.testing.assert_close(out, F.relu(norm.batch_norm_reference(x, None, None, 2, EPS)), rtol=1e-12, atol=1e-12)
     assert not _graph_has(out.grad_fn, "_BatchNormReluRowsBackward")
     cl = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(bnr.batch_norm_relu(cl, None, None, 2, EPS, use_extension=True), out,
+    torch.testing.assert_close(bnr.batch_norm_relu(cl, None, None, 2, EPS), out,
                                rtol=1e-12, atol=1e-12)
 
 
@@ -378,11 +380,11 @@ def test_bad_double_backward_inputs_name_the_argument(argument, value, error):
 def test_grouped_entry_point_checks_like_batch_norm():
     x = torch.randn(3, 6, 2, 2).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="tasks"):
-        bnr.batch_norm_relu(x, None, None, 4, EPS, use_extension=True)
+        bnr.batch_norm_relu(x, None, None, 4, EPS)
     with pytest.raises(ValueError, match="weight"):
-        bnr.batch_norm_relu(x, torch.ones(2, 2), None, 2, EPS, use_extension=True)
+        bnr.batch_norm_relu(x, torch.ones(2, 2), None, 2, EPS)
     with pytest.raises(ValueError, match="more than one value"):
-        bnr.batch_norm_relu(torch.randn(1, 6), None, None, 2, EPS, use_extension=True)
+        bnr.batch_norm_relu(torch.randn(1, 6), None, None, 2, EPS)
 
 
 # ------------------------------------------------------------------------------ fake kernels
@@ -406,12 +408,19 @@ def test_fake_kernels_for_compile_and_meta(generator):
 
 
 # ------------------------------------------------------------------------- lowering + backend
-def test_cuda_backend_is_registered_with_reasons():
-    assert "cuda" in backends.backend_names()
-    assert backends.unavailable_reasons("cuda", torch.device("cpu")) == bnr.unavailable_reasons("cpu")
+def test_fused_backend_is_registered_with_reasons():
+    assert "fused" in backends.backend_names() and "fused" in backends.BACKENDS
+    assert backends.unavailable_reasons("fused", torch.device("cpu")) == bnr.unavailable_reasons("cpu")
     if not torch.cuda.is_available():
-        reasons = backends.unavailable_reasons("cuda", torch.device("cuda"))
+        reasons = backends.unavailable_reasons("fused", torch.device("cuda"))
         assert reasons and all(isinstance(r, str) and r for r in reasons)
+
+
+def test_cuda_alias_selects_the_fused_backend():
+    """The former name "cuda" stays an alias of "fused" (the same backend object, not a registry key)."""
+    assert "cuda" in backends.backend_names() and "cuda" not in backends.BACKENDS
+    assert get_backend("cuda") is get_backend("fused")
+    assert backends.unavailable_reasons("cuda", torch.device("cpu")) == backends.unavailable_reasons("fused", "cpu")
 
 
 def _fused_layers(program):
@@ -421,15 +430,15 @@ def _fused_layers(program):
 @needs_cpu_ops
 def test_lowering_fuses_batch_norm_relu_only_for_the_extension_backend():
     net = mf.models.conv4(1, 3, hidden=3)
-    program, _ = lower(net, "torch")  # "torch" stays pure PyTorch
+    program, _ = lower(net, get_backend("torch"))  # "torch" stays pure PyTorch
     assert _fused_layers(program) == 0 and len(program.layers) == len(list(net.children()))
-    program, _ = lower(net, "cuda")
+    program, _ = lower(net, get_backend("fused"))
     assert _fused_layers(program) == 4 and len(program.layers) == len(list(net.children())) - 4
     # Not fused: BN followed by something other than ReLU, running statistics, a ReLU alone.
     other = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Identity(), nn.ReLU())
-    assert _fused_layers(lower(other, "cuda")[0]) == 0
+    assert _fused_layers(lower(other, get_backend("fused"))[0]) == 0
     tracked = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
-    program, reason = lower(tracked, "cuda")
+    program, reason = lower(tracked, get_backend("fused"))
     assert program is None and "track_running_stats" in reason
 
 
@@ -463,10 +472,10 @@ def _count_op_calls(monkeypatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
-    backend = "cuda"
+    backend = "fused"
     calls = _count_op_calls(monkeypatch)
     loss, grads, learner = _tiny_conv4_meta_gradient(backend, device)
-    assert _fused_layers(learner._programs[backend]) == 4
+    assert _fused_layers(learner._executions[backend].forward) == 4
     # Forward, backward, (second order) double backward and the inner update all ran on the compiled ops.
     assert all(calls[name] > 0 for name in calls), calls
     ref_loss, ref_grads, _ = _tiny_conv4_meta_gradient("loop")
@@ -476,12 +485,23 @@ def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
 
 
 @needs_cpu_ops
+def test_cuda_alias_runs_the_fused_backend():
+    """``backend="cuda"`` (the former name) still runs: the fused backend, with the same result."""
+    loss, grads, learner = _tiny_conv4_meta_gradient("cuda", inner_steps=1)
+    assert list(learner._executions) == ["fused"]
+    assert _fused_layers(learner._executions["fused"].forward) == 4
+    fused_loss, fused_grads, _ = _tiny_conv4_meta_gradient("fused", inner_steps=1)
+    torch.testing.assert_close(loss, fused_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grads, fused_grads, rtol=0, atol=0)
+
+
+@needs_cpu_ops
 def test_second_order_is_real():
     """First-order MAML gives a different meta-gradient: the double backward contributes."""
-    _, second, _ = _tiny_conv4_meta_gradient("cuda", inner_steps=1)
+    _, second, _ = _tiny_conv4_meta_gradient("fused", inner_steps=1)
     torch.manual_seed(0)
     net = mf.models.conv4(1, 2, hidden=3).double()
-    learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, first_order=True, backend="cuda")
+    learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, first_order=True, backend="fused")
     generator = torch.Generator().manual_seed(1)
     sx = torch.randn(3, 4, 1, 8, 8, generator=generator, dtype=torch.float64)
     qx = torch.randn(3, 6, 1, 8, 8, generator=generator, dtype=torch.float64)
@@ -494,6 +514,13 @@ def test_second_order_is_real():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_uses_extension_ops_per_device(device):
-    assert cuda_backend.uses_extension_ops("cuda", device) == bnr.is_available(device)
-    assert not cuda_backend.uses_extension_ops("torch", device)
-    assert not cuda_backend.uses_extension_ops("loop", device)
+    """Backend "fused" runs the compiled ops wherever they are available; "torch" and "loop" never do
+    (no fused layers in their lowering, the PyTorch losses and fast-weight update)."""
+    fused, pytorch, loop = get_backend("fused"), get_backend("torch"), get_backend("loop")
+    assert fused.is_available(device) == bnr.is_available(device)
+    net = mf.models.conv4(1, 3, hidden=3)
+    assert _fused_layers(lower(net, fused)[0]) == 4
+    assert _fused_layers(lower(net, pytorch)[0]) == 0
+    for backend in (pytorch, loop):
+        assert backend.losses is LOSSES
+        assert type(backend).fast_weight_update is backends.Backend.fast_weight_update

@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import test_batch_norm_relu as bn_relu_tests
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import maml_fast as mf
+from maml_fast.backends import get_backend
+from maml_fast.ops import batch_norm_relu as bnr
 from maml_fast.ops import batch_norm_relu_pool as bnrp
 from maml_fast.program import lower
 from conftest import assert_rejected, count_op_calls, op_devices
@@ -227,7 +230,7 @@ def test_grouped_layout_gradgradcheck(device, tasks, channels, generator):
 
     def function(x, weight, bias):  # gradcheck perturbs a contiguous copy; keep the fused layout
         return bnrp.batch_norm_relu_max_pool(x.contiguous(memory_format=torch.channels_last), weight, bias, tasks,
-                                             EPS, use_extension=True)
+                                             EPS)
 
     out = function(x, weight, bias)
     assert _graph_has(out.grad_fn, "_BatchNormReluMaxPoolBackward"), "the fused op was not used"
@@ -243,13 +246,13 @@ def test_unfused_fallbacks(generator):
     """NCHW-contiguous x, or no extension: the BatchNorm+ReLU path and F.max_pool2d, same values."""
     x = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64)
     reference = bnrp.batch_norm_relu_max_pool_grouped_reference(x, None, None, 2, EPS)
-    for use_extension, layout in ((True, torch.contiguous_format), (False, torch.channels_last)):
-        out = bnrp.batch_norm_relu_max_pool(x.contiguous(memory_format=layout), None, None, 2, EPS,
-                                            use_extension=use_extension)
+    unfused = (bnrp.batch_norm_relu_max_pool(x, None, None, 2, EPS),
+               F.max_pool2d(bnr.batch_norm_relu_unfused(x.contiguous(memory_format=torch.channels_last), None, None, 2,
+                                                        EPS), 2))
+    for out in unfused:
         assert not _graph_has(out.grad_fn, "_BatchNormReluMaxPoolBackward")
         torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    fused = bnrp.batch_norm_relu_max_pool(x.contiguous(memory_format=torch.channels_last), None, None, 2, EPS,
-                                          use_extension=True)
+    fused = bnrp.batch_norm_relu_max_pool(x.contiguous(memory_format=torch.channels_last), None, None, 2, EPS)
     torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
 
 
@@ -371,18 +374,18 @@ def test_fake_kernels_for_compile_and_meta(generator):
 # ------------------------------------------------------------------------- lowering + backend
 @needs_cpu_ops
 def test_lowering_fuses_the_pool_only_when_exactly_max_pool_2x2():
-    """BatchNorm2d -> ReLU -> MaxPool2d(2) becomes one layer for backend "cuda" (the op calls are
+    """BatchNorm2d -> ReLU -> MaxPool2d(2) becomes one layer for backend "fused" (the op calls are
     counted in the meta-gradient tests); any other pool stays a layer of its own after the pair."""
     net = mf.models.conv4(3, 5, hidden=4, downsample="maxpool", image_size=16)
-    program, _ = lower(net, "torch")
+    program, _ = lower(net, get_backend("torch"))
     assert len(program.layers) == len(list(net.children())) == 4 * 4 + 2
-    program, _ = lower(net, "cuda")
+    program, _ = lower(net, get_backend("fused"))
     assert len(program.layers) == 4 * 2 + 2  # conv, BN+ReLU+pool (x 4), flatten, linear
     for pool, exact in ((nn.MaxPool2d(2), True), (nn.MaxPool2d((2, 2), stride=(2, 2)), True),
                         (nn.MaxPool2d(2, stride=1), False), (nn.MaxPool2d(3), False), (nn.MaxPool2d(2, padding=1), False),
                         (nn.MaxPool2d(2, ceil_mode=True), False), (nn.AvgPool2d(2), False)):
         block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU(), pool)
-        program, reason = lower(block, "cuda")
+        program, reason = lower(block, get_backend("fused"))
         assert reason is None and len(program.layers) == (2 if exact else 3), pool
 
 
@@ -420,7 +423,7 @@ def test_second_order_meta_gradient_matches_loop(device, image_size, monkeypatch
     """conv4(downsample="maxpool"): 16 -> 8 -> 4 -> 2 -> 1 (even) and 20 -> 10 -> 5 -> 2 -> 1 (an odd
     5x5 map whose last row and column no window covers)."""
     calls = _count_op_calls(monkeypatch)
-    loss, grads = _maxpool_conv4_meta_gradient("cuda", device, image_size=image_size)
+    loss, grads = _maxpool_conv4_meta_gradient("fused", device, image_size=image_size)
     # Forward, backward and (second order) double backward ran on the pooled ops, a multiple of the
     # 4 blocks each; no BN+ReLU pair op.
     assert calls.pop("batch_norm_relu") == 0, calls
@@ -434,8 +437,8 @@ def test_second_order_meta_gradient_matches_loop(device, image_size, monkeypatch
 @needs_cpu_ops
 def test_second_order_is_real():
     """First-order MAML gives a different meta-gradient: the pooled double backward contributes."""
-    _, second = _maxpool_conv4_meta_gradient("cuda", inner_steps=1, image_size=16)
-    _, first = _maxpool_conv4_meta_gradient("cuda", inner_steps=1, image_size=16, first_order=True)
+    _, second = _maxpool_conv4_meta_gradient("fused", inner_steps=1, image_size=16)
+    _, first = _maxpool_conv4_meta_gradient("fused", inner_steps=1, image_size=16, first_order=True)
     assert ((first - second).norm() / second.norm()).item() > 1e-6
 
 
@@ -445,7 +448,7 @@ def test_per_step_bn_statistics_match_loop(make_batch):
     used in eval (BatchNorm with the statistics, ReLU, then the pool) with the same loss as "loop"."""
     batches = [make_batch(tasks=2, ways=2, shots=1, example_shape=(1, 16, 16)) for _ in range(2)]
     learners, losses = {}, {}
-    for backend in ("loop", "cuda"):
+    for backend in ("loop", "fused"):
         torch.manual_seed(7)
         net = mf.models.conv4(1, 2, hidden=3, downsample="maxpool", image_size=16).double()
         learner = mf.MAML(net, inner_lr=0.3, inner_steps=2, backend=backend, per_step_bn_statistics=True)
@@ -453,5 +456,5 @@ def test_per_step_bn_statistics_match_loop(make_batch):
         learner.eval()
         learners[backend], losses[backend] = learner, learner(batches[1]).loss
     for name, buffer in learners["loop"].named_buffers():
-        torch.testing.assert_close(dict(learners["cuda"].named_buffers())[name], buffer, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(losses["cuda"], losses["loop"], rtol=1e-10, atol=0)
+        torch.testing.assert_close(dict(learners["fused"].named_buffers())[name], buffer, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(losses["fused"], losses["loop"], rtol=1e-10, atol=0)

@@ -21,7 +21,7 @@ def _meta_gradient(backend, net, batch):
     return loss, dict(zip(names, torch.autograd.grad(loss, list(learner.parameters()))))
 
 
-@pytest.mark.parametrize("backend", ["torch", _backend_param("cuda")])
+@pytest.mark.parametrize("backend", ["torch", _backend_param("fused")])
 def test_cancelled_bias_gets_exactly_zero_gradient(backend, make_batch):
     torch.manual_seed(3)
     net = mf.models.conv4(1, 3, hidden=5).double()

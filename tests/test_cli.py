@@ -165,7 +165,7 @@ def test_train_tiny_omniglot_on_the_bundled_data(tmp_path, capsys):
     assert code == 0
     assert "RESULT after 3 steps: accuracy" in out.out
     # the banner says which backend "auto" chose
-    chosen = backends.resolve_backend("auto", torch.device("cpu"))
+    chosen = backends.resolve_backend("auto", torch.device("cpu")).name
     assert f"backend auto ({chosen})" in out.out
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "val" for r in records)

@@ -1,8 +1,8 @@
 """maml_fast.ops.direct_conv: the compiled direct convolution ops (forward with fused bias, weight
 gradient) against the float64 reference, awkward shapes and input layouts, poisoned outputs, bad
-input, fake kernels; gradcheck/gradgradcheck of the conv2d op with backend "cuda" (whose first-layer
+input, fake kernels; gradcheck/gradgradcheck of the conv2d op with backend "fused" (whose first-layer
 primitives are these ops); the full second-order meta-gradient of conv4 against backend "loop";
-and that backend "cuda" does call them for the first layer. Kernel tests run per device and skip
+and that backend "fused" does call them for the first layer. Kernel tests run per device and skip
 with the reason the ops cannot run there ("no CUDA device" on a machine without a GPU)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import maml_fast as mf
-from maml_fast import cuda_backend
+from maml_fast.backends import fused
 from maml_fast.ops import conv2d as conv_ops
 from maml_fast.ops import direct_conv as dc
 from conftest import count_op_calls, op_devices
@@ -150,7 +150,7 @@ def test_results_do_not_depend_on_threads(threads, generator):
     assert torch.equal(single, several)
 
 
-# ------------------------------------------------------------- through conv2d with backend "cuda"
+# ------------------------------------------------------------- through conv2d with backend "fused"
 def _count_direct_calls(monkeypatch) -> dict[str, int]:
     return count_op_calls(monkeypatch, "direct_conv2d", "direct_conv2d_weight_grad")
 
@@ -168,7 +168,7 @@ def test_gradcheck_and_gradgradcheck_through_conv2d(tasks, in_ch, out_ch, size, 
     bias = torch.randn(tasks, out_ch, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def conv(x, weight, bias):
-        return conv_ops.conv2d(x, weight, bias, stride=stride, padding=1, backend="cuda")
+        return conv_ops.conv2d(x, weight, bias, stride=stride, padding=1, primitives=fused.FUSED.conv)
 
     torch.testing.assert_close(conv(x, weight, bias), conv_ops.conv2d_reference(x, weight, bias, stride, 1),
                                rtol=1e-12, atol=1e-12)
@@ -182,7 +182,7 @@ def test_wider_layers_keep_onednn(generator, monkeypatch):
     calls = _count_direct_calls(monkeypatch)
     x = torch.randn(2, 2 * 4, 6, 6, generator=generator, dtype=torch.float64)
     weight = torch.randn(2, 3, 4, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
-    conv_ops.conv2d(x, weight, padding=1, backend="cuda").sum().backward()
+    conv_ops.conv2d(x, weight, padding=1, primitives=fused.FUSED.conv).sum().backward()
     assert calls == {"direct_conv2d": 0, "direct_conv2d_weight_grad": 0}
 
 
@@ -190,16 +190,16 @@ def test_wider_layers_keep_onednn(generator, monkeypatch):
 @pytest.mark.parametrize("primitive", ["forward", "weight_grad"])
 def test_direct_conv_used_only_where_measured(device, primitive):
     x = torch.zeros(1, 1, 4, 4, device=device)
-    most = cuda_backend.DIRECT_CONV_MAX_IN_CHANNELS[primitive]
+    most = fused.DIRECT_CONV_MAX_IN_CHANNELS[primitive]
     assert 1 <= most <= 3  # only first layers: 1 (Omniglot) or 3 (RGB) input channels
-    assert cuda_backend.uses_direct_conv(primitive, x, most) == (device in cuda_backend.DIRECT_CONV_DEVICE_TYPES)
-    assert not cuda_backend.uses_direct_conv(primitive, x, most + 1)
-    assert not cuda_backend.uses_direct_conv(primitive, x.half(), 1)
+    assert fused.uses_direct_conv(primitive, x, most) == (device in fused.DIRECT_CONV_DEVICE_TYPES)
+    assert not fused.uses_direct_conv(primitive, x, most + 1)
+    assert not fused.uses_direct_conv(primitive, x.half(), 1)
 
 
 def _expected_direct_calls(in_channels: int) -> dict[str, bool]:
-    """Which direct ops backend "cuda" runs for a layer with `in_channels` input channels on the CPU."""
-    most = cuda_backend.DIRECT_CONV_MAX_IN_CHANNELS
+    """Which direct ops backend "fused" runs for a layer with `in_channels` input channels on the CPU."""
+    most = fused.DIRECT_CONV_MAX_IN_CHANNELS
     return {"direct_conv2d": in_channels <= most["forward"],
             "direct_conv2d_weight_grad": in_channels <= most["weight_grad"]}
 
@@ -225,7 +225,7 @@ def _conv4_meta_gradient(backend, in_channels, downsample, size):
                          ids=["C=1 stride", "C=3 maxpool"])
 def test_second_order_meta_gradient_matches_loop(in_channels, downsample, size, monkeypatch):
     calls = _count_direct_calls(monkeypatch)
-    loss, grads = _conv4_meta_gradient("cuda", in_channels, downsample, size)
+    loss, grads = _conv4_meta_gradient("fused", in_channels, downsample, size)
     # The first layer ran on the direct ops where the backend uses them: forward (support and query
     # of every step, and the second-order re-forwards of the weight gradient's backward: at least
     # 2 * 2 + 1 with 2 inner steps) and weight gradient (inner steps and the outer backward).

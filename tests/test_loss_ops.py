@@ -1,7 +1,7 @@
 """maml_fast.ops.losses: the compiled per-task cross-entropy (with accuracy) and MSE ops (forward,
 backward, double backward) against the pure-PyTorch references and their autograd, gradcheck and
 gradgradcheck through the autograd glue, third order, awkward shapes, accuracy ties, poisoned
-outputs, bad input, fake kernels, and the full second-order meta-gradient of backend "cuda" against
+outputs, bad input, fake kernels, and the full second-order meta-gradient of backend "fused" against
 backend "loop" (classification and sinusoid regression). Kernel tests run per device and skip with
 the reason the ops cannot run there ("no CUDA device" on a machine without a GPU)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import maml_fast as mf
+from maml_fast.backends import get_backend
 from maml_fast.ops import losses
 from conftest import op_devices
 
@@ -429,9 +430,9 @@ def test_fake_kernels_for_compile_and_meta(generator):
 @needs_cpu_ops
 def test_per_task_loss_falls_back_where_the_op_does_not_fit(monkeypatch, generator):
     calls = _count_calls(monkeypatch, torch.ops.maml_fast, ["cross_entropy_per_task", "mse_per_task"])
-    assert losses.per_task_loss("cross_entropy", False) is losses.cross_entropy_per_task
-    assert losses.per_task_loss("mse", False) is losses.mse_per_task
-    fused_ce, fused_mse = losses.per_task_loss("cross_entropy", True), losses.per_task_loss("mse", True)
+    assert losses.LOSSES["cross_entropy"] is losses.cross_entropy_per_task
+    assert losses.LOSSES["mse"] is losses.mse_per_task
+    fused_ce, fused_mse = losses.FUSED_LOSSES["cross_entropy"], losses.FUSED_LOSSES["mse"]
     logits, labels, _, _ = ce_inputs((2, 3, 4), generator)
     for out, ref in zip(fused_ce(logits, labels), losses.cross_entropy_per_task(logits, labels)):
         torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-15)
@@ -473,9 +474,10 @@ def _meta_gradient(backend, regression, device="cpu"):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regression", [False, True], ids=["conv4_classification", "sinusoid_regression"])
-def test_cuda_backend_meta_gradient_matches_loop_and_uses_the_fused_losses(device, regression, monkeypatch):
+def test_fused_backend_meta_gradient_matches_loop_and_uses_the_fused_losses(device, regression, monkeypatch):
     calls = _count_calls(monkeypatch, torch.ops.maml_fast, LOSS_OPS)
-    out, grads = _meta_gradient("cuda", regression, device)
+    assert get_backend("fused").losses is losses.FUSED_LOSSES
+    out, grads = _meta_gradient("fused", regression, device)
     if regression:  # the MSE double backward is PyTorch ops
         assert calls["mse_per_task"] > 0 and calls["mse_per_task_backward"] > 0, calls
     else:  # second order: the inner gradients' backward ran the double-backward kernel
@@ -492,6 +494,7 @@ def test_cuda_backend_meta_gradient_matches_loop_and_uses_the_fused_losses(devic
 def test_other_backends_keep_the_reference_losses(monkeypatch):
     calls = _count_calls(monkeypatch, torch.ops.maml_fast, LOSS_OPS)
     for backend in ("torch", "loop"):
+        assert get_backend(backend).losses is losses.LOSSES
         _meta_gradient(backend, regression=False)
         _meta_gradient(backend, regression=True)
     assert not any(calls.values()), calls

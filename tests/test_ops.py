@@ -121,9 +121,9 @@ def test_conv_primitives_match_their_definitions(case):
     y_ref = conv_ops.conv2d_reference(x, w, None, stride, pad)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w), g)
     tol = TOLERANCES[torch.float64]
-    torch.testing.assert_close(conv_ops.conv2d_forward(x, w, geo, "torch"), y_ref, **tol)
-    torch.testing.assert_close(conv_ops.conv2d_input_grad(g, w, geo, "torch"), gx_ref, **tol)
-    torch.testing.assert_close(conv_ops.conv2d_weight_grad(x, g, geo, "torch"), gw_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_forward(x, w, geo, conv_ops.TORCH_CONV), y_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_input_grad(g, w, geo, conv_ops.TORCH_CONV), gx_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_weight_grad(x, g, geo, conv_ops.TORCH_CONV), gw_ref, **tol)
 
 
 @pytest.mark.parametrize("primitive", ["forward", "input_grad", "weight_grad"])
@@ -131,11 +131,11 @@ def test_conv_primitives_match_their_definitions(case):
 def test_conv_primitives_gradcheck_gradgradcheck(primitive, case):
     geo, xs, ws, ys = _geometry(case)
     if primitive == "forward":
-        fn, inputs = (lambda x, w: conv_ops.conv2d_forward(x, w, geo, "torch")), (rand(*xs), rand(*ws))
+        fn, inputs = (lambda x, w: conv_ops.conv2d_forward(x, w, geo, conv_ops.TORCH_CONV)), (rand(*xs), rand(*ws))
     elif primitive == "input_grad":
-        fn, inputs = (lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, "torch")), (rand(*ys), rand(*ws))
+        fn, inputs = (lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, conv_ops.TORCH_CONV)), (rand(*ys), rand(*ws))
     else:
-        fn, inputs = (lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, "torch")), (rand(*xs), rand(*ys))
+        fn, inputs = (lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, conv_ops.TORCH_CONV)), (rand(*xs), rand(*ys))
     check_grads(fn, inputs)
 
 
