@@ -32,10 +32,8 @@ step is captured whole, as PyTorch's CUDA-graph notes do for whole-network captu
   on-device skip below). Its float learning rates are turned into 0-dim device tensors
   (``tensor_lr=True``): a Python float would be baked into the graph and an LR scheduler would not
   reach it; PyTorch's schedulers update a tensor lr in place.
-* Non-finite meta-loss or meta-gradient: decided on the device (``found_inf``). A fused optimizer
-  skips the step itself (its ``found_inf`` input, as under AMP); any other optimizer's parameters
-  and state are restored with ``torch.where``. Device counters count skipped steps
-  (`counters`); nothing is read on the host inside the step.
+* The step is `maml_fast.meta_step.MetaStep`, the trainer's: the non-finite skip is decided on the
+  device and counted in device counters (`counters`); nothing is read on the host inside it.
 * Re-capture: the signature is the batch's shapes, dtypes and device plus the learner's mode
   (``training``, ``inner_steps``, ``eval_inner_steps``, ``first_order``, and ``learner.graph_key()``
   if it defines one: anything a Python branch of the forward reads must be in it). A new signature

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_int
 from .ops.losses import cross_entropy_per_task, mse_per_task
 
 CI95_Z = 1.96
@@ -117,11 +118,8 @@ def evaluate(learner, source, num_episodes: int = 600, steps: int | None = None,
     ``eval_inner_steps``). `inner_lr` overrides the learner's (fixed) inner step size for the
     evaluation (the reference code's update_lr at test vs train_update_lr). The learner's training
     mode and inner lr are restored afterwards; no meta-parameter changes."""
-    if isinstance(num_episodes, bool) or not isinstance(num_episodes, int) or num_episodes < 1:
-        raise ValueError(f"num_episodes must be a positive int, got {num_episodes!r}")
-    steps = learner.eval_inner_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    check_int("num_episodes", num_episodes, 1)
+    steps = check_int("steps", learner.eval_inner_steps if steps is None else steps)
     was_training = learner.training
     losses, accuracies = [], []
     try:

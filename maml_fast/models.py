@@ -9,17 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .checks import check_choice, check_int
+
 _NORMS = ("batch", "layer", "none")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _conv_norm(norm: str, channels: int) -> nn.Module:
@@ -46,11 +38,11 @@ def conv4(in_channels: int = 1, num_classes: int = 5, hidden: int = 64, downsamp
     ``downsample="maxpool"`` (MiniImageNet): stride-1 convs each followed by 2x2 max-pool, then flatten;
     ``image_size`` (default 84) sets the flattened size.
     """
-    _check_positive_int("in_channels", in_channels)
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("hidden", hidden)
-    _check_choice("downsample", downsample, ("stride", "maxpool"))
-    _check_choice("norm", norm, _NORMS)
+    check_int("in_channels", in_channels, 1)
+    check_int("num_classes", num_classes, 1)
+    check_int("hidden", hidden, 1)
+    check_choice("downsample", downsample, ("stride", "maxpool"))
+    check_choice("norm", norm, _NORMS)
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(4):
@@ -63,7 +55,7 @@ def conv4(in_channels: int = 1, num_classes: int = 5, hidden: int = 64, downsamp
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes)]
     else:
         size = 84 if image_size is None else image_size
-        _check_positive_int("image_size", size)
+        check_int("image_size", size, 1)
         for _ in range(4):
             size //= 2
         if size < 1:
@@ -77,8 +69,8 @@ def mlp(sizes: tuple[int, ...] | list[int], norm: str = "none") -> nn.Sequential
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output size, got {sizes!r}")
     for size in sizes:
-        _check_positive_int("sizes", size)
-    _check_choice("norm", norm, _NORMS)
+        check_int("sizes", size, 1)
+    check_choice("norm", norm, _NORMS)
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(fan_in, fan_out))

@@ -29,7 +29,6 @@ held out for validation, 423 for testing). MiniImageNet 5-shot uses the paper's 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from . import models
+from .checks import check_choice, check_int, check_number
 from .maml import MAML
 from .task_batch import TaskBatch
 
@@ -108,46 +108,24 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         """Raise ValueError naming the field for a value out of range (called on construction and replace)."""
-        def choice(name, choices):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-
-        def positive(name, allow_zero=False, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
-
-        def number(name, allow_none=False, positive_only=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                    or (positive_only and value == 0):
-                raise ValueError(f"{name} must be a finite {'positive' if positive_only else 'non-negative'} "
-                                 f"number, got {value!r}")
-
-        choice("datasource", DATASOURCES)
-        choice("norm", NORMS)
-        choice("eval_split", EVAL_SPLITS)
-        choice("inner_loss", ("reference", "mean"))
-        choice("baseline", (None, "oracle"))
-        choice("pixels", ("grayscale", "binary"))
-        choice("dtype", tuple(DTYPES))
+        for name, choices in (("datasource", DATASOURCES), ("norm", NORMS), ("eval_split", EVAL_SPLITS),
+                              ("inner_loss", ("reference", "mean")), ("baseline", (None, "oracle")),
+                              ("pixels", ("grayscale", "binary")), ("dtype", tuple(DTYPES))):
+            check_choice(name, getattr(self, name), choices)
         for name in ("ways", "shots", "queries", "meta_batch_size", "hidden", "eval_episodes", "log_every",
                      "checkpoint_every"):
-            positive(name)
+            check_int(name, getattr(self, name), 1)
         for name in ("inner_steps", "eval_inner_steps", "iterations", "pretrain_iterations"):
-            positive(name, allow_zero=True)
+            check_int(name, getattr(self, name))
         for name in ("eval_shots", "eval_queries", "eval_batch_size"):
-            positive(name, allow_none=True)
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         for name in ("inner_lr", "meta_lr"):
-            number(name)
-        number("eval_inner_lr", allow_none=True)
-        number("clip_value", allow_none=True, positive_only=True)
-        number("clip_norm", allow_none=True, positive_only=True)
-        number("min_lr_ratio")
+            check_number(name, getattr(self, name))
+        check_number("eval_inner_lr", self.eval_inner_lr, optional=True)
+        check_number("clip_value", self.clip_value, positive=True, optional=True)
+        check_number("clip_norm", self.clip_norm, positive=True, optional=True)
+        check_number("min_lr_ratio", self.min_lr_ratio)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.baseline == "oracle" and self.datasource != "sinusoid":
@@ -222,9 +200,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     # meta-batches run far more meta-steps per second there (the activations stay in cache), 5 query
     # examples per class give each step a less noisy meta-gradient than 1, the pre-update query
     # forward used only for logging is skipped, and a doubled meta lr decays (cosine) to 0 over 4500
-    # iterations. Backend "auto" takes the compiled C++ ops on the CPU: `maml-fast bench --preset
-    # omniglot-5w1s-cpu --backends torch cuda torch cuda --steps 20` measured 103-115 ms per meta-step
-    # with "torch" and 76-77 with "cuda" (2-core Zen 4, quiet, commit 59b2622).
+    # iterations. Backend "auto" takes the compiled C++ ops on the CPU (faster there: benchmarks/RESULTS.md).
     "omniglot-5w1s-cpu": ExperimentConfig(
         name="omniglot-5w1s-cpu", datasource="omniglot", ways=5, shots=1, queries=5, meta_batch_size=8,
         inner_steps=1, inner_lr=0.4, iterations=4500, hidden=64, eval_inner_steps=3, cosine=True,

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_int, check_number
 from .distributed import DistributedContext
 from .meta_step import MetaStep
 from .task_batch import TaskBatch
@@ -148,17 +149,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_count(name, value, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_optional_positive(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
-
-
 class Trainer:
     """Meta-trains `learner` (a `MAML`-family module) on meta-batches from `source`.
 
@@ -192,16 +182,16 @@ class Trainer:
                  time_limit: float | None = None, resume: bool = False, progress: bool = True, log: bool = True,
                  distributed: DistributedContext | None = None, config: dict | None = None, val_source=None,
                  val_every: int = 0, val_episodes: int = 100, val_seed: int = 0):
-        _check_count("iterations", iterations)
-        _check_count("pretrain_iterations", pretrain_iterations)
-        _check_count("log_every", log_every, 1)
-        _check_count("checkpoint_every", checkpoint_every, 1)
-        _check_count("max_bad_steps", max_bad_steps)
-        _check_count("val_every", val_every)
-        _check_optional_positive("meta_lr", meta_lr)
-        _check_optional_positive("clip_value", clip_value)
-        _check_optional_positive("clip_norm", clip_norm)
-        _check_optional_positive("time_limit", time_limit)
+        check_int("iterations", iterations)
+        check_int("pretrain_iterations", pretrain_iterations)
+        check_int("log_every", log_every, 1)
+        check_int("checkpoint_every", checkpoint_every, 1)
+        check_int("max_bad_steps", max_bad_steps)
+        check_int("val_every", val_every)
+        check_number("meta_lr", meta_lr, positive=True, optional=True)
+        check_number("clip_value", clip_value, positive=True, optional=True)
+        check_number("clip_norm", clip_norm, positive=True, optional=True)
+        check_number("time_limit", time_limit, positive=True, optional=True)
         for method in ("sample", "state_dict", "load_state_dict"):
             if not callable(getattr(source, method, None)):
                 raise TypeError(f"source must have a {method}() method (an EpisodeSampler or SinusoidTasks), "

@@ -380,7 +380,7 @@ def test_sampler_bad_arguments():
         EpisodeSampler(dataset, ways=2, shots=1, queries=0, meta_batch_size=2)
     with pytest.raises(ValueError, match="meta_batch_size"):
         EpisodeSampler(dataset, ways=2, shots=1, queries=1, meta_batch_size=0)
-    with pytest.raises(TypeError, match="ways"):
+    with pytest.raises(ValueError, match="ways"):
         EpisodeSampler(dataset, ways=2.0, shots=1, queries=1, meta_batch_size=2)
     with pytest.raises(TypeError, match="dataset.images"):
         EpisodeSampler(SimpleNamespace(images=np.zeros((5, 4, 2))), ways=2, shots=1, queries=1, meta_batch_size=2)

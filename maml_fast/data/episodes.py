@@ -15,16 +15,8 @@ from typing import Iterator
 
 import torch
 
+from maml_fast.checks import check_int
 from maml_fast.task_batch import TaskBatch
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return `value` if it is an int >= 1, else raise naming `name` (bools are not counts)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def images_as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -62,7 +54,7 @@ class SeededTaskSource:
     def __init__(self, device: torch.device | str | None, seed: int, meta_batch_size: int | None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.meta_batch_size = None if meta_batch_size is None else check_positive_int("meta_batch_size", meta_batch_size)
+        self.meta_batch_size = None if meta_batch_size is None else check_int("meta_batch_size", meta_batch_size, 1)
         self.device = torch.device("cpu" if device is None else device)
         self.seed = seed
         self._generator = torch.Generator(device=self.device)
@@ -76,7 +68,7 @@ class SeededTaskSource:
 
     def _batch_size(self, meta_batch_size: int | None) -> int:
         if meta_batch_size is not None:
-            return check_positive_int("meta_batch_size", meta_batch_size)
+            return check_int("meta_batch_size", meta_batch_size, 1)
         if self.meta_batch_size is None:
             raise ValueError("meta_batch_size is not set: pass it here or to the constructor")
         return self.meta_batch_size
@@ -89,7 +81,7 @@ class SeededTaskSource:
         """The same `num_episodes` tasks on every call (e.g. 600 for the paper's evaluation), in
         meta-batches (the last one may be smaller). Uses its own generator seeded with `seed`, so it
         neither reads nor advances the training stream."""
-        num_episodes = check_positive_int("num_episodes", num_episodes)
+        num_episodes = check_int("num_episodes", num_episodes, 1)
         batch_size = self._batch_size(meta_batch_size)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
@@ -144,9 +136,9 @@ class EpisodeSampler(SeededTaskSource, ClassImageDataset):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         super().__init__(images.device if device is None else device, seed, meta_batch_size)
-        self.ways = check_positive_int("ways", ways)
-        self.shots = check_positive_int("shots", shots)
-        self.queries = check_positive_int("queries", queries)
+        self.ways = check_int("ways", ways, 1)
+        self.shots = check_int("shots", shots, 1)
+        self.queries = check_int("queries", queries, 1)
         num_classes, examples_per_class = images.shape[:2]
         if ways > num_classes:
             raise ValueError(f"ways={ways} is more than the dataset's {num_classes} classes")

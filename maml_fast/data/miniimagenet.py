@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maml_fast.checks import check_choice
 from maml_fast.data.episodes import ClassImageDataset
 
 IMAGE_SIZE = 84
@@ -58,8 +59,7 @@ class MiniImageNet(ClassImageDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
+        check_choice("split", split, SPLITS)
         root = Path(root)
         csv_path, image_dir = root / f"{split}.csv", root / "images"
         if not csv_path.is_file() or not image_dir.is_dir():

@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from maml_fast.checks import check_choice
 from maml_fast.data.episodes import ClassImageDataset
 
 NUM_CHARACTERS = 1623
@@ -61,11 +62,6 @@ class OmniglotCharacters:
     vinyals_split: np.ndarray  # [1623] str: "train", "val" or "test" (Vinyals et al. 2016)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
 def _slot_order(char_id: np.ndarray, drawer: np.ndarray, where: str) -> np.ndarray:
     """[1623, 20] indices into per-image arrays: entry [c - 1, d - 1] is the image of character c by
     drawer d. Raises if any of the 32,460 slots is missing or filled twice."""
@@ -86,7 +82,7 @@ def _slot_order(char_id: np.ndarray, drawer: np.ndarray, where: str) -> np.ndarr
 
 def read_omniglot_npz(path: str | Path, pixels: str = "grayscale") -> OmniglotCharacters:
     """Read the bundled compact npz or a full ``omniglot28.npz`` (keys as in its README)."""
-    _check_choice("pixels", pixels, PIXELS)
+    check_choice("pixels", pixels, PIXELS)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Omniglot npz file {path} does not exist")
@@ -212,7 +208,7 @@ def read_omniglot_pngs(root: str | Path, pixels: str = "grayscale") -> dict[str,
     ``NNNN_DD.png`` names) and ``official_split`` ("background"/"evaluation", from the set), each [n].
     Works on any subset of files; `Omniglot` then requires all 32,460.
     """
-    _check_choice("pixels", pixels, PIXELS)
+    check_choice("pixels", pixels, PIXELS)
     root = Path(root)
     sources = _official_sources(root)
     if not sources:
@@ -239,7 +235,7 @@ def load_omniglot_characters(
     root: str | Path | None = None, pixels: str = "grayscale", download: bool = False
 ) -> OmniglotCharacters:
     """All 1623 characters from the bundled copy (``root=None``), an npz, or the official layout."""
-    _check_choice("pixels", pixels, PIXELS)
+    check_choice("pixels", pixels, PIXELS)
     if root is None:
         if download:
             raise ValueError("download=True needs a root folder to download into (root=None is the bundled copy)")
@@ -286,8 +282,8 @@ def split_characters(
     * ``"vinyals"``: Vinyals et al. (2016): 1028 train, 172 val, 423 test characters.
     * ``"official"``: images_background (964) for ``"train"``, images_evaluation (659) for ``"test"``.
     """
-    _check_choice("protocol", protocol, PROTOCOLS)
-    _check_choice("split", split, SPLITS)
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_choice("split", split, SPLITS)
     if protocol == "vinyals":
         return np.flatnonzero(characters.vinyals_split == split)
     if protocol == "official":
@@ -335,8 +331,8 @@ class Omniglot(ClassImageDataset):
         paper_val_characters: int = 0,
         download: bool = False,
     ) -> None:
-        _check_choice("split", split, SPLITS)
-        _check_choice("protocol", protocol, PROTOCOLS)
+        check_choice("split", split, SPLITS)
+        check_choice("protocol", protocol, PROTOCOLS)
         if rotations and split != "train":
             raise ValueError(f"rotations=True adds rotated classes to the training split only, got split={split!r}")
         characters = load_omniglot_characters(root, pixels, download)

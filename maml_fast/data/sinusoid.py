@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from maml_fast.data.episodes import SeededTaskSource, check_positive_int
+from maml_fast.checks import check_int
+from maml_fast.data.episodes import SeededTaskSource
 from maml_fast.task_batch import TaskBatch
 
 AMPLITUDE_RANGE = (0.1, 5.0)
@@ -35,8 +36,8 @@ class SinusoidTasks(SeededTaskSource):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(device, seed, meta_batch_size)
-        self.num_shots = check_positive_int("num_shots", num_shots)
-        self.num_query = check_positive_int("num_query", num_query)
+        self.num_shots = check_int("num_shots", num_shots, 1)
+        self.num_query = check_int("num_query", num_query, 1)
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.dtype = dtype

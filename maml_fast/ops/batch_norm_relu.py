@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from maml_fast import _extension
 
 from . import norm
+from ._checks import check_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -70,11 +71,6 @@ def batch_norm_relu_reference(x, weight, bias, tasks: int, eps: float = 1e-5):
 
 
 # ------------------------------------------------------------------------------------- checks
-def _check_tensor(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-
-
 def check_batch_norm_relu_rows_inputs(x, weight, bias, eps) -> None:
     """Raise TypeError / ValueError naming the argument unless the inputs fit the op:
     x ``[rows >= 2, channels]`` of a supported floating dtype; weight, bias ``[channels]`` of x's
@@ -93,7 +89,7 @@ def check_batch_norm_relu_rows_inputs(x, weight, bias, eps) -> None:
 def check_tensors_and_dtype(x, weight, bias) -> None:
     """x, weight and bias are tensors, x of a supported floating dtype (TypeError naming the argument)."""
     for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
-        _check_tensor(name, tensor)
+        check_tensor(name, tensor)
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"x must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}")
 

@@ -7,10 +7,10 @@ peak; the compiled ops ``maml_fast::direct_conv2d`` (forward, bias fused) and
 ``maml_fast::direct_conv2d_weight_grad`` compute every output pixel's O channels as vectors
 (formulas and kernels: csrc/direct_conv.h). They take x in any memory layout, return channels-last
 activations and a weight gradient whose memory is ``[T, C, kh, kw, O]``, and work for any C; the
-"cuda" backend uses them where they were measured faster (`maml_fast.cuda_backend`).
+"fused" backend uses them where they were measured faster (`maml_fast.backends.fused`).
 
 These ops are primitives, not autograd functions: `maml_fast.ops.conv2d`'s autograd Functions
-call them (through ``CONV_IMPLEMENTATIONS``), and there every derivative of a convolution is again
+call them (through the fused backend's conv primitives), and there every derivative of a convolution is again
 a forward, input-gradient or weight-gradient primitive, so derivatives of every order exist.
 
 Here are the references (`maml_fast.ops.conv2d.conv2d_reference` is the definition), the input
@@ -22,6 +22,7 @@ import torch
 
 from maml_fast import _extension
 
+from ._checks import check_tensor
 from .conv2d import ConvGeometry, conv2d_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -49,11 +50,6 @@ def direct_conv2d_weight_grad_reference(x, grad_out, tasks: int, kernel_size, st
 
 
 # ------------------------------------------------------------------------------------- checks
-def _check_tensor(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-
-
 def _check_pair(name: str, pair, minimum: int) -> None:
     if not isinstance(pair, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be a pair of ints (height, width), got {pair!r}")
@@ -64,7 +60,7 @@ def _check_pair(name: str, pair, minimum: int) -> None:
 
 
 def _check_activation(name: str, tensor) -> None:
-    _check_tensor(name, tensor)
+    check_tensor(name, tensor)
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 tensor, got {tensor.dtype}")
     if tensor.dim() != 4:
@@ -93,7 +89,7 @@ def check_direct_conv2d_inputs(x, weight, bias, stride, padding) -> ConvGeometry
     weight ``[T, O, C, kh, kw]`` and bias ``[T, O]`` (or None) of x's dtype on x's device; stride
     (>= 1) and padding (>= 0) pairs of ints giving an output of at least one pixel."""
     _check_activation("x", x)
-    _check_tensor("weight", weight)
+    check_tensor("weight", weight)
     _check_like_x("weight", weight, x)
     if weight.dim() != 5 or min(weight.shape[3:], default=0) < 1:
         raise ValueError(f"weight must have shape [tasks, out, in, kh >= 1, kw >= 1], got {tuple(weight.shape)}")
@@ -104,7 +100,7 @@ def check_direct_conv2d_inputs(x, weight, bias, stride, padding) -> ConvGeometry
             f"{tuple(weight.shape)}, got shape {tuple(x.shape)}"
         )
     if bias is not None:
-        _check_tensor("bias", bias)
+        check_tensor("bias", bias)
         _check_like_x("bias", bias, x)
         if tuple(bias.shape) != (tasks, out_ch):
             raise ValueError(f"bias must have shape {(tasks, out_ch)} (tasks, out), got {tuple(bias.shape)}")

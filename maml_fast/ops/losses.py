@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from maml_fast import _extension
 
+from ._checks import check_tensor
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OPS = _extension.CompiledOps("cross_entropy_per_task", "cross_entropy_per_task_backward",
                               "cross_entropy_per_task_double_backward", "mse_per_task", "mse_per_task_backward")
@@ -74,11 +76,6 @@ LOSSES = {"cross_entropy": cross_entropy_per_task, "mse": mse_per_task}
 
 
 # ------------------------------------------------------------------------------------- checks
-def _check_tensor(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-
-
 def _check_floating(name: str, tensor) -> None:
     if tensor.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got {tensor.dtype}")
@@ -93,8 +90,8 @@ def check_cross_entropy_inputs(logits, labels) -> None:
     """Raise TypeError / ValueError naming the argument unless logits ``[T, B >= 1, N >= 1]`` of a
     supported floating dtype and int64 labels ``[T, B]`` on logits' device fit the op. The label
     range is the op's to check (on the CPU; see the module docstring for CUDA)."""
-    _check_tensor("logits", logits)
-    _check_tensor("labels", labels)
+    check_tensor("logits", logits)
+    check_tensor("labels", labels)
     _check_floating("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D [tasks, examples, classes], got shape {tuple(logits.shape)}")
@@ -111,8 +108,8 @@ def check_cross_entropy_inputs(logits, labels) -> None:
 def check_mse_inputs(prediction, target) -> None:
     """Raise TypeError / ValueError naming the argument unless prediction ``[T, M >= 1]`` of a
     supported floating dtype and target of its shape, dtype and device fit the op."""
-    _check_tensor("prediction", prediction)
-    _check_tensor("target", target)
+    check_tensor("prediction", prediction)
+    check_tensor("target", target)
     _check_floating("prediction", prediction)
     if prediction.dim() != 2 or prediction.shape[1] < 1:
         raise ValueError("prediction must be 2-D [tasks, values] with at least one value per task, "
