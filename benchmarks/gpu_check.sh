@@ -17,8 +17,8 @@ STATUS="$OUT/status.txt"
 : > "$STATUS"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
-# `kernels/` is a top-level package next to maml_fast/: importable from the checkout whether or not
-# setup.py packages it.
+# maml_fast and benchmarks importable from the checkout (the Triton kernels are imported as
+# maml_fast.kernels, which the install of stage 1 maps to the repository's kernels/).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
@@ -69,10 +69,10 @@ GPU_TESTS="$OP_TESTS $(ls tests/test_triton_conv.py tests/test_triton_fusion.py 
     tests/test_cuda_graph.py tests/test_precision.py 2>/dev/null)"
 stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs $XDIST --durations=15 $GPU_TESTS
 
-# 3. the meta-step ratio table with the Triton peer (maml_fast.triton_backend imported explicitly, in
-#    case maml_fast/__init__ does not import it); without "triton" again if that run fails
+# 3. the meta-step ratio table with the Triton peer (the "triton" backend is always registered in
+#    maml_fast.backends; its kernels load on first use); without "triton" again if that run fails
 BENCH_PEERS="loop vmap functorch torch cuda triton"
-BENCH_RUN="import sys, maml_fast.triton_backend; from benchmarks.bench_table import main; main(sys.argv[1:])"
+BENCH_RUN="import sys; from benchmarks.bench_table import main; main(sys.argv[1:])"
 stage bench_table 100 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 3 --out "$OUT/bench.json"
 if ! grep -q "^bench_table rc=0" "$STATUS"; then
     stage bench_table_without_triton 80 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" \

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maml_fast import triton_backend  # noqa: F401  (registers the backend)
+from maml_fast.backends import get_backend
+from maml_fast.backends import triton as triton_backend
 from maml_fast.ops import conv2d as conv_ops
 
 from .configs import CONFIGS
@@ -61,11 +62,11 @@ def test_conv_primitive(benchmark, case, primitive, impl):
     def call(implementation):
         return getattr(implementation, primitive)(*args, geo)
 
-    ours, reference = call(conv_ops.CONV_IMPLEMENTATIONS[impl]), call(conv_ops.CONV_IMPLEMENTATIONS["torch"])
+    ours, reference = call(get_backend(impl).conv), call(get_backend("torch").conv)
     error = ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
     assert error < 1e-2, f"{impl} {primitive} differs from cuDNN: relative error {error:.2e}"
 
-    implementation = conv_ops.CONV_IMPLEMENTATIONS[impl]
+    implementation = get_backend(impl).conv
 
     def timed():
         for _ in range(REPEAT):

@@ -7,8 +7,9 @@ Every kernel output is allocated NaN-filled (the kernels' debug mode), so an ele
 write fails the comparison.
 
 Triton reads TRITON_INTERPRET when a @triton.jit function is defined, so setting it before the kernels
-module is loaded is enough for kernels/conv2d.py, which calls no @triton.jit function of Triton's own
-library (those were defined when `import maml_fast` imported torch._dynamo, which imports triton).
+module (`maml_fast.kernels.conv2d`, the repository's kernels/conv2d.py) is loaded is enough for it, as it
+calls no @triton.jit function of Triton's own library (those were defined when `import maml_fast`
+imported torch._dynamo, which imports triton).
 The fp64 fallback's tl.sum is such a function: on the CPU that check runs in a subprocess.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton = pytest.importorskip("triton")
 
 import maml_fast as mf  # noqa: E402
-from maml_fast import backends, triton_backend  # noqa: E402
+from maml_fast import backends  # noqa: E402
+from maml_fast.backends import triton as triton_backend  # noqa: E402
 from maml_fast.ops import conv2d as conv_ops  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -58,9 +60,13 @@ def kernels():
     restore = lambda: None
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cpu":
-            loaded = triton_backend._kernels
+            # The kernels read TRITON_INTERPRET once, when first imported; in this process that may have
+            # happened already (another test module, run earlier, used them without it).
+            loaded = sys.modules.get(f"{triton_backend.KERNELS_PACKAGE}.conv2d")
             if loaded is not None and not loaded.INTERPRETED:
-                pytest.skip("the Triton kernels were loaded without TRITON_INTERPRET=1; no CUDA to run them on")
+                pytest.skip(f"{loaded.__name__} was already imported in this process without TRITON_INTERPRET=1 "
+                            "(by code that ran before this module) and there is no CUDA device to run its compiled "
+                            "kernels on: run this module in a process of its own")
             mp.setenv("TRITON_INTERPRET", "1")
         else:
             restore = _tf32_off()
@@ -169,7 +175,7 @@ def test_forward_bias_epilogue(kernels):
 
 _FALLBACK_CHECK = """
 import torch
-from maml_fast import triton_backend
+from maml_fast.backends import triton as triton_backend
 from maml_fast.ops import conv2d as conv_ops
 K = triton_backend.load_kernels()
 K.POISON_OUTPUTS = True
@@ -213,7 +219,7 @@ import os, sys
 sys.path.insert(0, os.getcwd())
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from maml_fast import triton_backend
+from maml_fast.backends import triton as triton_backend
 K = triton_backend.load_kernels()
 assert not K.INTERPRETED
 geometry = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1)
@@ -310,17 +316,18 @@ GRAD_CASES = [(2, 1, 2, 2, 5, 4, 3, 2, 1), (1, 2, 1, 3, 4, 4, 3, 1, 1)]
 def test_conv2d_gradcheck_gradgradcheck(kernels, case):
     geo, s = _geometry(case)
     x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
-    _check(lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, backend="triton"), (x, w, b))
+    triton_conv = backends.get_backend("triton").conv
+    _check(lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, primitives=triton_conv), (x, w, b))
 
 
 @pytest.mark.parametrize("primitive", ["input_grad", "weight_grad"])
 def test_backward_primitives_gradgradcheck(kernels, primitive):
     geo, s = _geometry(GRAD_CASES[0] if primitive == "input_grad" else GRAD_CASES[1])
     if primitive == "input_grad":
-        fn = lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, "triton")
+        fn = lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, backends.get_backend("triton").conv)
         inputs = (rand(*s["y"], grad=True), rand(*s["w"], grad=True))
     else:
-        fn = lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, "triton")
+        fn = lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, backends.get_backend("triton").conv)
         inputs = (rand(*s["x"], grad=True), rand(*s["y"], grad=True))
     _check(fn, inputs)
 
@@ -330,7 +337,8 @@ def test_fused_bias_function(kernels):
     as conv + bias, to second order."""
     geo, s = _geometry(GRAD_CASES[1])
     x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
-    fused = lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, backend="triton")
+    triton_conv = backends.get_backend("triton").conv
+    fused = lambda x, w, b: conv_ops.conv2d(x, w, b, geo.stride, geo.padding, primitives=triton_conv)
     _check(fused, (x, w, b))
     expected = conv_ops.conv2d_reference(x, w, b, geo.stride, geo.padding)
     torch.testing.assert_close(fused(x, w, b), expected, **TOL[torch.float64])
@@ -342,7 +350,8 @@ def test_third_order_matches_torch_backend(kernels):
     v = rand(*s["y"])
 
     def third(backend):
-        y = torch.tanh(conv_ops.conv2d(x, w, None, geo.stride, geo.padding, backend=backend))
+        y = torch.tanh(conv_ops.conv2d(x, w, None, geo.stride, geo.padding,
+                                       primitives=backends.get_backend(backend).conv))
         gx, gw = torch.autograd.grad((y * v).sum(), (x, w), create_graph=True)
         hx, = torch.autograd.grad((gw * gw.detach()).sum(), (x,), create_graph=True)
         return torch.autograd.grad((hx * hx.detach()).sum() + (gx * gx.detach()).sum(), (w, x))
@@ -407,8 +416,8 @@ def test_fp32_meta_gradient_error_is_that_of_the_torch_backend(kernels, make_bat
 # --------------------------------------------------------------------------------- the backend
 def test_backend_registration_and_availability(kernels, monkeypatch):
     assert "triton" in backends.backend_names()
-    assert isinstance(conv_ops.CONV_IMPLEMENTATIONS["triton"], triton_backend.TritonConvPrimitives)
-    assert backends.resolve_backend("auto", torch.device(DEVICE)) != "triton"    # "auto" never picks it (unmeasured)
+    assert isinstance(backends.get_backend("triton").conv, triton_backend.TritonConvPrimitives)
+    assert backends.resolve_backend("auto", torch.device(DEVICE)).name != "triton"  # "auto" never picks it (unmeasured)
     if DEVICE == "cpu":
         assert backends.unavailable_reasons("triton", torch.device("cpu")) == []
         monkeypatch.delenv("TRITON_INTERPRET")
@@ -423,9 +432,10 @@ def test_backend_registration_and_availability(kernels, monkeypatch):
 
 def test_import_loads_no_kernel_and_touches_no_gpu():
     # (triton itself may be imported: torch._dynamo, which maml_fast's imports load, imports it)
-    code = ("import sys, torch, maml_fast, maml_fast.triton_backend as tb; "
-            "assert tb._kernels is None, 'kernels loaded'; "
-            "assert not any(m.startswith('kernels') or 'triton_conv' in m for m in sys.modules), 'kernels imported'; "
+    code = ("import sys, torch, maml_fast, maml_fast.backends.triton; "
+            "assert 'maml_fast.kernels.conv2d' not in sys.modules, 'kernels loaded'; "
+            "assert not any(m.startswith(('kernels', 'maml_fast.kernels.')) or 'triton_conv' in m "
+            "for m in sys.modules), 'kernels imported'; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'; "
             "assert 'triton' in maml_fast.backends.backend_names()")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

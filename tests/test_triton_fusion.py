@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import maml_fast as mf
-from maml_fast import program, triton_backend
+from maml_fast import program
+from maml_fast.backends import BACKENDS, get_backend
+from maml_fast.backends import triton as triton_backend
 from maml_fast.data.omniglot import load_omniglot_characters
 from maml_fast.ops import conv2d as conv_ops
 from maml_fast.ops import norm as norm_ops
@@ -78,10 +80,11 @@ def test_bad_operands_fail_with_the_argument_name(kernels):
 def test_conv2d_relu_gradcheck_gradgradcheck(kernels, case):
     geo, s = _geometry(case)
     x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
-    fused = lambda x, w, b: conv_ops.conv2d_relu(x, w, b, geo.stride, geo.padding, backend="triton")
+    triton_conv = get_backend("triton").conv
+    fused = lambda x, w, b: conv_ops.conv2d_relu(x, w, b, geo.stride, geo.padding, primitives=triton_conv)
     torch.testing.assert_close(fused(x, w, b), _reference(x, w, b, geo, True)[0], **TOL[torch.float64])
     _check(fused, (x, w, b))
-    _check(lambda x, w: conv_ops.conv2d_relu(x, w, None, geo.stride, geo.padding, backend="triton"), (x, w))
+    _check(lambda x, w: conv_ops.conv2d_relu(x, w, None, geo.stride, geo.padding, primitives=triton_conv), (x, w))
 
 
 @pytest.mark.parametrize("case", GRAD_CASES)
@@ -89,7 +92,8 @@ def test_conv2d_with_batch_stats_gradcheck_gradgradcheck(kernels, case):
     """All three outputs (y, mean, var) differentiable to second order (their gradients enter gy)."""
     geo, s = _geometry(case)
     x, w, b = rand(*s["x"], grad=True), rand(*s["w"], grad=True), rand(geo.tasks, s["w"][1], grad=True)
-    fused = lambda x, w, b: conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding, backend="triton")
+    triton_conv = get_backend("triton").conv
+    fused = lambda x, w, b: conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding, primitives=triton_conv)
     for out, ref in zip(fused(x, w, b), _reference(x, w, b, geo, False)):
         torch.testing.assert_close(out, ref, **TOL[torch.float64])
     _check(fused, (x, w, b))
@@ -100,18 +104,20 @@ def test_unfused_backends_compute_the_same_ops(kernels):
     geo, s = _geometry(CASES["stride2_odd_primes"])
     x, w, b = rand(*s["x"]), rand(*s["w"]), rand(geo.tasks, s["w"][1])
     for backend in ("torch", "triton"):
-        relu = conv_ops.conv2d_relu(x, w, b, geo.stride, geo.padding, backend=backend)
+        primitives = get_backend(backend).conv
+        relu = conv_ops.conv2d_relu(x, w, b, geo.stride, geo.padding, primitives=primitives)
         torch.testing.assert_close(relu, _reference(x, w, b, geo, True)[0], **TOL[torch.float64])
-        for out, ref in zip(conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding, backend=backend),
+        for out, ref in zip(conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding, primitives=primitives),
                             _reference(x, w, b, geo, False)):
             torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
 
 def _conv_bn(x, w, b, gamma, beta, geo, fused: bool):
     if fused:
-        y, mean, var = conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding, backend="triton")
+        y, mean, var = conv_ops.conv2d_with_batch_stats(x, w, b, geo.stride, geo.padding,
+                                                        primitives=get_backend("triton").conv)
         return norm_ops.batch_norm_from_statistics(y, mean, var, gamma, beta, geo.tasks)
-    y = conv_ops.conv2d(x, w, b, geo.stride, geo.padding, backend="torch")
+    y = conv_ops.conv2d(x, w, b, geo.stride, geo.padding, primitives=get_backend("torch").conv)
     return norm_ops.batch_norm(y, gamma, beta, geo.tasks)
 
 
@@ -206,8 +212,8 @@ def test_triton_program_uses_the_fused_kernels(kernels, monkeypatch, norm, expec
     tasks = 2
     params = {n: p.detach().expand(tasks, *p.shape) for n, p in net.named_parameters()}
     x = rand(tasks, 3, 1, 8, 8)
-    fused, reason = program.lower(net, "triton")
-    unfused, _ = program.lower(net, "torch")
+    fused, reason = program.lower(net, get_backend("triton"))
+    unfused, _ = program.lower(net, get_backend("torch"))
     assert reason is None and len(fused.layers) < len(unfused.layers)
     counts = _count_launches(kernels, monkeypatch)
     out = fused(params, x)
@@ -226,16 +232,22 @@ def test_fused_conv_batch_norm_uses_running_statistics_when_given(kernels):
             params[name + ".running_mean"] = rand(tasks, module.num_features)
             params[name + ".running_var"] = rand(tasks, module.num_features).abs() + 0.5
     x = rand(tasks, 3, 1, 8, 8)
-    expected = program.lower(net, "torch")[0](params, x)
-    torch.testing.assert_close(program.lower(net, "triton")[0](params, x), expected, **TOL[torch.float64])
+    expected = program.lower(net, get_backend("torch"))[0](params, x)
+    torch.testing.assert_close(program.lower(net, get_backend("triton"))[0](params, x), expected,
+                               **TOL[torch.float64])
 
 
 def test_fusion_rule_leaves_other_backends_and_unsupported_convs_alone():
+    # the rule is the triton backend's alone: no other backend lowers with it
+    assert triton_backend.fuse_conv_epilogue in get_backend("triton").fusion_rules
+    for name, backend in BACKENDS.items():
+        if name != "triton":
+            assert triton_backend.fuse_conv_epilogue not in getattr(backend, "fusion_rules", ()), name
+    triton = get_backend("triton")
     children = [("0", torch.nn.Conv2d(1, 2, 3)), ("1", torch.nn.ReLU())]
-    assert triton_backend.fuse_conv_epilogue(children, "", "torch") is None
-    assert triton_backend.fuse_conv_epilogue(children, "", "triton")[1] == 2
+    assert triton_backend.fuse_conv_epilogue(children, "", triton)[1] == 2
     dilated = [("0", torch.nn.Conv2d(1, 2, 3, dilation=2)), ("1", torch.nn.ReLU())]
-    assert triton_backend.fuse_conv_epilogue(dilated, "", "triton") is None
+    assert triton_backend.fuse_conv_epilogue(dilated, "", triton) is None
     tracked = [("0", torch.nn.Conv2d(1, 2, 3)), ("1", torch.nn.BatchNorm2d(2))]
-    assert triton_backend.fuse_conv_epilogue(tracked, "", "triton") is None
-    assert triton_backend.fuse_conv_epilogue(children[:1], "", "triton") is None
+    assert triton_backend.fuse_conv_epilogue(tracked, "", triton) is None
+    assert triton_backend.fuse_conv_epilogue(children[:1], "", triton) is None

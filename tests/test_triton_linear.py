@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import maml_fast as mf
-from maml_fast import triton_backend
+from maml_fast.backends import BACKENDS, ProgramBackend, get_backend
+from maml_fast.backends import triton as triton_backend
 from maml_fast.ops import linear as linear_ops
 from test_triton_conv import DEVICE, REPO, TOL, _check, _meta_step, kernels, rand  # noqa: F401
 
@@ -41,7 +42,7 @@ def test_linear_and_gradients_match_reference(kernels, poisoned_empty, name, dty
     x, w, b = _operands(CASES[name], dtype, grad=True)
     for bias in (b, None):
         inputs = (x, w) if bias is None else (x, w, bias)
-        y = linear_ops.linear(x, w, bias, backend="triton")
+        y = linear_ops.linear(x, w, bias, matmul=get_backend("triton").matmul)
         g = torch.randn_like(y)
         grads = torch.autograd.grad(y, inputs, g)
         ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
@@ -87,10 +88,11 @@ def test_empty_and_zero_depth_products(linear_kernels):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_gradcheck_gradgradcheck(kernels, with_bias):
     x, w, b = _operands((7, 2, 3, 2), grad=True)
+    matmul = get_backend("triton").matmul
     if with_bias:
-        _check(lambda x, w, b: linear_ops.linear(x, w, b, backend="triton"), (x, w, b))
+        _check(lambda x, w, b: linear_ops.linear(x, w, b, matmul=matmul), (x, w, b))
     else:
-        _check(lambda x, w: linear_ops.linear(x, w, None, backend="triton"), (x, w))
+        _check(lambda x, w: linear_ops.linear(x, w, None, matmul=matmul), (x, w))
 
 
 def test_third_order_matches_torch_backend(kernels):
@@ -98,7 +100,7 @@ def test_third_order_matches_torch_backend(kernels):
     v = rand(x.shape[0], w.shape[0] * w.shape[1])
 
     def third(backend):
-        y = torch.tanh(linear_ops.linear(x, w, b, backend=backend))
+        y = torch.tanh(linear_ops.linear(x, w, b, matmul=get_backend(backend).matmul))
         gx, gw = torch.autograd.grad((y * v).sum(), (x, w), create_graph=True)
         hx, = torch.autograd.grad((gw * gw.detach()).sum(), (x,), create_graph=True)
         return torch.autograd.grad((hx * hx.detach()).sum() + (gx * gx.detach()).sum(), (w, x, b))
@@ -161,12 +163,14 @@ def test_bad_operands_fail_with_the_argument_name(linear_kernels):
     with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
         linear_kernels.batched_matmul(a.to(torch.int32), b.to(torch.int32))
     with pytest.raises(ValueError, match="x must have shape"):
-        linear_ops.linear(rand(3, 7), rand(2, 5, 3), backend="triton")
+        linear_ops.linear(rand(3, 7), rand(2, 5, 3), matmul=get_backend("triton").matmul)
 
 
 def test_registration(kernels):
-    assert isinstance(linear_ops.LINEAR_IMPLEMENTATIONS["triton"], triton_backend.TritonBatchedMatmul)
-    assert set(linear_ops.LINEAR_IMPLEMENTATIONS) == {"triton"}, "other backends keep torch.bmm"
+    assert isinstance(get_backend("triton").matmul, triton_backend.TritonBatchedMatmul)
+    others = {name: backend.matmul for name, backend in BACKENDS.items()
+              if isinstance(backend, ProgramBackend) and name != "triton"}
+    assert others and all(matmul is None for matmul in others.values()), f"other backends keep torch.bmm: {others}"
 
 
 _COMPILE_CHECK = """
@@ -174,7 +178,7 @@ import os, sys
 sys.path.insert(0, os.getcwd())
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from maml_fast import triton_backend
+from maml_fast.backends import triton as triton_backend
 K = triton_backend.load_linear_kernels()
 assert not K.INTERPRETED
 for dtype, name, precision in ((torch.float32, "fp32", "ieee"), (torch.float32, "fp32", "tf32"),
