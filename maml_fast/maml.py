@@ -140,7 +140,7 @@ class MAML(nn.Module):
         self.layout = ParameterLayout(
             tuple(self.adapted_names), tuple(n for n in named if n not in self.adapted_names and n not in bn_params),
             tuple(self.per_step_bn_names), inner_lr_mode, statistics)
-        self._executions: dict[str, backends.Execution] = {}
+        self._executions: dict[tuple[str, bool], backends.Execution] = {}
 
     @property
     def inner_lr_mode(self) -> str:
@@ -230,15 +230,17 @@ class MAML(nn.Module):
 
     # ----------------------------------------------------------------- internals
     def _execution(self, device) -> backends.Execution:
-        """How the network runs on the backend `backend=` resolves to on `device` (lowered once)."""
+        """How the network runs on the backend `backend=` resolves to on `device`, lowered once per
+        mode (a traced forward keeps what it read of ``training``, e.g. a functional dropout's flag)."""
         backend = backends.resolve_backend(self.backend, device)
-        if backend.name not in self._executions:
+        key = (backend.name, self.model.training)
+        if key not in self._executions:
             execution = backend.execution(self.model)
             if execution.fallback_reason and self.fallback_reason is None:
                 warnings.warn(f"maml_fast: {execution.fallback_reason}; this network runs through torch.func.vmap "
                               "instead", stacklevel=4)
-            self._executions[backend.name] = execution
-        return self._executions[backend.name]
+            self._executions[key] = execution
+        return self._executions[key]
 
     def _inner_loop(self, support_y, query_y, steps: int, inner_lr: float | None, second_order: bool,
                     meta_grad: bool) -> InnerLoop:

@@ -1,4 +1,5 @@
-"""The networks of the MAML paper (Finn et al., 2017), as plain `nn.Sequential` modules.
+"""The networks of the MAML paper (Finn et al., 2017), as plain `nn.Sequential` modules, and the
+ResNet-12 of MetaOptNet / learn2learn (`resnet12`), whose residual blocks lower through torch.fx.
 
 BatchNorm layers are built with ``track_running_stats=False``: MAML normalises with each task's batch
 statistics (transductive), as the paper's code does. ``norm="layer"`` on conv features is
@@ -7,6 +8,8 @@ reference code's ``tf.contrib.layers.layer_norm``.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_choice, check_int
@@ -87,3 +90,80 @@ def omniglot_fc(num_classes: int = 5, norm: str = "batch", in_features: int = 28
 def sinusoid_mlp(hidden: int = 40) -> nn.Sequential:
     """The paper's regression net: 1-40-40-1 with ReLU."""
     return mlp((1, hidden, hidden, 1))
+
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al., 2018) for conv features ``[B, C, H, W]``: in training, drops
+    ``block_size x block_size`` squares with a probability that removes about ``drop_prob`` of the
+    units, and rescales the kept ones so that the mean is kept (the scale counts the kept units of the
+    whole tensor). ``tasks`` > 1 treats x as the task-batched grouped layout ``[B, T*C, H, W]``: then
+    every task is rescaled by its own count, the same function as applying the layer per task."""
+
+    def __init__(self, drop_prob: float = 0.1, block_size: int = 5):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
+        self.drop_prob, self.block_size = float(drop_prob), check_int("block_size", block_size, 1)
+
+    def forward(self, x: torch.Tensor, tasks: int = 1) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        height, width = x.shape[-2:]
+        block = min(self.block_size, height, width)
+        # Centres are drawn where a whole block fits; gamma makes the expected dropped fraction drop_prob.
+        valid = (height - block + 1) * (width - block + 1)
+        gamma = self.drop_prob * height * width / (block * block * valid)
+        centres = torch.zeros_like(x)
+        centres[..., block // 2:height - (block - 1) // 2, block // 2:width - (block - 1) // 2] = (
+            torch.rand_like(x[..., :height - block + 1, :width - block + 1]) < gamma).to(x.dtype)
+        dropped = F.max_pool2d(centres, block, stride=1, padding=block // 2)[..., :height, :width]
+        keep = 1.0 - dropped
+        per_task = keep.reshape(keep.shape[0], tasks, -1).transpose(0, 1).reshape(tasks, -1)
+        scale = per_task.shape[1] / per_task.sum(1).clamp_min(1.0)
+        shape = (1, tasks) + (1,) * (x.dim() - 2)
+        return x * keep * scale.reshape(shape).repeat_interleave(x.shape[1] // tasks, dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """ResNet-12's block: three 3x3 conv + BatchNorm (LeakyReLU 0.1 between them), a 1x1 conv + BatchNorm
+    shortcut, the sum through LeakyReLU, a 2x2 max-pool, then DropBlock (or nothing)."""
+
+    def __init__(self, in_channels: int, channels: int, drop_prob: float, block_size: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.relu1 = nn.LeakyReLU(0.1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.relu2 = nn.LeakyReLU(0.1)
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False),
+                                      nn.BatchNorm2d(channels, track_running_stats=False))
+        self.relu3 = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2)
+        self.drop = DropBlock(drop_prob, block_size) if drop_prob > 0 else nn.Identity()
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.drop(self.pool(self.relu3(out + self.shortcut(x))))
+
+
+def resnet12(in_channels: int = 3, num_classes: int = 5, channels: tuple[int, ...] = (64, 160, 320, 640),
+             drop_prob: float = 0.0, block_size: int = 5) -> nn.Sequential:
+    """ResNet-12 as in MetaOptNet and learn2learn: four residual blocks (64-160-320-640 channels by
+    default, each halving the image), a global mean pool and a linear head. ``drop_prob`` > 0 adds
+    DropBlock (``block_size``) after each block. Any image size of at least 16 works (84 for MiniImageNet)."""
+    check_int("in_channels", in_channels, 1)
+    check_int("num_classes", num_classes, 1)
+    if len(channels) != 4:
+        raise ValueError(f"channels must give the width of the 4 blocks, got {channels!r}")
+    for width in channels:
+        check_int("channels", width, 1)
+    blocks = []
+    for width in channels:
+        blocks.append(ResidualBlock(in_channels, width, drop_prob, block_size))
+        in_channels = width
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_classes))

@@ -1,19 +1,39 @@
 """Lowering: an `nn.Module` becomes a task-batched program of ops.
 
 A program runs a network for all T tasks at once with per-task parameters ``{name: [T, *shape]}``.
-Activations flow in the grouped layout ``[B, T*C, ...]`` (see `maml_fast.ops.conv2d`). Any
-`nn.Sequential` (nested freely) of the layers in `_LOWERINGS` lowers; anything else makes `lower`
-return the reason, and the learner falls back to `torch.func.vmap`. The backend
-(`maml_fast.backends.ProgramBackend`) gives the primitives the ops run on and its fusion rules.
+Activations flow in the grouped layout ``[B, T*C, ...]`` (see `maml_fast.ops.conv2d`): task t's
+channels (or features) in block t of dimension 1.
+
+`lower` traces the module with torch.fx (the layers of `_LOWERINGS` are leaves; any other module,
+nn.Sequential included, is traced through) and lowers every node of the graph:
+
+- layers (``call_module``): the layers of `_LOWERINGS`. Runs of layers that feed only each other
+  (an nn.Sequential, a conv-BatchNorm-activation chain) are lowered together, so that the backend's
+  fusion rules (`maml_fast.backends.ProgramBackend.fusion_rules`) can replace several by one op and a
+  conv bias that the next BatchNorm cancels is left out;
+- functions and methods (``call_function`` / ``call_method``): those of `_FUNCTIONS` and `_METHODS`,
+  which compute the same per-task function in the grouped layout: elementwise ops (residual adds,
+  activations, dropout with independent masks per task), spatial pooling, flattening, concatenation
+  (along channels it interleaves the task blocks), reductions over spatial dimensions.
+
+Anything else (a parameter used directly, a channel-mixing function, an input-dependent Python branch
+that torch.fx cannot trace) makes `lower` return the reason, naming the node and its layer, and the
+learner runs the whole model through `torch.func.vmap` instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import builtins
+import operator
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import map_arg
+
+from .models import DropBlock
 
 from .ops import conv2d as conv_ops
 from .ops import linear as linear_ops
@@ -110,13 +130,25 @@ def _lower_group_norm(module: nn.GroupNorm, prefix: str, backend):
 
 
 def _lower_stateless(module: nn.Module, prefix: str, backend):
-    # Channel-wise ops compute the same function in the grouped layout as per task.
+    # Elementwise and channel-wise ops compute the same function in the grouped layout as per task
+    # (dropout draws an independent mask for every element, so for every task).
     return (lambda x, params, tasks: module(x)), None
+
+
+def _lower_max_pool(module: nn.MaxPool2d, prefix: str, backend):
+    if module.dilation not in (1, (1, 1)) or module.return_indices:
+        return None, "MaxPool2d with dilation or return_indices has no task-batched op"
+    return _lower_stateless(module, prefix, backend)
+
+
+def _lower_drop_block(module: DropBlock, prefix: str, backend):
+    # Its kept units are counted per task: the layer's own task-batched mode.
+    return (lambda x, params, tasks: module(x, tasks)), None
 
 
 def _lower_adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, prefix: str, backend):
     if module.output_size not in (1, (1, 1)):
-        return None, "only AdaptiveAvgPool2d(1) (global mean pool) is task-batched"
+        return _lower_stateless(module, prefix, backend)
     return (lambda x, params, tasks: x.mean(dim=(2, 3), keepdim=True)), None
 
 
@@ -127,6 +159,9 @@ def _lower_flatten(module: nn.Flatten, prefix: str, backend):
     return (lambda x, params, tasks: x.reshape(x.shape[0], -1)), None
 
 
+_STATELESS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6,
+              nn.Hardswish, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Dropout2d,
+              nn.AlphaDropout)
 _LOWERINGS = {
     nn.Conv2d: lower_conv2d,
     nn.Linear: _lower_linear,
@@ -134,67 +169,245 @@ _LOWERINGS = {
     nn.BatchNorm2d: lower_batch_norm,
     nn.LayerNorm: _lower_layer_norm,
     nn.GroupNorm: _lower_group_norm,
-    nn.ReLU: _lower_stateless,
-    nn.MaxPool2d: _lower_stateless,
-    nn.AvgPool2d: _lower_stateless,
-    nn.Identity: _lower_stateless,
+    nn.MaxPool2d: _lower_max_pool,
     nn.AdaptiveAvgPool2d: _lower_adaptive_avg_pool,
     nn.Flatten: _lower_flatten,
+    DropBlock: _lower_drop_block,
+    **dict.fromkeys(_STATELESS, _lower_stateless),
 }
+
+
+# ----------------------------------------------------------------------------- functions and methods
+def _channel_dims(dims, ndim: int) -> bool:
+    """Whether the reduction dims (an int, a sequence, or None: all) include the channel dimension 1."""
+    if dims is None:
+        return True
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return any(d % ndim == 1 for d in dims)
+
+
+def _reduction(function):
+    """A reduction that must not mix channels (so neither tasks): over spatial dimensions only."""
+    def run(x, *args, **kwargs):
+        dims = kwargs.get("dim", args[0] if args else None)
+        if _channel_dims(dims, x.dim()):
+            raise ValueError(f"a task-batched program reduces only over spatial dimensions, got dim={dims!r} "
+                             f"for a {x.dim()}-d activation")
+        return function(x, *args, **kwargs)
+    return run
+
+
+def _concatenate(tasks: int, tensors, dim=0):
+    """torch.cat in the grouped layout: along channels, task t's blocks of every input stay together."""
+    tensors = list(tensors)
+    if dim % tensors[0].dim() != 1:
+        return torch.cat(tensors, dim)
+    batch, rest = tensors[0].shape[0], tensors[0].shape[2:]
+    blocks = [t.reshape(batch, tasks, t.shape[1] // tasks, *rest) for t in tensors]
+    return torch.cat(blocks, 2).reshape(batch, -1, *rest)
+
+
+def _flatten_from_one(x, start_dim=0, end_dim=-1):
+    if start_dim != 1 or end_dim != -1:
+        raise ValueError(f"a task-batched program flattens from dim 1 to the end only, got ({start_dim}, {end_dim})")
+    return x.reshape(x.shape[0], -1)
+
+
+def _rows(x, *shape):
+    """x.view(B, -1) / x.reshape(B, -1): flattening every example's features (task blocks stay in order)."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    if len(shape) != 2 or shape[1] != -1 or shape[0] != x.shape[0]:
+        raise ValueError(f"a task-batched program reshapes an activation only to (batch, -1), got {shape}")
+    return x.reshape(x.shape[0], -1)
+
+
+def _size(x, dim=None):
+    if dim is None or dim % x.dim() == 1:
+        raise ValueError("a task-batched program reads an activation's size only along the batch and spatial dims")
+    return x.size(dim)
+
+
+_ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp, F.relu, F.leaky_relu,
+                F.elu, F.gelu, F.silu, F.sigmoid, F.tanh, F.softplus, F.relu6, F.hardswish, F.dropout, F.dropout2d,
+                F.alpha_dropout)
+_SPATIAL = (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate)
+#: call_function targets -> what runs them in the grouped layout
+_FUNCTIONS: dict[Callable, Callable] = {
+    **{f: f for f in _ELEMENTWISE + _SPATIAL},
+    torch.cat: _concatenate, torch.concat: _concatenate,  # (the only one that takes the task count first)
+    torch.flatten: _flatten_from_one,
+    torch.mean: _reduction(torch.mean), torch.sum: _reduction(torch.sum), torch.amax: _reduction(torch.amax),
+    operator.getitem: operator.getitem,
+}
+#: call_method names -> what runs them (the tensor is the first argument)
+_METHODS: dict[str, Callable] = {
+    **{name: getattr(torch.Tensor, name) for name in (
+        "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "contiguous", "clone")},
+    "flatten": _flatten_from_one, "view": _rows, "reshape": _rows, "size": _size,
+    "mean": _reduction(torch.Tensor.mean), "sum": _reduction(torch.Tensor.sum), "amax": _reduction(torch.Tensor.amax),
+}
+
+
+# ----------------------------------------------------------------------------- the program
+@dataclass
+class _Step:
+    """One node (or one run of layers) of the program: ``output = run(*inputs)``."""
+
+    output: str
+    run: Callable
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    layers: tuple[Callable, ...] = ()
+    frees: tuple[str, ...] = ()
 
 
 @dataclass
 class Program:
-    layers: list[Layer]
+    """The lowered network: `_Step` s over named values, from the input to the output."""
+
+    steps: list[_Step]
+    input_name: str
+    output_name: str
+
+    @property
+    def layers(self) -> list[Callable]:
+        """Every lowered layer and function, in order (a fused layer counts once)."""
+        return [layer for step in self.steps for layer in step.layers]
 
     def __call__(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """Run all tasks: params ``{name: [T, ...]}``, x task-major ``[T, B, *features]``;
         returns task-major ``[T, B, *outputs]``."""
         tasks, batch = x.shape[:2]
-        h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
-        for layer in self.layers:
-            h = layer(h, params, tasks)
+        values = {self.input_name: x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])}
+        for step in self.steps:
+            resolve = lambda node: values[node.name]  # noqa: E731
+            values[step.output] = step.run(params, tasks, *map_arg(step.args, resolve),
+                                           **map_arg(step.kwargs, resolve))
+            for name in step.frees:
+                del values[name]
+        h = values[self.output_name]
         return h.reshape(batch, tasks, h.shape[1] // tasks, *h.shape[2:]).transpose(0, 1)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Layers with a lowering are graph leaves; every other module is traced through."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return type(module) in _LOWERINGS
+
+
+def _where(node: torch.fx.Node) -> str:
+    """The node and the innermost layer it belongs to, for a reason."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module":
+        return f"layer {node.target!r}"
+    if not stack:
+        return f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
+    path, kind = list(stack.values())[-1]
+    return (f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}) of layer "
+            f"{path!r} ({kind.__name__})")
+
+
+def _lower_layers(modules: list[tuple[str, nn.Module]], backend) -> tuple[Callable | None, str | None]:
+    """A run of layers, each feeding only the next: the backend's fusion rules first at every position,
+    then the per-layer lowerings (a conv feeding a BatchNorm with batch statistics leaves its bias out)."""
+    layers: list[Layer] = []
+    index = 0
+    while index < len(modules):
+        fused = next(filter(None, (rule(modules[index:], "", backend) for rule in backend.fusion_rules)), None)
+        if fused is not None:
+            layers.append(fused[0])
+            index += fused[1]
+            continue
+        name, module = modules[index]
+        following = modules[index + 1] if index + 1 < len(modules) else None
+        extra = {}
+        if type(module) is nn.Conv2d and following and is_batch_norm_with_batch_statistics(following[1]):
+            extra["batch_norm_prefix"] = following[0] + "."
+        run, reason = _LOWERINGS[type(module)](module, name + ".", backend, **extra)
+        if reason:
+            return None, f"layer {name!r} ({type(module).__name__}): {reason}"
+        layers.append(run)
+        index += 1
+
+    def run_layers(params, tasks, x):
+        for layer in layers:
+            x = layer(x, params, tasks)
+        return x
+    run_layers.layers = tuple(layers)
+    return run_layers, None
+
+
+def _chain(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node` and the layers after it that each take only the previous one's output, its only use."""
+    chain = [node]
+    while True:
+        users = list(chain[-1].users)
+        following = chain[-1].next
+        if (len(users) != 1 or users[0] is not following or following.op != "call_module"
+                or following.args != (chain[-1],) or following.kwargs):
+            return chain
+        chain.append(following)
 
 
 def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
     """The task-batched program of `module` on `backend` (a `maml_fast.backends.ProgramBackend`), or
-    (None, reason naming the layer that prevents it). The backend's fusion rules are tried at every
-    position of an nn.Sequential before the per-layer lowerings."""
-    layers: list[Layer] = []
+    (None, the reason naming the node and layer that prevent it)."""
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as error:  # noqa: BLE001  (tracing runs arbitrary user code: any failure means "cannot trace")
+        return None, f"the model {type(module).__name__} cannot be traced by torch.fx ({type(error).__name__}: {error})"
+    nodes = list(graph.nodes)
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        return None, f"the model {type(module).__name__} takes {len(inputs)} inputs; a task-batched program takes one"
+    steps: list[_Step] = []
+    output = None
+    skip: set = set()
+    for node in nodes:
+        if node in skip or node.op == "placeholder":
+            continue
+        if node.op == "output":
+            output = node.args[0]
+            if not isinstance(output, torch.fx.Node):
+                return None, f"the model {type(module).__name__} returns {type(output).__name__}; a task-batched program returns one tensor"
+            continue
+        if node.op == "call_module":
+            if len(node.args) != 1 or node.kwargs:
+                return None, f"{_where(node)} is called with {len(node.args) + len(node.kwargs)} arguments; a layer takes one"
+            chain = _chain(node)
+            skip.update(chain)
+            run, reason = _lower_layers([(n.target, module.get_submodule(n.target)) for n in chain], backend)
+            if reason:
+                return None, reason
+            steps.append(_Step(chain[-1].name, run, node.args, layers=run.layers))
+            continue
+        if node.op == "call_function" and node.target in _FUNCTIONS:
+            function = _FUNCTIONS[node.target]
+        elif node.op == "call_method" and node.target in _METHODS:
+            function = _METHODS[node.target]
+        elif node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape":
+            return None, f"{_where(node)} reads an activation's .shape; use .size(0) (its channel size is per task)"
+        elif node.op == "get_attr":
+            return None, f"{_where(node)} uses the parameter or buffer {node.target!r} directly, not through a layer"
+        else:
+            return None, f"{_where(node)} has no task-batched op"
+        if function is _concatenate:
+            run = lambda params, tasks, *args, **kwargs: _concatenate(tasks, *args, **kwargs)  # noqa: E731
+        else:
+            run = lambda params, tasks, *args, _f=function, **kwargs: _f(*args, **kwargs)  # noqa: E731
+        steps.append(_Step(node.name, run, node.args, dict(node.kwargs), layers=(function,)))
+    _mark_last_uses(steps, inputs[0].name, output.name)
+    return Program(steps, inputs[0].name, output.name), None
 
-    def visit(mod: nn.Module, prefix: str, batch_norm_prefix: str | None = None) -> str | None:
-        if type(mod) is nn.Sequential:
-            children = list(mod.named_children())
-            index = 0
-            while index < len(children):
-                name, child = children[index]
-                rules = (rule(children[index:], prefix, backend) for rule in backend.fusion_rules)
-                fused = next(filter(None, rules), None)
-                if fused is not None:
-                    layers.append(fused[0])
-                    index += fused[1]
-                    continue
-                following = children[index + 1][1] if index + 1 < len(children) else None
-                cancels_bias = type(child) is nn.Conv2d and is_batch_norm_with_batch_statistics(following)
-                reason = visit(child, f"{prefix}{name}.",
-                               f"{prefix}{children[index + 1][0]}." if cancels_bias else None)
-                if reason:
-                    return reason
-                index += 1
-            return None
-        where = prefix[:-1] or "the root module"
-        lowering = _LOWERINGS.get(type(mod))
-        if lowering is None:
-            return f"layer {where!r} ({type(mod).__name__}) has no task-batched op"
-        if isinstance(mod, nn.MaxPool2d) and (mod.dilation not in (1, (1, 1)) or mod.return_indices):
-            return f"layer {where!r} (MaxPool2d with dilation or return_indices) has no task-batched op"
-        extra = {"batch_norm_prefix": batch_norm_prefix} if batch_norm_prefix else {}
-        run, reason = lowering(mod, prefix, backend, **extra)
-        if reason:
-            return f"layer {where!r} ({type(mod).__name__}): {reason}"
-        layers.append(run)
-        return None
 
-    reason = visit(module, "")
-    return (None, reason) if reason else (Program(layers), None)
+def _mark_last_uses(steps: list[_Step], input_name: str, output_name: str) -> None:
+    """Let every step drop the values it is the last to read (the program then holds no more
+    activations than autograd saves)."""
+    seen = {output_name}
+    for step in reversed(steps):
+        names = []
+        map_arg((step.args, step.kwargs), lambda node: names.append(node.name))
+        step.frees = tuple(dict.fromkeys(n for n in names if n not in seen))
+        seen.update(names)

@@ -475,7 +475,7 @@ def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
     backend = "fused"
     calls = _count_op_calls(monkeypatch)
     loss, grads, learner = _tiny_conv4_meta_gradient(backend, device)
-    assert _fused_layers(learner._executions[backend].forward) == 4
+    assert _fused_layers(learner._executions[(backend, True)].forward) == 4
     # Forward, backward, (second order) double backward and the inner update all ran on the compiled ops.
     assert all(calls[name] > 0 for name in calls), calls
     ref_loss, ref_grads, _ = _tiny_conv4_meta_gradient("loop")
@@ -488,8 +488,8 @@ def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
 def test_cuda_alias_runs_the_fused_backend():
     """``backend="cuda"`` (the former name) still runs: the fused backend, with the same result."""
     loss, grads, learner = _tiny_conv4_meta_gradient("cuda", inner_steps=1)
-    assert list(learner._executions) == ["fused"]
-    assert _fused_layers(learner._executions["fused"].forward) == 4
+    assert list(learner._executions) == [("fused", True)]
+    assert _fused_layers(learner._executions[("fused", True)].forward) == 4
     fused_loss, fused_grads, _ = _tiny_conv4_meta_gradient("fused", inner_steps=1)
     torch.testing.assert_close(loss, fused_loss, rtol=0, atol=0)
     torch.testing.assert_close(grads, fused_grads, rtol=0, atol=0)

@@ -97,8 +97,8 @@ def _assert_close(a, b):
 
 @pytest.mark.parametrize("layer,layer_name,type_name,train", [
     (lambda: ChannelScale(3), "2.0", "ChannelScale", True),
-    (lambda: nn.Dropout(0.5), "2.0", "Dropout", False),   # eval mode: deterministic
-], ids=["custom_layer", "dropout_eval_mode"])
+    (lambda: nn.Softmax(dim=1), "2.0", "Softmax", True),  # mixes channels: not per task in the grouped layout
+], ids=["custom_layer", "channel_softmax"])
 def test_unsupported_layer_falls_back_to_vmap_with_one_warning(layer, layer_name, type_name, train, make_batch):
     torch.manual_seed(0)
     net = _net_with(layer())
@@ -143,22 +143,35 @@ def test_supported_network_does_not_fall_back(make_batch):
     assert learner.fallback_reason is None
 
 
-def test_custom_root_module_falls_back_and_names_it(make_batch):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(4, 3)
-            self.head = nn.Linear(3, 2)
+class _Residual(nn.Module):
+    """A custom root module with a residual add, functional ops and a view: lowers through torch.fx."""
 
-        def forward(self, x):
-            return self.head(torch.relu(self.body(x)))
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
 
-    net = Net().double()
+    def forward(self, x):
+        h = torch.relu(self.body(x)) + x
+        return self.head(h.view(h.size(0), -1) * 0.5)
+
+
+class _Branching(_Residual):
+    """A forward with a Python branch on the input's shape: torch.fx cannot trace it (vmap can)."""
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.relu(h)) if x.shape[-1] > 2 else self.head(h)
+
+
+def test_custom_module_lowers_through_torch_fx(make_batch):
+    net = _Residual().double()
     batch = make_batch(2, 2, 2, 2, (4,))
-    with pytest.warns(UserWarning, match="Net"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
         loss, grads = _meta_step(learner, batch)
-    assert "Net" in learner.fallback_reason
+    assert learner.fallback_reason is None
     baseline = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="loop")
     base_loss, base_grads = _meta_step(baseline, batch)
     _assert_close(loss, base_loss)
@@ -166,16 +179,36 @@ def test_custom_root_module_falls_back_and_names_it(make_batch):
         _assert_close(grads[name], base_grads[name])
 
 
-def test_dropout_fallback_runs_in_training_mode(make_batch):
-    """BUG (maml_fast/maml.py, MAML._vmap_forward): the vmap fallback calls torch.func.vmap with its
-    default randomness="error", so any network with nn.Dropout (the design's example of an
-    unsupported layer) raises "vmap: called random operation while in randomness error mode" in
-    training mode instead of running. Fix: ``torch.func.vmap(self._functional, randomness="different")``
-    (independent masks per task, as the "loop" backend gives)."""
+def test_untraceable_root_module_falls_back_and_names_it(make_batch):
+    net = _Branching().double()
+    batch = make_batch(2, 2, 2, 2, (4,))
+    with pytest.warns(UserWarning, match="_Branching cannot be traced by torch.fx"):
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
+        loss, grads = _meta_step(learner, batch)
+    assert "_Branching" in learner.fallback_reason
+    baseline = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="loop")
+    base_loss, base_grads = _meta_step(baseline, batch)
+    _assert_close(loss, base_loss)
+    for name in grads:
+        _assert_close(grads[name], base_grads[name])
+
+
+def test_dropout_lowers_with_a_mask_per_task(make_batch):
+    """nn.Dropout runs in the task-batched program: in training every task draws its own mask (tasks
+    that are identical copies get different losses), in eval mode it is the identity and the program
+    equals the loop."""
     torch.manual_seed(0)
     net = _net_with(nn.Dropout(0.5))
-    with pytest.warns(UserWarning, match="Dropout"):
+    one = make_batch(1, 2, 2, 2, (1, 6, 6))
+    copies = mf.TaskBatch(*(t.expand(4, *t.shape[1:]).contiguous() for t in
+                            (one.support_x, one.support_y, one.query_x, one.query_y)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
-        out = learner(make_batch(2, 2, 2, 2, (1, 6, 6)))
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
+        out = learner(copies)
+    assert learner.fallback_reason is None
+    per_task = out.query_loss_per_task
+    assert torch.isfinite(per_task).all() and len(set(per_task.tolist())) == 4
+    learner.eval()
+    baseline = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="loop").eval()
+    _assert_close(learner(copies).query_loss_per_task, baseline(copies).query_loss_per_task)
