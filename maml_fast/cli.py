@@ -56,6 +56,7 @@ _CONFIG_OPTIONS = {
     "inner_loss": "inner_loss", "meta_lr": "meta_lr", "iterations": "iterations",
     "pretrain_iterations": "pretrain_iterations", "cosine": "cosine", "min_lr_ratio": "min_lr_ratio",
     "clip_value": "clip_value", "clip_norm": "clip_norm", "norm": "norm", "hidden": "hidden", "conv": "conv",
+    "network": "network",
     "max_pool": "max_pool", "first_order": "first_order", "adapt_bn": "adapt_bn_affine", "baseline": "baseline",
     "step_metrics": "step_metrics",
     "pixels": "pixels", "eval_inner_steps": "eval_inner_steps", "eval_split": "eval_split",
@@ -66,7 +67,7 @@ _CONFIG_OPTIONS = {
 _EVAL_OPTIONS = ("eval_inner_steps", "eval_split", "eval_episodes", "eval_shots", "eval_queries", "eval_inner_lr",
                  "eval_batch_size", "backend", "data_root")
 # Fields that change the network or the meaning of the checkpoint: a resumed run must match them.
-_STRUCTURAL = ("datasource", "ways", "hidden", "conv", "max_pool", "norm", "baseline", "dtype", "inner_steps",
+_STRUCTURAL = ("datasource", "network", "ways", "hidden", "conv", "max_pool", "norm", "baseline", "dtype", "inner_steps",
                "shots", "queries", "meta_batch_size")
 _DEFAULT_PRESET = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s", "miniimagenet": "miniimagenet-5w1s"}
 _NORM_ALIASES = {"batch": "batch", "batch_norm": "batch", "layer": "layer", "layer_norm": "layer", "none": "none",
@@ -158,6 +159,8 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden", type=_positive_int, default=S,
                        help="conv filters (sinusoid: hidden units) [num_filters]")
     group.add_argument("--conv", action=argparse.BooleanOptionalAction, default=S, help="[conv]")
+    group.add_argument("--network", choices=("conv4", "resnet12"), default=S,
+                       help="image network: conv4 (the paper's) or resnet12 (64-160-320-640)")
     group.add_argument("--max-pool", action=argparse.BooleanOptionalAction, default=S, help="[max_pool]")
     group.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=S,
                        help="first-order MAML: no second derivatives [stop_grad]")
