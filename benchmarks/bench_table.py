@@ -60,7 +60,7 @@ def time_peers(config, peers, device, rounds) -> dict[str, list[float]]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["omniglot_5w1s", "miniimagenet_5w1s"], choices=list(CONFIGS))
     parser.add_argument("--peers", nargs="+", help="default: every peer available on the device")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -22,10 +22,15 @@ class MetaStepConfig:
     hidden: int
     downsample: str
     inner_lr: float
+    network: str = "conv4"  # or "resnet12" (block widths: resnet_widths)
+    resnet_widths: tuple[int, ...] = (64, 160, 320, 640)
 
     def make_net(self, device="cpu", dtype=torch.float32):
         torch.manual_seed(0)
-        net = mf.models.conv4(self.channels, self.ways, self.hidden, self.downsample, image_size=self.image_size)
+        if self.network == "resnet12":
+            net = mf.models.resnet12(self.channels, self.ways, self.resnet_widths)
+        else:
+            net = mf.models.conv4(self.channels, self.ways, self.hidden, self.downsample, image_size=self.image_size)
         return net.to(device=device, dtype=dtype)
 
     def make_batch(self, device="cpu", dtype=torch.float32, seed=0) -> mf.TaskBatch:
@@ -46,6 +51,10 @@ CONFIGS = {
     "miniimagenet_5w1s": MetaStepConfig("miniimagenet_5w1s", tasks=4, ways=5, shots=1, queries_per_class=15,
                                         inner_steps=5, channels=3, image_size=84, hidden=32, downsample="maxpool",
                                         inner_lr=0.01),
+    # ResNet-12 (full width) on small images, T=8: the issue-11 target configuration.
+    "resnet12_5w1s_32px": MetaStepConfig("resnet12_5w1s_32px", tasks=8, ways=5, shots=1, queries_per_class=1,
+                                         inner_steps=1, channels=3, image_size=32, hidden=0, downsample="",
+                                         inner_lr=0.01, network="resnet12"),
 }
 
 

@@ -13,6 +13,7 @@ from .backends import available_backends
 from .maml import MAML, FastWeights, MAMLOutput
 from .maml_plus_plus import multi_step_loss_weights
 from .evaluation import evaluate
+from .meta_step import MetaStep
 from .task_batch import TaskBatch
 from .trainer import NonFiniteLossError, Trainer, TrainResult
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
@@ -25,4 +26,4 @@ if _extension.LOAD_ERROR:
 
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
            "multi_step_loss_weights", "available_backends",
-           "Trainer", "TrainResult", "NonFiniteLossError", "evaluate", "data"]
+           "MetaStep", "Trainer", "TrainResult", "NonFiniteLossError", "evaluate", "data"]
