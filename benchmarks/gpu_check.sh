@@ -71,12 +71,12 @@ stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs
 
 # 3. the meta-step ratio table with the Triton peer (the "triton" backend is always registered in
 #    maml_fast.backends; its kernels load on first use); without "triton" again if that run fails
-BENCH_PEERS="loop vmap functorch torch cuda triton"
+BENCH_PEERS="loop vmap functorch torch fused triton"
 BENCH_RUN="import sys; from benchmarks.bench_table import main; main(sys.argv[1:])"
 stage bench_table 100 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" --peers $BENCH_PEERS --rounds 3 --out "$OUT/bench.json"
 if ! grep -q "^bench_table rc=0" "$STATUS"; then
     stage bench_table_without_triton 80 "$OUT/bench_table.log" $PY -c "$BENCH_RUN" \
-        --peers loop vmap functorch torch cuda --rounds 3 --out "$OUT/bench.json"
+        --peers loop vmap functorch torch fused --rounds 3 --out "$OUT/bench.json"
 fi
 
 # 4. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
@@ -114,6 +114,10 @@ for group, times in sorted(rows.items()):
 if data["benchmarks"]:
     print("fp32 precision:", data["benchmarks"][0]["extra_info"].get("fp32_precision"))
 EOF
+
+# 6. ResNet-12 (full width, 32x32 images, T=8) in the same ratio table (slow: last)
+stage bench_resnet12 90 "$OUT/bench_resnet12.log" $PY -c "$BENCH_RUN" --configs resnet12_5w1s_32px \
+    --peers loop vmap torch fused --rounds 3 --out "$OUT/bench_resnet12.json"
 
 echo "total $(( $(date +%s) - START ))s" | tee -a "$STATUS"
 echo "===== status"
