@@ -221,6 +221,32 @@ def _rows(x, *shape):
     return x.reshape(x.shape[0], -1)
 
 
+_FULL = slice(None)
+
+
+def _index(value, index):
+    """value[index]; on an activation only an index that keeps the batch and channel dims whole."""
+    if isinstance(value, torch.Tensor):
+        entries = index if isinstance(index, tuple) else (index,)
+        if entries and entries[0] is Ellipsis:
+            reaches = value.dim() - (len(entries) - 1)
+            kept = reaches >= 2 and all(isinstance(e, slice) for e in entries[1:])
+        else:
+            kept = len(entries) >= 2 and entries[0] == _FULL and entries[1] == _FULL
+        if not kept:
+            raise ValueError(f"a task-batched program indexes an activation only past its batch and channel dims, "
+                             f"got [{index!r}] on a {value.dim()}-d activation")
+    return value[index]
+
+
+def _static_index_kept(index) -> bool:
+    """Whether an index may keep batch and channels whole (Ellipsis-first indexes are checked when run)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if entries and entries[0] is Ellipsis:
+        return all(isinstance(e, slice) for e in entries[1:])
+    return len(entries) >= 2 and entries[0] == _FULL and entries[1] == _FULL
+
+
 def _size(x, dim=None):
     if dim is None or dim % x.dim() == 1:
         raise ValueError("a task-batched program reads an activation's size only along the batch and spatial dims")
@@ -238,7 +264,7 @@ _FUNCTIONS: dict[Callable, Callable] = {
     torch.cat: _concatenate, torch.concat: _concatenate,  # (the only one that takes the task count first)
     torch.flatten: _flatten_from_one,
     torch.mean: _reduction(torch.mean), torch.sum: _reduction(torch.sum), torch.amax: _reduction(torch.amax),
-    operator.getitem: operator.getitem,
+    operator.getitem: _index,
 }
 #: call_method names -> what runs them (the tensor is the first argument)
 _METHODS: dict[str, Callable] = {
@@ -247,6 +273,8 @@ _METHODS: dict[str, Callable] = {
     "flatten": _flatten_from_one, "view": _rows, "reshape": _rows, "size": _size,
     "mean": _reduction(torch.Tensor.mean), "sum": _reduction(torch.Tensor.sum), "amax": _reduction(torch.Tensor.amax),
 }
+_REDUCTIONS = {_FUNCTIONS[torch.mean], _FUNCTIONS[torch.sum], _FUNCTIONS[torch.amax], _METHODS["mean"], _METHODS["sum"],
+               _METHODS["amax"]}
 
 
 # ----------------------------------------------------------------------------- the program
@@ -297,14 +325,12 @@ class _Tracer(torch.fx.Tracer):
         return type(module) in _LOWERINGS
 
 
-def _where(node: torch.fx.Node) -> str:
-    """The node and the innermost layer it belongs to, for a reason."""
-    stack = node.meta.get("nn_module_stack") or {}
+def _where(node: torch.fx.Node, root: nn.Module) -> str:
+    """The node and the innermost layer it belongs to (the model itself at the top level), for a reason."""
     if node.op == "call_module":
         return f"layer {node.target!r}"
-    if not stack:
-        return f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
-    path, kind = list(stack.values())[-1]
+    stack = node.meta.get("nn_module_stack") or {}
+    path, kind = list(stack.values())[-1] if stack else ("", type(root))
     return (f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}) of layer "
             f"{path!r} ({kind.__name__})")
 
@@ -375,7 +401,7 @@ def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
             continue
         if node.op == "call_module":
             if len(node.args) != 1 or node.kwargs:
-                return None, f"{_where(node)} is called with {len(node.args) + len(node.kwargs)} arguments; a layer takes one"
+                return None, f"{_where(node, module)} is called with {len(node.args) + len(node.kwargs)} arguments; a layer takes one"
             chain = _chain(node)
             skip.update(chain)
             run, reason = _lower_layers([(n.target, module.get_submodule(n.target)) for n in chain], backend)
@@ -388,11 +414,18 @@ def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
         elif node.op == "call_method" and node.target in _METHODS:
             function = _METHODS[node.target]
         elif node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape":
-            return None, f"{_where(node)} reads an activation's .shape; use .size(0) (its channel size is per task)"
+            return None, f"{_where(node, module)} reads an activation's .shape; use .size(0) (its channel size is per task)"
         elif node.op == "get_attr":
-            return None, f"{_where(node)} uses the parameter or buffer {node.target!r} directly, not through a layer"
+            return None, f"{_where(node, module)} uses the parameter or buffer {node.target!r} directly, not through a layer"
         else:
-            return None, f"{_where(node)} has no task-batched op"
+            return None, f"{_where(node, module)} has no task-batched op"
+        reduction = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if function in _REDUCTIONS and (reduction is None or 1 in ((reduction,) if isinstance(reduction, int)
+                                                                 else tuple(reduction))):
+            return None, f"{_where(node, module)} reduces over the channels (dim={reduction!r}), which mixes the tasks"
+        if (function is _index and not (node.args[0].op == "call_method" and node.args[0].target == "size")
+                and not _static_index_kept(node.args[1])):
+            return None, f"{_where(node, module)} indexes an activation along its batch or channel dims, which mixes the tasks"
         if function is _concatenate:
             run = lambda params, tasks, *args, **kwargs: _concatenate(tasks, *args, **kwargs)  # noqa: E731
         else:
