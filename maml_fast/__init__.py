@@ -14,7 +14,7 @@ from .maml import MAML, FastWeights, MAMLOutput
 from .maml_plus_plus import multi_step_loss_weights
 from .evaluation import evaluate
 from .task_batch import TaskBatch
-from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .trainer import CheckpointError, CheckpointWarning, CheckpointWriteError, NonFiniteLossError, Trainer, TrainResult
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
 
 __version__ = "0.1.0"
@@ -25,4 +25,5 @@ if _extension.LOAD_ERROR:
 
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
            "multi_step_loss_weights", "available_backends",
-           "Trainer", "TrainResult", "NonFiniteLossError", "evaluate", "data"]
+           "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "CheckpointWarning",
+           "CheckpointWriteError", "evaluate", "data"]
