@@ -37,11 +37,8 @@ TIMING_FIELDS = ("elapsed_s", "steps_per_s")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one CPU thread (conftest's `one_thread`)."""
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -313,24 +313,6 @@ if _OPS.registered:
 # forward op's outputs, which is what they compute.
 if _OPS.registered:
 
-    def _forward_setup(ctx, inputs, output):
-        x, weight, bias, eps = inputs
-        y, mean, rstd = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, y, mean, rstd)
-        ctx.eps = eps
-
-    def _forward_backward(ctx, grad_y, grad_mean, grad_rstd):
-        x, weight, y, mean, rstd = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if grad_y is not None:
-            grad_x, grad_weight, grad_bias = _BatchNormReluRowsBackward.apply(grad_y, x, y, weight, mean, rstd, ctx.eps)
-        if grad_mean is not None or grad_rstd is not None:
-            grad_stats = _autograd.statistics_backward(x, mean, rstd, grad_mean, grad_rstd)
-            grad_x = grad_stats if grad_x is None else grad_x + grad_stats
-        needs = ctx.needs_input_grad
-        return grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None
-
     def _backward_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs)  # grad_y, x, y, weight, mean, rstd
@@ -359,7 +341,10 @@ if _OPS.registered:
         result = _autograd.vjp_of(composite, (ggx, ggw, ggb, grad_y, x, weight), needs[:5] + (needs[6],), grads)
         return (*result[:5], None, result[5], None, None)
 
-    torch.library.register_autograd("maml_fast::batch_norm_relu", _forward_backward, setup_context=_forward_setup)
+    _autograd.register_batch_norm_autograd(
+        "maml_fast::batch_norm_relu",
+        lambda grad_y, x, weight, bias, y, mean, rstd, eps: _BatchNormReluRowsBackward.apply(
+            grad_y, x, y, weight, mean, rstd, eps))
     torch.library.register_autograd("maml_fast::batch_norm_relu_backward", _backward_backward,
                                     setup_context=_backward_setup)
     torch.library.register_autograd("maml_fast::batch_norm_relu_double_backward", _double_backward_backward,

@@ -219,26 +219,6 @@ if _OPS.registered:
 # backward ops treat mean and rstd as x's cached statistics (total derivative in x, none for them).
 if _OPS.registered:
 
-    def _forward_setup(ctx, inputs, output):
-        x, weight, bias, eps = inputs
-        _, mean, rstd = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.eps = eps
-
-    def _forward_backward(ctx, grad_y, grad_mean, grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if grad_y is not None:
-            grad_x, grad_weight, grad_bias = _BatchNormReluMaxPoolBackward.apply(grad_y, x, weight, bias, mean, rstd,
-                                                                                ctx.eps)
-        if grad_mean is not None or grad_rstd is not None:
-            grad_stats = _autograd.statistics_backward(x.reshape(-1, x.shape[-1]), mean, rstd, grad_mean,
-                                                       grad_rstd).reshape(x.shape)
-            grad_x = grad_stats if grad_x is None else grad_x + grad_stats
-        needs = ctx.needs_input_grad
-        return grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None
-
     def _save_inputs(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs)
@@ -261,8 +241,10 @@ if _OPS.registered:
         result = _autograd.vjp_of(composite, (ggx, ggw, ggb, grad_y, x, weight), needs[:6], grads)
         return (*result, None, None, None)
 
-    torch.library.register_autograd("maml_fast::batch_norm_relu_max_pool", _forward_backward,
-                                    setup_context=_forward_setup)
+    _autograd.register_batch_norm_autograd(
+        "maml_fast::batch_norm_relu_max_pool",
+        lambda grad_y, x, weight, bias, y, mean, rstd, eps: _BatchNormReluMaxPoolBackward.apply(
+            grad_y, x, weight, bias, mean, rstd, eps))
     torch.library.register_autograd("maml_fast::batch_norm_relu_max_pool_backward", _backward_backward,
                                     setup_context=_save_inputs)
     torch.library.register_autograd("maml_fast::batch_norm_relu_max_pool_double_backward", _double_backward_backward,

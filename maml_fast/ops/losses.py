@@ -334,13 +334,6 @@ if _OPS.registered:
             grad_logits = grad_lse if grad_logits is None else grad_logits + grad_lse
         return grad_logits if ctx.needs_input_grad[0] else None, None
 
-    def _cross_entropy_backward_backward(ctx, grad_grad_logits):
-        if grad_grad_logits is None:
-            return None, None, None, None
-        d_grad_loss, d_logits = _cross_entropy_double_backward(grad_grad_logits, *ctx.saved_tensors)
-        needs = ctx.needs_input_grad
-        return d_grad_loss if needs[0] else None, d_logits if needs[1] else None, None, None
-
     def _cross_entropy_double_backward_backward(ctx, *grads):
         grad_grad_logits, grad_loss, logits, labels, _ = ctx.saved_tensors
 
@@ -358,17 +351,13 @@ if _OPS.registered:
         needs = ctx.needs_input_grad
         return grad_prediction if needs[0] else None, -grad_prediction if needs[1] else None
 
-    def _mse_backward_backward(ctx, grad_grad_prediction):
-        if grad_grad_prediction is None:
-            return None, None, None
-        return _mse_double_backward(grad_grad_prediction, *ctx.saved_tensors, needs=ctx.needs_input_grad)
-
     torch.library.register_autograd("maml_fast::cross_entropy_per_task", _cross_entropy_backward,
                                     setup_context=_cross_entropy_setup)
-    torch.library.register_autograd("maml_fast::cross_entropy_per_task_backward", _cross_entropy_backward_backward,
+    # (the backward ops save their inputs as the glue's Functions do: the same backward serves)
+    torch.library.register_autograd("maml_fast::cross_entropy_per_task_backward", _CrossEntropyBackward.backward,
                                     setup_context=_save_inputs)
     torch.library.register_autograd("maml_fast::cross_entropy_per_task_double_backward",
                                     _cross_entropy_double_backward_backward, setup_context=_save_inputs)
     torch.library.register_autograd("maml_fast::mse_per_task", _mse_backward, setup_context=_save_inputs)
-    torch.library.register_autograd("maml_fast::mse_per_task_backward", _mse_backward_backward,
+    torch.library.register_autograd("maml_fast::mse_per_task_backward", _MseBackward.backward,
                                     setup_context=_save_inputs)
