@@ -332,8 +332,8 @@ def _outcome(status_code: int, result: dict | None, stderr: str = "") -> dict:
     else:
         report["status"] = "failed"
         report.setdefault("problem", f"exit code {status_code}")
-    if stderr and report["status"] != "ok":
-        report["stderr_tail"] = stderr[-2000:]
+    if stderr and report["status"] != "ok":  # its head (the fault) and its tail (the innermost frames)
+        report["stderr"] = stderr if len(stderr) <= 3000 else f"{stderr[:1500]}\n[...]\n{stderr[-1500:]}"
     return report
 
 
@@ -349,25 +349,33 @@ def _spawn(name: str, device: str, timeout: float) -> dict:
 
 
 def _fork(name: str, device: str) -> dict:
+    import faulthandler
+    import tempfile
+
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: one case, its result down the pipe
+    with tempfile.TemporaryFile() as stderr:
+        pid = os.fork()
+        if pid == 0:  # the child: one case, its result down the pipe, its stderr to the file
+            os.close(read)
+            code = NOT_RUN
+            try:
+                os.dup2(stderr.fileno(), 2)
+                faulthandler.enable(file=2)  # a crash prints the Python stack (to the file) first
+                code, result = run_case(name, device)
+                os.write(write, json.dumps(result).encode())
+            finally:
+                os._exit(code)
+        os.close(write)
+        chunks = []
+        while chunk := os.read(read, 65536):
+            chunks.append(chunk)
         os.close(read)
-        code = NOT_RUN
-        try:
-            code, result = run_case(name, device)
-            os.write(write, json.dumps(result).encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+        stderr.seek(0)
+        errors = stderr.read().decode(errors="replace")
     code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     data = b"".join(chunks)
-    return _outcome(code, json.loads(data) if data else {"case": name, "device": device})
+    return _outcome(code, json.loads(data) if data else {"case": name, "device": device}, errors)
 
 
 @functools.cache
@@ -489,8 +497,8 @@ def main(argv=None) -> int:
           f"python {sys.version.split()[0]})")
     crashed = [r for r in reports if r["status"] == "crashed"]
     for report in crashed:
-        if report.get("stderr_tail"):
-            print(f"--- {report['device']} {report['case']}: stderr of the crashed process\n{report['stderr_tail']}")
+        if report.get("stderr"):
+            print(f"--- {report['device']} {report['case']}: stderr of the crashed process\n{report['stderr']}")
             break
     if args.backtrace and crashed:
         print(f"--- native backtrace of {crashed[0]['device']} {crashed[0]['case']}")
