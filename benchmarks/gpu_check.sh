@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Prepared GPU check (issues 4, 5, 6): build, the CUDA/Triton tests, compute-sanitizer memcheck and
-# racecheck over the compiled ops' CUDA tests, the meta-step ratio table with the "cuda" and "triton"
-# peers, and the per-primitive Triton-vs-cuDNN benchmark.
+# Prepared GPU check (issues 4, 5, 6, 14): build, the compiled ops' error path (first: every op called
+# directly with each bad value, one process per call, CPU and CUDA tensors), the CUDA/Triton tests,
+# compute-sanitizer memcheck and racecheck over the compiled ops' CUDA tests, the meta-step ratio table
+# with the "cuda" and "triton" peers, and the per-primitive Triton-vs-cuDNN benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
 #
@@ -58,7 +59,17 @@ stage() {
 # 1. build (the C++/CUDA extension; maml_fast runs without it, so later stages go on if it fails)
 stage install 180 "$OUT/install.log" $PY -m pip install -e . --no-build-isolation --no-deps
 
-# 2. CUDA and Triton tests, TF32 off for exactness (the Triton test module switches PyTorch's flags
+# 2. the compiled ops' error path, before any other check (issue 14: on the H100 image every direct
+#    torch.ops.maml_fast call that raised ValueError died of a segfault and took a test stage down):
+#    tests/op_error_probe.py calls every op with each bad value its C++ checks reject, one fresh
+#    interpreter per call, on CPU and CUDA tensors; a call whose process dies by a signal is reported as
+#    crashed, and the first crash is rerun under gdb (or cuda-gdb, which debugs host code too) for the
+#    native backtrace and the loaded libraries. Its log goes to tests.log (at most 8 files come back).
+stage op_error_probe 180 "$OUT/tests.log" $PY tests/op_error_probe.py --devices cpu cuda --isolation spawn \
+    --jobs 12 --backtrace --backtrace-timeout 90
+grep -E "^(crashed|failed|skipped|ok): |^  skipped because|cases in .* s \(" "$OUT/tests.log" | sed 's/^/  probe /' >> "$STATUS"
+
+# 3. CUDA and Triton tests, TF32 off for exactness (the Triton test module switches PyTorch's flags
 #    off itself; NVIDIA_TF32_OVERRIDE=0 also keeps cuBLAS/cuDNN off TF32 in every other test)
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
@@ -69,7 +80,7 @@ GPU_TESTS="$OP_TESTS $(ls tests/test_triton_conv.py tests/test_triton_fusion.py 
     tests/test_cuda_graph.py tests/test_precision.py 2>/dev/null)"
 stage tests 150 "$OUT/tests.log" env NVIDIA_TF32_OVERRIDE=0 $PY -m pytest -q -rs $XDIST --durations=15 $GPU_TESTS
 
-# 3. the meta-step ratio table with the Triton peer (the "triton" backend is always registered in
+# 4. the meta-step ratio table with the Triton peer (the "triton" backend is always registered in
 #    maml_fast.backends; its kernels load on first use); without "triton" again if that run fails
 BENCH_PEERS="loop vmap functorch torch fused triton"
 BENCH_RUN="import sys; from benchmarks.bench_table import main; main(sys.argv[1:])"
@@ -79,15 +90,15 @@ if ! grep -q "^bench_table rc=0" "$STATUS"; then
         --peers loop vmap functorch torch fused --rounds 3 --out "$OUT/bench.json"
 fi
 
-# 4. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
-#     test id). memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races.
-#     --error-exitcode makes a finding fail the stage even when pytest passes.
+# 5. compute-sanitizer over the CUDA cases of the compiled ops (kernel launches only: "cuda" in the
+#    test id). memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races.
+#    --error-exitcode makes a finding fail the stage even when pytest passes.
 for tool in memcheck racecheck; do
     stage "sanitizer_$tool" 70 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 86 \
         --target-processes all $PY -m pytest -q -x -p no:cacheprovider -k "cuda and not meta_gradient" $OP_TESTS
 done
 
-# 5. per-primitive benchmark: Triton vs cuDNN grouped conv at the Omniglot / MiniImageNet layers
+# 6. per-primitive benchmark: Triton vs cuDNN grouped conv at the Omniglot / MiniImageNet layers
 stage conv_primitives 90 "$OUT/conv_primitives.log" $PY -m pytest -q benchmarks/test_conv_primitives.py \
     --benchmark-json="$OUT/conv_primitives.json" --benchmark-columns=min,median,mean,stddev,rounds \
     --benchmark-sort=name

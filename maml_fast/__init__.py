@@ -15,7 +15,7 @@ from .maml_plus_plus import multi_step_loss_weights
 from .evaluation import evaluate
 from .meta_step import MetaStep
 from .task_batch import TaskBatch
-from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .trainer import CheckpointError, CheckpointWarning, CheckpointWriteError, NonFiniteLossError, Trainer, TrainResult
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
 
 __version__ = "0.1.0"
@@ -26,4 +26,5 @@ if _extension.LOAD_ERROR:
 
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
            "multi_step_loss_weights", "available_backends",
-           "MetaStep", "Trainer", "TrainResult", "NonFiniteLossError", "evaluate", "data"]
+           "MetaStep", "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "CheckpointWarning",
+           "CheckpointWriteError", "evaluate", "data"]

@@ -340,17 +340,24 @@ def cmd_train(args) -> int:
     torch = _setup_torch(args)
     from .distributed import DistributedContext
     from .presets import build_learner, build_source
-    from .trainer import CHECKPOINT_NAME, NonFiniteLossError, Trainer, load_checkpoint
+    from .trainer import CheckpointError, CheckpointWriteError, NonFiniteLossError, Trainer, read_latest_checkpoint
 
     config = effective_config(config_from_args(args))
     _check_backend(config)
     device = _resolve_device(torch, args.device)
     logdir = Path(args.logdir or Path("runs") / config.name)
-    if args.resume and (logdir / CHECKPOINT_NAME).is_file():
-        stored = load_checkpoint(logdir / CHECKPOINT_NAME).get("config") or {}
+    resume_from = None
+    if args.resume:
+        try:  # checkpoint.pt, else (with a warning) checkpoint.prev.pt; the Trainer continues from it
+            resume_from = read_latest_checkpoint(logdir)
+        except CheckpointError as error:
+            raise CLIError(str(error)) from None
+    if resume_from is not None:
+        path, checkpoint = resume_from
+        stored = checkpoint.get("config") or {}
         differ = [f for f in _STRUCTURAL if f in stored and stored[f] != getattr(config, f)]
         if differ:
-            raise CLIError(f"{logdir / CHECKPOINT_NAME} is from a different experiment ("
+            raise CLIError(f"{path} is from a different experiment ("
                            + ", ".join(f"{f}: {stored[f]!r} there, {getattr(config, f)!r} here" for f in differ)
                            + "); use another --logdir, or --no-resume to start over there")
     ctx = DistributedContext.from_environment(device=device)
@@ -366,9 +373,12 @@ def cmd_train(args) -> int:
                           min_lr_ratio=config.min_lr_ratio, clip_value=config.clip_value, clip_norm=config.clip_norm,
                           logdir=logdir, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                           keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
-                          time_limit=time_limit, resume=args.resume, progress=args.progress, log=args.log,
+                          time_limit=time_limit, resume=False, progress=args.progress, log=args.log,
                           distributed=ctx, config=config.to_dict(), val_source=val_source, val_every=args.val_every,
                           val_episodes=args.val_episodes, val_seed=args.eval_seed)
+        if resume_from is not None:
+            trainer.load_checkpoint(*resume_from)
+        trainer.check_same_iteration()
         if ctx.is_main:
             resumed = f", resumed at iteration {trainer.iteration}" if trainer.iteration else ""
             _print(f"maml-fast train: {config.name} ({config.description or config.datasource}) on {device}, "
@@ -376,7 +386,7 @@ def cmd_train(args) -> int:
                    + (f", {ctx.world_size} processes" if ctx.active else "") + f"; logdir {logdir}{resumed}")
         try:
             summary = trainer.train()
-        except NonFiniteLossError as error:
+        except (NonFiniteLossError, CheckpointWriteError) as error:
             raise CLIError(str(error)) from None
         finally:
             trainer.close()
@@ -396,7 +406,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     torch = _setup_torch(args)
     from .presets import build_learner
-    from .trainer import CHECKPOINT_NAME, load_checkpoint
+    from .trainer import CHECKPOINT_NAME, CheckpointError, load_checkpoint, read_latest_checkpoint
 
     if args.checkpoint is not None:
         path = Path(args.checkpoint)
@@ -405,10 +415,20 @@ def cmd_eval(args) -> int:
         path = Path(args.logdir) / name
     else:
         raise CLIError("eval needs --logdir (a train logdir) or --checkpoint (a checkpoint file)")
-    if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist"
-                       + (" (--test-iter needs checkpoints kept with train --keep-checkpoints)" if args.test_iter else ""))
-    checkpoint = load_checkpoint(path)
+    try:
+        if args.checkpoint is None and args.test_iter is None:
+            # the logdir's newest checkpoint that loads: checkpoint.pt, else (warning) checkpoint.prev.pt
+            found = read_latest_checkpoint(path.parent, resume_flag="maml-fast train --no-resume")
+            if found is None:
+                raise CLIError(f"checkpoint {path} does not exist")
+            path, checkpoint = found
+        elif not path.is_file():
+            raise CLIError(f"checkpoint {path} does not exist" + (
+                " (--test-iter needs checkpoints kept with train --keep-checkpoints)" if args.test_iter else ""))
+        else:
+            checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
     if not checkpoint.get("config"):
         raise CLIError(f"{path} holds no experiment config (it was not written by maml-fast train)")
     given = vars(args)

@@ -23,11 +23,15 @@ optional cosine decay of the meta lr.
   TensorBoard event files (``tensorboard/``); a tqdm bar shows meta-steps/s and the ETA. Metrics are
   accumulated on the device and read once per interval; on CUDA the skip decision is taken on the
   device too (fused Adam's ``found_inf``), so no step waits for the device.
-* Checkpoints (``logdir/checkpoint.pt``) every ``checkpoint_every`` iterations, on a time-limit stop
-  and at the end, written atomically (a temporary file, fsync, then ``os.replace``): learner state
-  (network, learned inner lrs, ``meta_iteration``), optimizer, scheduler, sampler stream, RNG states
-  (torch, CUDA, numpy, python) and counters. Resuming from one continues bit for bit as if the run
-  had not stopped; a crash or kill loses at most the iterations since the last checkpoint.
+* Checkpoints (``logdir/checkpoint.pt``, the one before it kept as ``checkpoint.prev.pt``) every
+  ``checkpoint_every`` iterations, on a time-limit stop and at the end, written atomically (a
+  temporary file, fsync, then ``os.replace``; `maml_fast.checkpoint_io`): learner state (network,
+  learned inner lrs, ``meta_iteration``), optimizer, scheduler, sampler stream, RNG states (torch,
+  CUDA, numpy, python) and counters. Resuming from one continues bit for bit as if the run had not
+  stopped; a crash or kill loses at most the iterations since the last checkpoint. A corrupted or
+  truncated checkpoint.pt is passed over with a `CheckpointWarning` for checkpoint.prev.pt; when
+  neither loads, `CheckpointError` names both. A failed write (a full disk) stops training with
+  `CheckpointWriteError` naming the file and the cause; the earlier checkpoints stay intact.
 * Several processes (`maml_fast.distributed`): each rank runs its slice of the meta-batch's tasks
   and the meta-gradient is all-reduced, so the step equals a single process on the whole meta-batch.
 """
@@ -44,15 +48,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint_io import (CHECKPOINT_FORMAT, LATEST_NAME, PREVIOUS_NAME, CheckpointError, CheckpointFiles,
+                            CheckpointWarning, CheckpointWriteError, atomic_save, load_checkpoint,
+                            read_latest_checkpoint)
 from .checks import check_int, check_number
 from .distributed import DistributedContext
 from .meta_step import MetaStep
 from .task_batch import TaskBatch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = LATEST_NAME
+PREVIOUS_CHECKPOINT_NAME = PREVIOUS_NAME
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-CHECKPOINT_FORMAT = "maml_fast.trainer/1"
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "CheckpointWarning",
+           "CheckpointWriteError", "atomic_save", "load_checkpoint", "read_latest_checkpoint", "CHECKPOINT_NAME",
+           "PREVIOUS_CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "METRICS_NAME"]
 METRIC_KEYS = ("support_loss", "support_accuracy", "query_loss", "query_accuracy")
 
 
@@ -86,43 +96,6 @@ class _CosineFactor:
 class _Constant:
     def __call__(self, step: int) -> float:
         return 1.0
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to `path`, fsync it, then rename it over `path`: a
-    reader sees the old file or the complete new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a `Trainer` checkpoint (on the CPU) and check its format."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a maml_fast Trainer checkpoint (format {CHECKPOINT_FORMAT})")
-    return checkpoint
 
 
 def rng_state() -> dict:
@@ -167,7 +140,8 @@ class Trainer:
             per checkpoint. keep_checkpoints: also keep ``checkpoint_<iteration>.pt`` copies.
         max_bad_steps: consecutive non-finite steps tolerated before `NonFiniteLossError`.
         time_limit: seconds of training in this call after which it stops cleanly (checkpointed).
-        resume: load ``logdir/checkpoint.pt`` if it exists. progress: show the tqdm bar.
+        resume: continue from ``logdir/checkpoint.pt`` if it exists (from ``checkpoint.prev.pt``, with
+            a `CheckpointWarning`, when checkpoint.pt does not load). progress: show the tqdm bar.
         log: write metrics.jsonl and TensorBoard files (the reference's ``log`` flag).
         distributed: a `DistributedContext` (None: single process).
         config: a JSON-able dict stored in checkpoints (the CLI stores the experiment config).
@@ -226,9 +200,16 @@ class Trainer:
         self._reset_accumulators()
         self._writer = None
         self._bar = None
-        if resume and self.logdir is not None and (self.logdir / CHECKPOINT_NAME).is_file():
-            self.load_checkpoint(self.logdir / CHECKPOINT_NAME)
-        if self.dist.active:  # every rank must continue from the same iteration
+        self._files = None if self.logdir is None else CheckpointFiles(self.logdir)
+        if resume and self.logdir is not None:
+            found = read_latest_checkpoint(self.logdir, resume_flag="--no-resume (Trainer(resume=False))")
+            if found is not None:
+                self.load_checkpoint(*found)
+        self.check_same_iteration()
+
+    def check_same_iteration(self) -> None:
+        """Under several processes: every rank continues from the same iteration (a collective call)."""
+        if self.dist.active:
             bounds = torch.tensor([self.iteration, -self.iteration], dtype=torch.float64, device=self.dist.device)
             torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX, group=self.dist.group)
             if bounds[0].item() != -bounds[1].item():
@@ -412,6 +393,10 @@ class Trainer:
             "sampler": self.source.state_dict(),
             "rng": rng_state(),
             "counters": {"skipped_steps": float(self.meta_step.skipped), "bad_run": float(self.meta_step.bad_run)},
+            # the metrics of the iterations since the last logged record: a resumed run logs the
+            # same means whether or not checkpoint_every is a multiple of log_every
+            "metrics": {"sums": dict(self._sums), "count": self._count, "steps": self._acc_steps,
+                        "phase": self._acc_phase},
             "trainer": {"iterations": self.iterations, "pretrain_iterations": self.pretrain_iterations,
                         "meta_lr": self.meta_lr, "cosine": self.cosine, "min_lr_ratio": self.min_lr_ratio,
                         "clip_value": self.clip_value, "clip_norm": self.clip_norm,
@@ -433,26 +418,38 @@ class Trainer:
         self.meta_step.skipped.fill_(counters.get("skipped_steps", 0.0))
         self.meta_step.bad_run.fill_(counters.get("bad_run", 0.0))
         self.meta_step.bad_run_max.copy_(self.meta_step.bad_run)
+        self._reset_accumulators()
+        metrics = state.get("metrics")
+        if metrics:
+            self._sums = {key: value.to(self.device) for key, value in metrics["sums"].items()}
+            self._count = metrics["count"].to(self.device)
+            self._acc_steps, self._acc_phase = int(metrics["steps"]), metrics["phase"]
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
-        """Write the checkpoint atomically (rank 0; every rank waits for it). Returns its path."""
-        if path is None:
-            if self.logdir is None:
-                return None
-            path = self.logdir / CHECKPOINT_NAME
-        path = Path(path)
+        """Write the checkpoint atomically (rank 0; every rank waits for it). Returns its path.
+        Without `path`: ``logdir/checkpoint.pt``, the one it replaces kept as ``checkpoint.prev.pt``
+        (`CheckpointWriteError` when the write fails, both files left as they were)."""
+        if path is None and self.logdir is None:
+            return None
+        path = self.logdir / CHECKPOINT_NAME if path is None else Path(path)
         if self.dist.is_main:
             state = self.state_dict()
-            atomic_save(state, path)
+            if self._files is not None and path == self._files.latest:
+                self._files.save(state)
+            else:
+                atomic_save(state, path)
             if self.keep_checkpoints:
                 atomic_save(state, path.with_name(f"checkpoint_{self.iteration:07d}.pt"))
         self.dist.barrier()
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from a checkpoint: the next iterations repeat those of the run that wrote it.
-        Records of ``metrics.jsonl`` past the checkpoint (logged before a crash) are dropped."""
-        self.load_state_dict(load_checkpoint(path))
+    def load_checkpoint(self, path: str | Path, checkpoint: dict | None = None) -> None:
+        """Continue from a checkpoint (`checkpoint`: its contents, already read from `path`): the next
+        iterations repeat those of the run that wrote it. Records of ``metrics.jsonl`` past the
+        checkpoint (logged before a crash) are dropped."""
+        self.load_state_dict(load_checkpoint(path) if checkpoint is None else checkpoint)
+        if self._files is not None:
+            self._files.mark_resumed(path)
         metrics = None if self.logdir is None else self.logdir / METRICS_NAME
         if metrics is not None and metrics.is_file() and self.dist.is_main:
             kept = []
@@ -477,9 +474,9 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             if self.iteration == 0:  # a fresh run: no records of an earlier one
                 (self.logdir / METRICS_NAME).unlink(missing_ok=True)
+            self._files.remove_stale_temporaries()  # left by a process killed mid-write
         start_iteration = self.iteration
-        call_start = self._run_start = time.monotonic()
-        self._reset_accumulators()
+        call_start = self._run_start = self._acc_start_time = time.monotonic()
         stopped = "completed"
         show = self.progress and self.dist.is_main and self.iteration < self.total_iterations
         self._bar = tqdm(total=self.total_iterations, initial=self.iteration, unit="step",

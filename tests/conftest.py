@@ -14,6 +14,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (training tests: fast and deterministic on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_task_batch(tasks=2, ways=2, shots=1, queries=2, example_shape=(1, 8, 8), *,
                       regression=False, dtype=torch.float64, generator=None):
     """A random TaskBatch. Classification: every class appears ``shots`` times in each support set

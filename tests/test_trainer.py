@@ -18,11 +18,8 @@ from maml_fast.trainer import NonFiniteLossError, Trainer, load_checkpoint
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one CPU thread (conftest's `one_thread`)."""
 
 
 def sinusoid_setup(seed=0, **maml_options):

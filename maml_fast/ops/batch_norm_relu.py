@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from maml_fast import _extension
 
-from . import norm
+from . import _autograd, norm
 from ._checks import check_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -154,28 +154,41 @@ class _BatchNormReluRowsBackward(torch.autograd.Function):
     def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
         if grad_grad_x is None and grad_grad_weight is None and grad_grad_bias is None:
             return None, None, None, None, None, None, None
-        grad_y, x, y, weight, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            d_grad_y, d_x, d_weight = double_backward_composite(
-                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y > 0, weight, ctx.eps)
-        else:
-            d_grad_y, d_x, d_weight = torch.ops.maml_fast.batch_norm_relu_double_backward(
-                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd)
+        d_grad_y, d_x, d_weight = double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, *ctx.saved_tensors,
+                                                  eps=ctx.eps)
         needs = ctx.needs_input_grad
         return (d_grad_y if needs[0] else None, d_x if needs[1] else None, None,
                 d_weight if needs[3] else None, None, None, None)
 
 
-def double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, mask, weight, eps):
+def double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd, eps=None):
+    """(d grad_y, d x, d weight) of the backward op: by the double-backward op, or, when autograd records
+    (a third derivative was asked for), by `double_backward_composite` (with eps, or, where the caller
+    has none, with the statistics' derivatives recovered from mean and rstd: `_autograd.statistics_of`)."""
+    if not torch.is_grad_enabled():
+        return torch.ops.maml_fast.batch_norm_relu_double_backward(
+            grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd)
+    statistics = None if eps is not None else _autograd.statistics_of(x, mean, rstd)
+    return double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y > 0, weight, eps,
+                                     statistics=statistics)
+
+
+def double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, mask, weight, eps,
+                              statistics=None):
     """The double-backward op's formulas (see the module docstring) as PyTorch ops on ``[rows,
-    channels]``, differentiable again: the statistics are recomputed from x with autograd ops, the
+    channels]``, differentiable again: the statistics are recomputed from x with autograd ops (or
+    given: `statistics` = (mean, rstd) as functions of x, e.g. `_autograd.statistics_of`), the
     ReLU mask (bool, x's shape: y > 0) is a constant. Returns (d grad_y, d x, d weight)."""
     acc = stats_dtype(x.dtype)
     rows = x.shape[0]
     xf, gy, w = x.to(acc), grad_y.to(acc), weight.to(acc)
-    mean = xf.mean(0)
-    centred = xf - mean
-    r = torch.rsqrt(centred.pow(2).mean(0) + eps)
+    if statistics is None:
+        mean = xf.mean(0)
+        centred = xf - mean
+        r = torch.rsqrt(centred.pow(2).mean(0) + eps)
+    else:
+        mean, r = statistics
+        centred = xf - mean
     x_hat = centred * r
     gz = torch.where(mask, gy, torch.zeros((), dtype=acc, device=x.device))
     sum_gz, sum_gz_xhat = gz.sum(0), (gz * x_hat).sum(0)
@@ -287,3 +300,52 @@ if _OPS.registered:
                                               weight, mean, rstd):
         channels = x.shape[1]
         return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((channels,))
+
+
+# ---------------------------------------------------------------- autograd of the ops called directly
+# The derivatives the autograd glue above uses, registered on the operators themselves:
+# torch.ops.maml_fast.batch_norm_relu{,_backward,_double_backward} called directly are differentiable
+# to every order, as batch_norm_relu_rows is. The forward op's mean and rstd outputs are
+# differentiable too (the batch statistics' own derivatives). The backward ops take x's cached
+# statistics (mean, rstd) and y (the ReLU mask) as inputs: their registered derivatives treat those
+# as cached values of x, as the glue does. The derivative in x is the total one (statistics
+# recomputed from x), and y, mean and rstd get none: exact for the backward ops applied to the
+# forward op's outputs, which is what they compute.
+if _OPS.registered:
+
+    def _backward_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)  # grad_y, x, y, weight, mean, rstd
+
+    def _backward_backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
+        if grad_grad_x is None and grad_grad_weight is None and grad_grad_bias is None:
+            return None, None, None, None, None, None
+        d_grad_y, d_x, d_weight = double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, *ctx.saved_tensors)
+        needs = ctx.needs_input_grad
+        return (d_grad_y if needs[0] else None, d_x if needs[1] else None, None, d_weight if needs[3] else None,
+                None, None)
+
+    def _double_backward_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)  # grad_grad_x?, grad_grad_weight?, grad_grad_bias?, grad_y, x, y, weight, mean, rstd
+
+    def _double_backward_backward(ctx, *grads):
+        ggx, ggw, ggb, grad_y, x, y, weight, mean, rstd = ctx.saved_tensors
+        mask = y > 0
+
+        def composite(ggx, ggw, ggb, grad_y, x, weight):
+            return double_backward_composite(ggx, ggw, ggb, grad_y, x, mask, weight, None,
+                                             statistics=_autograd.statistics_of(x, mean, rstd))
+
+        needs = ctx.needs_input_grad
+        result = _autograd.vjp_of(composite, (ggx, ggw, ggb, grad_y, x, weight), needs[:5] + (needs[6],), grads)
+        return (*result[:5], None, result[5], None, None)
+
+    _autograd.register_batch_norm_autograd(
+        "maml_fast::batch_norm_relu",
+        lambda grad_y, x, weight, bias, y, mean, rstd, eps: _BatchNormReluRowsBackward.apply(
+            grad_y, x, y, weight, mean, rstd, eps))
+    torch.library.register_autograd("maml_fast::batch_norm_relu_backward", _backward_backward,
+                                    setup_context=_backward_setup)
+    torch.library.register_autograd("maml_fast::batch_norm_relu_double_backward", _double_backward_backward,
+                                    setup_context=_double_backward_setup)

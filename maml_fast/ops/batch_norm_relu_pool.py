@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from maml_fast import _extension
 
+from . import _autograd
 from . import batch_norm_relu as bnr
 
 _OPS = _extension.CompiledOps("batch_norm_relu_max_pool", "batch_norm_relu_max_pool_backward",
@@ -119,24 +120,30 @@ class _BatchNormReluMaxPoolBackward(torch.autograd.Function):
     def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
         if grad_grad_x is None and grad_grad_weight is None and grad_grad_bias is None:
             return None, None, None, None, None, None, None
-        grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            d_grad_y, d_x, d_weight = _double_backward_composite(
-                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd, ctx.eps)
-        else:
-            d_grad_y, d_x, d_weight = torch.ops.maml_fast.batch_norm_relu_max_pool_double_backward(
-                grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd)
+        d_grad_y, d_x, d_weight = _double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, *ctx.saved_tensors,
+                                                   eps=ctx.eps)
         needs = ctx.needs_input_grad
         return (d_grad_y if needs[0] else None, d_x if needs[1] else None, d_weight if needs[2] else None,
                 None, None, None, None)
+
+
+def _double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd, eps=None):
+    """(d grad_y, d x, d weight) of the backward op: by the double-backward op, or, when autograd records
+    (a third derivative was asked for), by `_double_backward_composite` (eps None: the statistics'
+    derivatives recovered from mean and rstd, `_autograd.statistics_of`)."""
+    if not torch.is_grad_enabled():
+        return torch.ops.maml_fast.batch_norm_relu_max_pool_double_backward(
+            grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd)
+    return _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean,
+                                      rstd, eps)
 
 
 def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, bias, mean, rstd,
                                eps):
     """The double-backward op as PyTorch ops, differentiable again: the argmax of each window (of z
     recomputed from the op's mean and rstd, without a graph) routes grad_y to full resolution,
-    `bnr.double_backward_composite` does the rest, and its d grad_y is gathered back from the routed
-    positions."""
+    `bnr.double_backward_composite` does the rest (statistics recomputed from x with eps, or, eps None,
+    `_autograd.statistics_of`), and its d grad_y is gathered back from the routed positions."""
     batch, height, width, channels = x.shape
     acc = bnr.stats_dtype(x.dtype)
     with torch.no_grad():
@@ -149,8 +156,10 @@ def _double_backward_composite(grad_grad_x, grad_grad_weight, grad_grad_bias, gr
     gz_rows = gz.transpose(1, 2).reshape(-1, channels)
     ggx_rows = None if grad_grad_x is None else grad_grad_x.reshape(-1, channels)
     everywhere = torch.ones((), dtype=torch.bool, device=x.device).expand(gz_rows.shape)
+    x_rows = x.reshape(-1, channels)
+    statistics = None if eps is not None else _autograd.statistics_of(x_rows, mean, rstd)
     d_gz, d_x, d_weight = bnr.double_backward_composite(
-        ggx_rows, grad_grad_weight, grad_grad_bias, gz_rows, x.reshape(-1, channels), everywhere, weight, eps)
+        ggx_rows, grad_grad_weight, grad_grad_bias, gz_rows, x_rows, everywhere, weight, eps, statistics=statistics)
     d_gz = d_gz.reshape(batch, height * width, channels).transpose(1, 2)
     d_grad_y = torch.where(routed, d_gz.gather(2, index), torch.zeros((), dtype=d_gz.dtype, device=x.device))
     return _nhwc(d_grad_y.reshape(batch, channels, height // 2, width // 2)), d_x.reshape(x.shape), d_weight
@@ -201,3 +210,42 @@ if _OPS.registered:
     def _batch_norm_relu_max_pool_double_backward_fake(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x,
                                                        weight, bias, mean, rstd):
         return x.new_empty(grad_y.shape), x.new_empty(x.shape), x.new_empty((x.shape[-1],))
+
+
+# ---------------------------------------------------------------- autograd of the ops called directly
+# As for maml_fast.ops.batch_norm_relu: the glue's derivatives registered on the operators, so that
+# torch.ops.maml_fast.batch_norm_relu_max_pool{,_backward,_double_backward} called directly are
+# differentiable to every order; mean and rstd of the forward op are differentiable outputs; the
+# backward ops treat mean and rstd as x's cached statistics (total derivative in x, none for them).
+if _OPS.registered:
+
+    def _save_inputs(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)
+
+    def _backward_backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
+        if grad_grad_x is None and grad_grad_weight is None and grad_grad_bias is None:
+            return None, None, None, None, None, None
+        d_grad_y, d_x, d_weight = _double_backward(grad_grad_x, grad_grad_weight, grad_grad_bias, *ctx.saved_tensors)
+        needs = ctx.needs_input_grad
+        return (d_grad_y if needs[0] else None, d_x if needs[1] else None, d_weight if needs[2] else None,
+                None, None, None)
+
+    def _double_backward_backward(ctx, *grads):
+        ggx, ggw, ggb, grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
+
+        def composite(ggx, ggw, ggb, grad_y, x, weight):
+            return _double_backward_composite(ggx, ggw, ggb, grad_y, x, weight, bias, mean, rstd, None)
+
+        needs = ctx.needs_input_grad
+        result = _autograd.vjp_of(composite, (ggx, ggw, ggb, grad_y, x, weight), needs[:6], grads)
+        return (*result, None, None, None)
+
+    _autograd.register_batch_norm_autograd(
+        "maml_fast::batch_norm_relu_max_pool",
+        lambda grad_y, x, weight, bias, y, mean, rstd, eps: _BatchNormReluMaxPoolBackward.apply(
+            grad_y, x, weight, bias, mean, rstd, eps))
+    torch.library.register_autograd("maml_fast::batch_norm_relu_max_pool_backward", _backward_backward,
+                                    setup_context=_save_inputs)
+    torch.library.register_autograd("maml_fast::batch_norm_relu_max_pool_double_backward", _double_backward_backward,
+                                    setup_context=_save_inputs)

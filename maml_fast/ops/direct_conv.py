@@ -23,7 +23,7 @@ import torch
 from maml_fast import _extension
 
 from ._checks import check_tensor
-from .conv2d import ConvGeometry, conv2d_reference
+from .conv2d import ConvGeometry, conv2d_forward, conv2d_input_grad, conv2d_reference, conv2d_weight_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -172,3 +172,61 @@ if _OPS.registered:
     def _direct_conv2d_weight_grad_fake(x, grad_out, tasks, kernel_size, stride, padding):
         in_ch, out_ch = x.shape[1] // tasks, grad_out.shape[1] // tasks
         return x.new_empty((tasks, in_ch, *kernel_size, out_ch)).permute(0, 4, 1, 2, 3)
+
+
+# ---------------------------------------------------------------- autograd of the ops called directly
+# The ops are convolution primitives; `maml_fast.ops.conv2d`'s autograd Functions differentiate a
+# convolution into convolutions again, to every order. Registered on the operators, the same
+# derivatives make torch.ops.maml_fast.direct_conv2d{,_weight_grad} called directly differentiable to
+# every order: y = conv(x, w) + b gives gx = dgrad(gy, w), gw = wgrad(x, gy), gb = sum(gy); the weight
+# gradient gw = wgrad(x, g) is bilinear: gx = dgrad(g, ggw), g_g = conv(x, ggw). They run on the fused
+# backend's convolution primitives (the direct ops again where those were measured faster).
+if _OPS.registered:
+
+    def _primitives():
+        from maml_fast.backends.fused import FUSED  # (the backends import this module)
+        return FUSED.conv
+
+    def _geometry_of(tasks, stride, padding, input_hw, kernel_hw) -> ConvGeometry:
+        """The geometry in plain ints (symbolic sizes while tracing are specialised: the primitives
+        check their arguments as ints)."""
+        ints = lambda values: tuple(int(v) for v in values)  # noqa: E731
+        return ConvGeometry(int(tasks), ints(stride), ints(padding), ints(input_hw), ints(kernel_hw))
+
+    def _conv_setup(ctx, inputs, output):
+        x, weight, bias, stride, padding = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+        ctx.geo = _geometry_of(weight.shape[0], stride, padding, x.shape[2:], weight.shape[3:])
+        ctx.has_bias = bias is not None
+
+    def _conv_backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = conv2d_input_grad(grad_out, weight, ctx.geo, _primitives()) if needs[0] else None
+        grad_w = conv2d_weight_grad(x, grad_out, ctx.geo, _primitives()) if needs[1] else None
+        grad_b = (grad_out.sum(dim=(0, 2, 3)).reshape(ctx.geo.tasks, -1)
+                  if ctx.has_bias and len(needs) > 2 and needs[2] else None)
+        return grad_x, grad_w, grad_b, None, None
+
+    def _weight_grad_setup(ctx, inputs, output):
+        x, grad_out, tasks, kernel_size, stride, padding = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, grad_out)
+        ctx.geo = _geometry_of(tasks, stride, padding, x.shape[2:], kernel_size)
+
+    def _weight_grad_backward(ctx, grad_grad_weight):
+        if grad_grad_weight is None:
+            return None, None, None, None, None, None
+        x, grad_out = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_grad_weight = grad_grad_weight.contiguous()
+        grad_x = conv2d_input_grad(grad_out, grad_grad_weight, ctx.geo, _primitives()) if needs[0] else None
+        grad_grad_out = conv2d_forward(x, grad_grad_weight, ctx.geo, _primitives()) if needs[1] else None
+        return grad_x, grad_grad_out, None, None, None, None
+
+    torch.library.register_autograd("maml_fast::direct_conv2d", _conv_backward, setup_context=_conv_setup)
+    torch.library.register_autograd("maml_fast::direct_conv2d_weight_grad", _weight_grad_backward,
+                                    setup_context=_weight_grad_setup)

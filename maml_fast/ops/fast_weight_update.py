@@ -97,23 +97,30 @@ class _FastWeightUpdate(torch.autograd.Function):
     def backward(ctx, *out_grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         count = ctx.count
         saved = ctx.saved_tensors
-        grads, lrs = saved[:count], saved[count:]
-        needs_param, needs_grad, needs_lr = (
-            ctx.needs_input_grad[1 + k * count : 1 + (k + 1) * count] for k in range(3)
-        )
-        d_params: list[torch.Tensor | None] = [None] * count
-        d_grads: list[torch.Tensor | None] = [None] * count
-        d_lrs: list[torch.Tensor | None] = [None] * count
-        for i, out_grad in enumerate(out_grads):
-            if out_grad is None:
-                continue
-            if needs_param[i]:
-                d_params[i] = out_grad
-            if needs_grad[i]:
-                d_grads[i] = -lrs[i] * out_grad
-            if needs_lr[i]:
-                d_lrs[i] = (-grads[i] * out_grad).sum_to_size(lrs[i].shape)
+        needs = [ctx.needs_input_grad[1 + k * count : 1 + (k + 1) * count] for k in range(3)]
+        d_params, d_grads, d_lrs = _update_backward(out_grads, saved[:count], saved[count:], needs)
         return (None, *d_params, *d_grads, *d_lrs)
+
+
+def _update_backward(out_grads, grads, lrs, needs):
+    """(d params, d grads, d lrs) lists of ``out_i = params_i - lrs_i * grads_i`` for the output
+    gradients `out_grads` (None: unused) in differentiable ops; `needs`: which of the three lists'
+    entries need one."""
+    needs_param, needs_grad, needs_lr = needs
+    count = len(grads)
+    d_params: list[torch.Tensor | None] = [None] * count
+    d_grads: list[torch.Tensor | None] = [None] * count
+    d_lrs: list[torch.Tensor | None] = [None] * count
+    for i, out_grad in enumerate(out_grads):
+        if out_grad is None:
+            continue
+        if needs_param[i]:
+            d_params[i] = out_grad
+        if needs_grad[i]:
+            d_grads[i] = -lrs[i] * out_grad
+        if needs_lr[i]:
+            d_lrs[i] = (-grads[i] * out_grad).sum_to_size(lrs[i].shape)
+    return d_params, d_grads, d_lrs
 
 
 def fast_weight_update(
@@ -146,3 +153,19 @@ if _extension.LOAD_ERROR is None:
     @torch.library.register_fake("maml_fast::fast_weight_update")
     def _fast_weight_update_fake(params, grads, lrs):
         return [update_output_like(param, grad) for param, grad in zip(params, grads)]
+
+
+    # The glue's derivative registered on the operator: torch.ops.maml_fast.fast_weight_update called
+    # directly is differentiable in all three lists to every order (the backward is plain ops).
+    def _update_setup(ctx, inputs, output):
+        params, grads, lrs = inputs
+        ctx.set_materialize_grads(False)
+        ctx.count = len(params)
+        ctx.save_for_backward(*grads, *lrs)
+
+    def _update_autograd_backward(ctx, out_grads):
+        saved = ctx.saved_tensors
+        return _update_backward(out_grads, saved[:ctx.count], saved[ctx.count:], ctx.needs_input_grad)
+
+    torch.library.register_autograd("maml_fast::fast_weight_update", _update_autograd_backward,
+                                    setup_context=_update_setup)

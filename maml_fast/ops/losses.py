@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from maml_fast import _extension
 
+from . import _autograd
 from ._checks import check_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -161,14 +162,18 @@ class _CrossEntropyBackward(torch.autograd.Function):
     def backward(ctx, grad_grad_logits):
         if grad_grad_logits is None:
             return None, None, None, None
-        grad_loss, logits, labels, logsumexp = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            d_grad_loss, d_logits = _cross_entropy_double_backward_composite(grad_grad_logits, grad_loss, logits, labels)
-        else:
-            d_grad_loss, d_logits = torch.ops.maml_fast.cross_entropy_per_task_double_backward(
-                grad_grad_logits, grad_loss, logits, labels, logsumexp)
+        d_grad_loss, d_logits = _cross_entropy_double_backward(grad_grad_logits, *ctx.saved_tensors)
         needs = ctx.needs_input_grad
         return d_grad_loss if needs[0] else None, d_logits if needs[1] else None, None, None
+
+
+def _cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, logsumexp):
+    """(d grad_loss, d logits) of the backward op: the double-backward op, or, when autograd records (a
+    third derivative was asked for), `_cross_entropy_double_backward_composite`."""
+    if torch.is_grad_enabled():
+        return _cross_entropy_double_backward_composite(grad_grad_logits, grad_loss, logits, labels)
+    return torch.ops.maml_fast.cross_entropy_per_task_double_backward(grad_grad_logits, grad_loss, logits, labels,
+                                                                      logsumexp)
 
 
 def _cross_entropy_double_backward_composite(grad_grad_logits, grad_loss, logits, labels):
@@ -217,16 +222,19 @@ class _MseBackward(torch.autograd.Function):
     def backward(ctx, grad_grad_prediction):
         if grad_grad_prediction is None:
             return None, None, None
-        grad_loss, prediction, target = ctx.saved_tensors
-        acc = acc_dtype(prediction.dtype)
-        scale = 2.0 / prediction.shape[1]
-        gg = grad_grad_prediction.to(acc)
-        d_grad_loss = scale * (gg * (prediction.to(acc) - target.to(acc))).sum(1)
-        d_prediction = (scale * grad_loss.to(acc))[:, None] * gg
-        needs = ctx.needs_input_grad
-        return (d_grad_loss.to(grad_loss.dtype) if needs[0] else None,
-                d_prediction.to(prediction.dtype) if needs[1] else None,
-                -d_prediction.to(target.dtype) if needs[2] else None)
+        return _mse_double_backward(grad_grad_prediction, *ctx.saved_tensors, needs=ctx.needs_input_grad)
+
+
+def _mse_double_backward(grad_grad_prediction, grad_loss, prediction, target, needs=(True, True, True)):
+    """(d grad_loss, d prediction, d target) of the MSE backward op, in differentiable PyTorch ops."""
+    acc = acc_dtype(prediction.dtype)
+    scale = 2.0 / prediction.shape[1]
+    gg = grad_grad_prediction.to(acc)
+    d_grad_loss = scale * (gg * (prediction.to(acc) - target.to(acc))).sum(1)
+    d_prediction = (scale * grad_loss.to(acc))[:, None] * gg
+    return (d_grad_loss.to(grad_loss.dtype) if needs[0] else None,
+            d_prediction.to(prediction.dtype) if needs[1] else None,
+            -d_prediction.to(target.dtype) if needs[2] else None)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -292,3 +300,64 @@ if _OPS.registered:
     @torch.library.register_fake("maml_fast::mse_per_task_backward")
     def _mse_per_task_backward_fake(grad_loss, prediction, target):
         return prediction.new_empty(prediction.shape)
+
+
+# ---------------------------------------------------------------- autograd of the ops called directly
+# The glue's derivatives registered on the operators: torch.ops.maml_fast.cross_entropy_per_task*,
+# mse_per_task* called directly are differentiable to every order, as the fused losses are. The
+# cross-entropy forward's logsumexp output is differentiable too (d lse / d logits = softmax); its
+# accuracy is piecewise constant and marked non-differentiable; labels are integers. The
+# cross-entropy backward ops treat logsumexp as the cached logsumexp of logits (the glue's
+# contract): their derivative in logits is the total one, logsumexp gets none. The double-backward
+# op's derivative is that of its differentiable composite (`_autograd.vjp_of`).
+if _OPS.registered:
+
+    def _save_inputs(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)
+
+    def _cross_entropy_setup(ctx, inputs, output):
+        logits, labels = inputs
+        _, accuracy, logsumexp = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(accuracy)
+        ctx.save_for_backward(logits, labels, logsumexp)
+
+    def _cross_entropy_backward(ctx, grad_loss, grad_accuracy, grad_logsumexp):
+        logits, labels, logsumexp = ctx.saved_tensors
+        grad_logits = None
+        if grad_loss is not None:
+            grad_logits = _CrossEntropyBackward.apply(grad_loss, logits, labels, logsumexp)
+        if grad_logsumexp is not None:
+            softmax = torch.exp(logits.to(logsumexp.dtype) - logsumexp.unsqueeze(-1))
+            grad_lse = (grad_logsumexp.to(logsumexp.dtype).unsqueeze(-1) * softmax).to(logits.dtype)
+            grad_logits = grad_lse if grad_logits is None else grad_logits + grad_lse
+        return grad_logits if ctx.needs_input_grad[0] else None, None
+
+    def _cross_entropy_double_backward_backward(ctx, *grads):
+        grad_grad_logits, grad_loss, logits, labels, _ = ctx.saved_tensors
+
+        def composite(grad_grad_logits, grad_loss, logits):
+            return _cross_entropy_double_backward_composite(grad_grad_logits, grad_loss, logits, labels)
+
+        return (*_autograd.vjp_of(composite, (grad_grad_logits, grad_loss, logits), ctx.needs_input_grad[:3], grads),
+                None, None)
+
+    def _mse_backward(ctx, grad_loss):
+        if grad_loss is None:
+            return None, None
+        prediction, target = ctx.saved_tensors
+        grad_prediction = _MseBackward.apply(grad_loss, prediction, target)
+        needs = ctx.needs_input_grad
+        return grad_prediction if needs[0] else None, -grad_prediction if needs[1] else None
+
+    torch.library.register_autograd("maml_fast::cross_entropy_per_task", _cross_entropy_backward,
+                                    setup_context=_cross_entropy_setup)
+    # (the backward ops save their inputs as the glue's Functions do: the same backward serves)
+    torch.library.register_autograd("maml_fast::cross_entropy_per_task_backward", _CrossEntropyBackward.backward,
+                                    setup_context=_save_inputs)
+    torch.library.register_autograd("maml_fast::cross_entropy_per_task_double_backward",
+                                    _cross_entropy_double_backward_backward, setup_context=_save_inputs)
+    torch.library.register_autograd("maml_fast::mse_per_task", _mse_backward, setup_context=_save_inputs)
+    torch.library.register_autograd("maml_fast::mse_per_task_backward", _MseBackward.backward,
+                                    setup_context=_save_inputs)
