@@ -202,18 +202,13 @@ PRESETS: dict[str, ExperimentConfig] = {
                     "15 queries per class, 2 tasks, meta-gradient clipped to +-10"),
     # Not from the MAML paper: its MiniImageNet experiments with the ResNet-12 that most later few-shot work
     # meta-trains (MetaOptNet's layout, as learn2learn ships it), second-order MAML through every block.
-    "miniimagenet-5w1s-resnet12": ExperimentConfig(
-        name="miniimagenet-5w1s-resnet12", datasource="miniimagenet", network="resnet12", ways=5, shots=1,
-        queries=15, meta_batch_size=4, inner_steps=5, inner_lr=0.01, iterations=60_000,
+    **{f"miniimagenet-5w{shots}s-resnet12": ExperimentConfig(
+        name=f"miniimagenet-5w{shots}s-resnet12", datasource="miniimagenet", network="resnet12", ways=5, shots=shots,
+        queries=15, meta_batch_size=tasks, inner_steps=5, inner_lr=0.01, iterations=60_000,
         eval_inner_steps=10, clip_value=10.0, **_CLASSIFICATION,
-        description="MiniImageNet 5-way 1-shot, ResNet-12 (64-160-320-640): alpha 0.01, 5 steps (10 at test), "
-                    "15 queries per class, 4 tasks, meta-gradient clipped to +-10"),
-    "miniimagenet-5w5s-resnet12": ExperimentConfig(
-        name="miniimagenet-5w5s-resnet12", datasource="miniimagenet", network="resnet12", ways=5, shots=5,
-        queries=15, meta_batch_size=2, inner_steps=5, inner_lr=0.01, iterations=60_000,
-        eval_inner_steps=10, clip_value=10.0, **_CLASSIFICATION,
-        description="MiniImageNet 5-way 5-shot, ResNet-12 (64-160-320-640): alpha 0.01, 5 steps (10 at test), "
-                    "15 queries per class, 2 tasks, meta-gradient clipped to +-10"),
+        description=f"MiniImageNet 5-way {shots}-shot, ResNet-12 (64-160-320-640): alpha 0.01, 5 steps (10 at test), "
+                    f"15 queries per class, {tasks} tasks, meta-gradient clipped to +-10")
+       for shots, tasks in ((1, 4), (5, 2))},
     # Not from the paper: the 5-way 1-shot experiment sized for ~8 minutes on a 2-core CPU
     # (`maml-fast train --preset omniglot-5w1s-cpu --time-limit 8`: about 95-96% held-out accuracy). Small
     # meta-batches run far more meta-steps per second there (the activations stay in cache), 5 query
