@@ -41,7 +41,7 @@ def environment(device: str) -> dict:
     }
 
 
-def time_peers(config, peers, device, rounds) -> dict[str, list[float]]:
+def time_peers(config, peers, device, rounds, clock=time.perf_counter) -> dict[str, list[float]]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     steps = {peer: meta_step(peer, config, device) for peer in peers}
     for step in steps.values():  # warm-up: allocator, oneDNN/cuDNN plans, lowering
@@ -51,10 +51,10 @@ def time_peers(config, peers, device, rounds) -> dict[str, list[float]]:
     for _ in range(rounds):
         for peer, step in steps.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             step()
             sync()
-            times[peer].append(time.perf_counter() - start)
+            times[peer].append(clock() - start)
     return times
 
 
@@ -65,13 +65,23 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the process's CPU time instead of the wall clock (CPU only: on a shared machine "
+                             "other jobs then cost less accuracy; use with --threads 1)")
     args = parser.parse_args(argv)
+    if args.cpu_time and args.device != "cpu":
+        parser.error("--cpu-time measures CPU runs only")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.peers = args.peers or available_peers(args.device)
 
-    results = {"environment": environment(args.device), "configs": {}}
+    results = {"environment": environment(args.device), "clock": "process CPU time" if args.cpu_time else "wall",
+               "configs": {}}
     print(f"# {results['environment']}")
     for name in args.configs:
-        times = time_peers(CONFIGS[name], args.peers, args.device, args.rounds)
+        times = time_peers(CONFIGS[name], args.peers, args.device, args.rounds,
+                           time.process_time if args.cpu_time else time.perf_counter)
         medians = {peer: statistics.median(t) for peer, t in times.items()}
         results["configs"][name] = {"median_s": medians, "times_s": times}
         print(f"\n## {name} (median of {args.rounds}, ms; ratio = peer time / this time)")

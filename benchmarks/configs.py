@@ -55,6 +55,10 @@ CONFIGS = {
     "resnet12_5w1s_32px": MetaStepConfig("resnet12_5w1s_32px", tasks=8, ways=5, shots=1, queries_per_class=1,
                                          inner_steps=1, channels=3, image_size=32, hidden=0, downsample="",
                                          inner_lr=0.01, network="resnet12"),
+    "resnet12_narrow_5w1s_32px": MetaStepConfig("resnet12_narrow_5w1s_32px", tasks=8, ways=5, shots=1,
+                                                queries_per_class=1, inner_steps=1, channels=3, image_size=32,
+                                                hidden=0, downsample="", inner_lr=0.01, network="resnet12",
+                                                resnet_widths=(16, 40, 80, 160)),
 }
 
 
