@@ -59,6 +59,24 @@ class Ranks:
             time.sleep(0.05)
         return None
 
+    def signal_rank_1_and_wait_for_rank_0(self, signum: int, what: str) -> tuple[int, str, float]:
+        """Send `signum` to rank 1; rank 0 must exit within EXIT_BOUND_S. Returns its exit code, its
+        error line and the seconds it took."""
+        os.kill(self.procs[1].pid, signum)
+        sent = time.monotonic()
+        try:
+            code = self.procs[0].wait(timeout=EXIT_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs {EXIT_BOUND_S} s after rank 1 {what} (a hang): {self.lines(0)}")
+        finally:
+            if signum == signal.SIGSTOP:
+                os.kill(self.procs[1].pid, signal.SIGCONT)
+        took = time.monotonic() - sent
+        error = self.wait_for_line(0, "error ", 1)
+        assert code == 1 and error is not None, self.lines(0)
+        assert error.startswith("error DistributedError rank 0 of 2:"), error
+        return code, error, took
+
     def kill_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -89,16 +107,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tmp_path, runs):
         time.sleep(0.02)  # two checkpoints written: training is well under way
     assert checkpoint.exists(), "\n".join(ranks.lines(0) + ranks.lines(1))
     time.sleep(0.1)
-    os.kill(ranks.procs[1].pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    try:
-        code = ranks.procs[0].wait(timeout=EXIT_BOUND_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"rank 0 still runs {EXIT_BOUND_S} s after rank 1 was killed (a hang): {ranks.lines(0)}")
-    stopped_after = time.monotonic() - killed_at
-    error = ranks.wait_for_line(0, "error ", 1)
-    assert code == 1 and error is not None, ranks.lines(0)
-    assert error.startswith("error DistributedError rank 0 of 2:"), error
+    _, error, stopped_after = ranks.signal_rank_1_and_wait_for_rank_0(signal.SIGKILL, "was killed")
     assert "another rank has died" in error and "resume from the last checkpoint" in error, error
     print(f"rank 0 stopped {stopped_after:.2f} s after rank 1 was killed: {error}")
     resumed_from = load_checkpoint(checkpoint)["iteration"]
@@ -123,18 +132,9 @@ def test_a_hung_rank_stops_the_other_after_the_timeout(tmp_path, runs):
     runs.append(ranks := Ranks("slow", tmp_path, 0, timeout_s=3))
     assert ranks.wait_for_line(1, "start ", 60) is not None and ranks.wait_for_line(0, "start ", 60) is not None
     time.sleep(0.3)
-    os.kill(ranks.procs[1].pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        code = ranks.procs[0].wait(timeout=EXIT_BOUND_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"rank 0 still runs {EXIT_BOUND_S} s after rank 1 stopped answering: {ranks.lines(0)}")
-    finally:
-        os.kill(ranks.procs[1].pid, signal.SIGCONT)
-    error = ranks.wait_for_line(0, "error ", 1)
-    assert code == 1 and error.startswith("error DistributedError rank 0 of 2:"), ranks.lines(0)
+    _, error, stopped_after = ranks.signal_rank_1_and_wait_for_rank_0(signal.SIGSTOP, "stopped answering")
     assert "for longer than 3 s" in error, error
-    print(f"rank 0 stopped {time.monotonic() - stopped:.2f} s after rank 1 hung: {error}")
+    print(f"rank 0 stopped {stopped_after:.2f} s after rank 1 hung: {error}")
 
 
 def test_a_checkpoint_write_error_on_rank_0_stops_every_rank(tmp_path, runs):
