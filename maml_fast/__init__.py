@@ -15,6 +15,7 @@ from .maml_plus_plus import multi_step_loss_weights
 from .evaluation import evaluate
 from .meta_step import MetaStep
 from .task_batch import TaskBatch
+from .distributed import DistributedError
 from .trainer import CheckpointError, CheckpointWarning, CheckpointWriteError, NonFiniteLossError, Trainer, TrainResult
 from .variants import ANIL, MAMLPlusPlus, MetaSGD
 
@@ -27,4 +28,4 @@ if _extension.LOAD_ERROR:
 __all__ = ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "TaskBatch", "MAMLOutput", "FastWeights", "models",
            "multi_step_loss_weights", "available_backends",
            "MetaStep", "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "CheckpointWarning",
-           "CheckpointWriteError", "evaluate", "data"]
+           "CheckpointWriteError", "DistributedError", "evaluate", "data"]

@@ -338,7 +338,7 @@ def _evaluate_and_report(learner, config, device, logdir: Path | None, args, ext
 
 def cmd_train(args) -> int:
     torch = _setup_torch(args)
-    from .distributed import DistributedContext
+    from .distributed import DistributedContext, DistributedError
     from .presets import build_learner, build_source
     from .trainer import CheckpointError, CheckpointWriteError, NonFiniteLossError, Trainer, read_latest_checkpoint
 
@@ -386,7 +386,7 @@ def cmd_train(args) -> int:
                    + (f", {ctx.world_size} processes" if ctx.active else "") + f"; logdir {logdir}{resumed}")
         try:
             summary = trainer.train()
-        except (NonFiniteLossError, CheckpointWriteError) as error:
+        except (NonFiniteLossError, CheckpointWriteError, DistributedError) as error:
             raise CLIError(str(error)) from None
         finally:
             trainer.close()

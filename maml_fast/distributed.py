@@ -13,14 +13,32 @@ Launch with torchrun (one process per GPU; NCCL on GPUs, gloo on CPUs):
 
 `DistributedContext.from_environment()` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) and initialises the process group; pass the context to `Trainer`.
+
+Faults: every collective goes through the context, and one that fails (a rank died: its sockets
+close, so the others fail at once; or a rank stopped answering: the process group's timeout,
+``timeout_s``, default `DEFAULT_TIMEOUT_S`) raises `DistributedError` naming this rank, the
+operation and the way out (restart the run: it resumes from the last checkpoint). Work done by rank 0
+alone (checkpoint writes, validation) is followed by a collective that carries its success, so an
+error there (e.g. `CheckpointWriteError`) stops every rank instead of leaving them at a barrier.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this for another rank fails
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died, stopped answering or failed on its own."""
 
 
 def task_range(num_tasks: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -44,6 +62,7 @@ class DistributedContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     group: object = None  # the process group (None: the default group)
+    timeout_s: float | None = None  # the process group's collective timeout (for messages)
 
     @property
     def is_main(self) -> bool:
@@ -72,21 +91,57 @@ class DistributedContext:
             return cls(0, 1, 0, device)
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
         if not dist.is_initialized():
             backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-            kwargs = {}
-            if timeout_s is not None:
-                import datetime
-                kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+            kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
             if device.type == "cuda":
                 kwargs["device_id"] = device
             dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s=timeout_s)
 
     @classmethod
-    def from_process_group(cls, device: str | torch.device = "cpu", group=None) -> "DistributedContext":
-        """A context for an already initialised process group (e.g. under torch.multiprocessing.spawn)."""
-        return cls(dist.get_rank(group), dist.get_world_size(group), dist.get_rank(group), torch.device(device), group)
+    def from_process_group(cls, device: str | torch.device = "cpu", group=None,
+                           timeout_s: float | None = None) -> "DistributedContext":
+        """A context for an already initialised process group (e.g. under torch.multiprocessing.spawn);
+        `timeout_s`: the timeout it was initialised with (only named in error messages)."""
+        return cls(dist.get_rank(group), dist.get_world_size(group), dist.get_rank(group), torch.device(device), group,
+                   timeout_s)
+
+    def _collective(self, what: str, call: Callable[[], T]) -> T:
+        """Run a collective; its failure becomes a `DistributedError` that says what happened."""
+        try:
+            return call()
+        except DistributedError:
+            raise
+        except (RuntimeError, OSError) as error:  # DistBackendError, gloo's "Connection closed by peer", timeouts
+            timeout = f"{self.timeout_s:g} s" if self.timeout_s is not None else "the process group's timeout"
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed, so another rank has died, stopped "
+                f"answering (for longer than {timeout}) or left the run ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). This rank stops too; start the run again "
+                "to resume from the last checkpoint"
+            ) from error
+
+    def run_on_main(self, what: str, call: Callable[[], T], error_type: type[Exception] | None = None) -> T | None:
+        """`call()` on rank 0 while the other ranks wait; returns its result there (None elsewhere).
+        If it raises on rank 0, every rank raises (rank 0 its own error; the others `error_type`, default
+        `DistributedError`, saying rank 0 failed): no rank is left waiting at a barrier."""
+        if not self.active:
+            return call()
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = call()
+            except Exception as error:  # reported to every rank, then raised here
+                failure = error
+        failed = self.any(failure is not None, what=f"waiting for rank 0 {what}")  # doubles as the barrier
+        if failure is not None:
+            raise failure
+        if failed:
+            raise (error_type or DistributedError)(
+                f"rank 0 failed {what} (its own error says why); rank {self.rank} of {self.world_size} stops too")
+        return result
 
     def task_range(self, num_tasks: int) -> tuple[int, int]:
         return task_range(num_tasks, self.rank, self.world_size)
@@ -100,23 +155,28 @@ class DistributedContext:
             by_dtype.setdefault(tensor.dtype, []).append(tensor)
         for group in by_dtype.values():
             flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            self._collective("the meta-gradient all-reduce",
+                             lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group))
             offset = 0
             for tensor in group:
                 tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
                 offset += tensor.numel()
 
-    def any(self, flag: bool) -> bool:
+    def any(self, flag: bool, what: str = "an all-reduce of a flag") -> bool:
         """True on every rank if `flag` is True on any rank (a collective: every rank must call it)."""
         if not self.active:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        self._collective(what, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group))
         return bool(value.item() > 0)
 
-    def barrier(self) -> None:
+    def all_reduce_max_(self, tensor: torch.Tensor, what: str) -> None:
         if self.active:
-            dist.barrier(group=self.group)
+            self._collective(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
+
+    def barrier(self, what: str = "a barrier") -> None:
+        if self.active:
+            self._collective(what, lambda: dist.barrier(group=self.group))
 
     def shutdown(self) -> None:
         if self.active and dist.is_initialized():

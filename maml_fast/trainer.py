@@ -211,7 +211,7 @@ class Trainer:
         """Under several processes: every rank continues from the same iteration (a collective call)."""
         if self.dist.active:
             bounds = torch.tensor([self.iteration, -self.iteration], dtype=torch.float64, device=self.dist.device)
-            torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX, group=self.dist.group)
+            self.dist.all_reduce_max_(bounds, "comparing the ranks' starting iterations")
             if bounds[0].item() != -bounds[1].item():
                 raise RuntimeError(
                     f"rank {self.dist.rank} starts at iteration {self.iteration} but another rank at "
@@ -375,11 +375,13 @@ class Trainer:
 
     def _validate(self) -> None:
         from .evaluation import evaluate
-        if self.dist.is_main and self.val_source is not None:  # (the other ranks wait at the barrier)
-            result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed)
-            record = {"kind": "val", "iteration": self.iteration, **result.to_dict()}
-            self._write_record(record)
-        self.dist.barrier()
+        def validate_on_main():
+            if self.val_source is not None:
+                result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed)
+                self._write_record({"kind": "val", "iteration": self.iteration, **result.to_dict()})
+
+        # (the other ranks wait; an error on rank 0 stops them all)
+        self.dist.run_on_main(f"validating at iteration {self.iteration}", validate_on_main)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -432,7 +434,8 @@ class Trainer:
         if path is None and self.logdir is None:
             return None
         path = self.logdir / CHECKPOINT_NAME if path is None else Path(path)
-        if self.dist.is_main:
+
+        def write_on_main():
             state = self.state_dict()
             if self._files is not None and path == self._files.latest:
                 self._files.save(state)
@@ -440,7 +443,11 @@ class Trainer:
                 atomic_save(state, path)
             if self.keep_checkpoints:
                 atomic_save(state, path.with_name(f"checkpoint_{self.iteration:07d}.pt"))
-        self.dist.barrier()
+
+        # Every rank waits for rank 0's write; a CheckpointWriteError there stops every rank (the others
+        # raise one that says rank 0 failed) instead of leaving them at a barrier.
+        self.dist.run_on_main(f"writing the checkpoint {path} at iteration {self.iteration}", write_on_main,
+                              CheckpointWriteError)
         return path
 
     def load_checkpoint(self, path: str | Path, checkpoint: dict | None = None) -> None:

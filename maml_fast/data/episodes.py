@@ -143,9 +143,12 @@ class EpisodeSampler(SeededTaskSource, ClassImageDataset):
         if ways > num_classes:
             raise ValueError(f"ways={ways} is more than the dataset's {num_classes} classes")
         if shots + queries > examples_per_class:
+            names = getattr(dataset, "class_names", None)
+            which = (f"class {names[0]!r} (and each of the other {num_classes - 1}) has" if names
+                     else f"each of the dataset's {num_classes} classes has")
             raise ValueError(
-                f"shots + queries = {shots} + {queries} = {shots + queries} is more than the dataset's "
-                f"{examples_per_class} examples per class (support and query examples are distinct)"
+                f"shots + queries = {shots} + {queries} = {shots + queries} is more than the "
+                f"{examples_per_class} examples {which} (support and query examples are distinct)"
             )
         self.dtype = dtype
         self.images = images.to(self.device).contiguous()

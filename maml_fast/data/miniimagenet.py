@@ -23,15 +23,21 @@ CSV_HEADER = ["filename", "label"]
 
 
 def _read_split_csv(csv_path: Path) -> dict[str, list[str]]:
-    """label -> file names, in CSV order."""
-    with open(csv_path, newline="") as file:
-        rows = list(csv.reader(file))
+    """label -> file names, in CSV order. A damaged or malformed CSV raises ValueError naming it."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{csv_path} is not a readable 'filename,label' CSV ({type(error).__name__}: {error})") from error
     if not rows or rows[0] != CSV_HEADER:
         raise ValueError(f"{csv_path} must start with the header 'filename,label', got {rows[:1]}")
     files_by_label: dict[str, list[str]] = {}
     for line_number, row in enumerate(rows[1:], start=2):
-        if len(row) != 2:
+        if len(row) != 2 or not row[0] or not row[1]:
             raise ValueError(f"{csv_path} line {line_number}: expected 'filename,label', got {row}")
+        if Path(row[0]).name != row[0] or row[0] in (".", ".."):
+            raise ValueError(f"{csv_path} line {line_number}: {row[0]!r} is not a plain file name (the images "
+                             "sit in one flat images/ folder; a path could point outside it)")
         files_by_label.setdefault(row[1], []).append(row[0])
     if not files_by_label:
         raise ValueError(f"{csv_path} lists no images")
@@ -39,13 +45,17 @@ def _read_split_csv(csv_path: Path) -> dict[str, list[str]]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """[84, 84, 3] uint8 RGB, resized with LANCZOS (as cbfinn/maml's proc_images.py) if needed."""
-    from PIL import Image  # imported here so the rest of maml_fast.data works without Pillow
+    """[84, 84, 3] uint8 RGB, resized with LANCZOS (as cbfinn/maml's proc_images.py) if needed.
+    A damaged or truncated image raises ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError  # imported here so the rest of maml_fast.data works without Pillow
 
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")  # decodes the whole file: truncation shows here
+        if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
+            rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error})") from error
     return np.asarray(rgb)
 
 
@@ -71,7 +81,13 @@ class MiniImageNet(ClassImageDataset):
         self.class_names = sorted(files_by_label)
         counts = {label: len(files) for label, files in files_by_label.items()}
         if len(set(counts.values())) != 1:
-            raise ValueError(f"{csv_path}: every class needs the same number of images, got {counts}")
+            usual = max(set(counts.values()), key=list(counts.values()).count)
+            odd = {label: count for label, count in counts.items() if count != usual}
+            shown = ", ".join(f"class {label} has {count}" for label, count in list(odd.items())[:10])
+            raise ValueError(
+                f"{csv_path}: every class needs the same number of images; {len(counts) - len(odd)} classes have "
+                f"{usual} but {shown}" + (f" and {len(odd) - 10} more classes differ" if len(odd) > 10 else "")
+            )
         examples_per_class = next(iter(counts.values()))
         images = np.empty((len(self.class_names), examples_per_class, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         for class_index, label in enumerate(self.class_names):
@@ -79,6 +95,9 @@ class MiniImageNet(ClassImageDataset):
                 path = image_dir / file_name
                 if not path.is_file():
                     raise FileNotFoundError(f"{csv_path} names {file_name}, but {path} does not exist")
-                images[class_index, example_index] = _read_image(path).transpose(2, 0, 1)
+                try:
+                    images[class_index, example_index] = _read_image(path).transpose(2, 0, 1)
+                except ValueError as error:
+                    raise ValueError(f"{error} (listed in {csv_path} for class {label})") from error
         self.images = torch.from_numpy(images)
         self.split = split

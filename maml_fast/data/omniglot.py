@@ -6,7 +6,9 @@ Sources, all giving the same arrays (`load_omniglot_characters`):
 * a packed ``omniglot28.npz`` (a file path, or a folder holding one);
 * the official layout in a folder: ``images_background/<Alphabet>/characterNN/NNNN_DD.png`` and
   ``images_evaluation/...``, extracted or as the official ``images_background.zip`` and
-  ``images_evaluation.zip``; ``download=True`` fetches those zips.
+  ``images_evaluation.zip``; ``download=True`` fetches those zips (each verified against its SHA-256,
+  `OFFICIAL_ZIP_SHA256` or ``download_sha256=``). Zip members that would land outside the data root,
+  damaged files and a wrong layout are refused with an error naming the file.
 
 Pixels (`pixels=`): ``"grayscale"`` (default) is the 105x105 image as 8-bit grayscale resized with
 LANCZOS (anti-aliased); ``"binary"`` is what cbfinn/maml's ``resize_images.py`` produces, i.e.
@@ -15,12 +17,15 @@ Character IDs are the official ``NNNN`` of the PNG names (1..1623, background 1.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import re
 import shutil
+import stat
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +55,18 @@ PAPER_TRAIN_CHARACTERS = 1200
 
 _PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
 _DOWNLOAD_TIMEOUT_S = 60
+# SHA-256 of the official zips, checked after every download. Not filled in: they could not be
+# computed here (no network, and no copy of the official zips on the machine this was written on);
+# a download with no known sum is refused with the sum it got (pass ``download_sha256=`` once you
+# have checked the file, or fill in this table). The MD5 sums torchvision publishes for the same
+# zips are known and are reported next to the refusal, but MD5 is not accepted as verification.
+OFFICIAL_ZIP_SHA256: dict[str, str | None] = {"images_background": None, "images_evaluation": None}
+PUBLISHED_ZIP_MD5 = {  # torchvision.datasets.Omniglot.zips_md5
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+# Errors a damaged zip or npz raises on reading (zipfile, zlib, numpy's format checks, truncation).
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -74,10 +91,29 @@ def _slot_order(char_id: np.ndarray, drawer: np.ndarray, where: str) -> np.ndarr
             f"{where} holds {slot.size} Omniglot images but needs each of the {expected} "
             f"(1623 characters x 20 drawers) exactly once: {int((counts == 0).sum())} missing, "
             f"{int((counts > 1).sum())} duplicated, {int((~in_range).sum())} with IDs out of range"
+            + _incomplete_characters(counts)
         )
     order = np.empty(expected, np.int64)
     order[slot] = np.arange(slot.size)
     return order.reshape(NUM_CHARACTERS, DRAWERS_PER_CHARACTER)
+
+
+def _incomplete_characters(counts: np.ndarray, shown: int = 5) -> str:
+    """"; character 12 has 19 of 20 drawings (drawer 7 missing), ..." for the first few characters
+    (classes) whose drawings are not each there exactly once."""
+    per_drawer = counts.reshape(NUM_CHARACTERS, DRAWERS_PER_CHARACTER)
+    bad = np.flatnonzero((per_drawer != 1).any(axis=1))
+    if bad.size == 0 or bad.size == NUM_CHARACTERS:  # none, or a partial layout: the counts say it all
+        return ""
+    parts = []
+    for index in bad[:shown]:
+        row = per_drawer[index]
+        missing = (np.flatnonzero(row == 0) + 1).tolist()
+        doubled = (np.flatnonzero(row > 1) + 1).tolist()
+        detail = ", ".join(([f"drawers {missing} missing"] if missing else []) + ([f"drawers {doubled} twice"] if doubled else []))
+        parts.append(f"character {index + 1} has {int(row.clip(max=1).sum())} of {DRAWERS_PER_CHARACTER} drawings ({detail})")
+    more = f", and {bad.size - shown} more characters" if bad.size > shown else ""
+    return "; " + "; ".join(parts) + more
 
 
 def read_omniglot_npz(path: str | Path, pixels: str = "grayscale") -> OmniglotCharacters:
@@ -86,28 +122,44 @@ def read_omniglot_npz(path: str | Path, pixels: str = "grayscale") -> OmniglotCh
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Omniglot npz file {path} does not exist")
-    with np.load(path) as data:
-        if "gray_ink_mask" in data.files:
-            return _unpack_compact(data, pixels)
-        image_key = "images" if pixels == "grayscale" else "images_nearest"
-        needed = (image_key, "char_id", "drawer", "split", "vinyals_split")
-        if any(key not in data.files for key in needed):
-            raise ValueError(
-                f"{path} is neither the bundled compact file nor an omniglot28.npz: pixels={pixels!r} "
-                f"needs the keys {needed}, found {data.files}"
-            )
-        images = data[image_key]
-        if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"{path}[{image_key!r}] holds images of shape {images.shape[1:]}, expected 28x28")
-        order = _slot_order(data["char_id"], data["drawer"], str(path))
-        # Per-character labels: the file repeats them per image; take each character's first drawing.
-        first_drawing = order[:, 0]
-        return OmniglotCharacters(
-            images=images[order],
-            char_id=np.arange(1, NUM_CHARACTERS + 1),
-            official_split=data["split"][first_drawing].astype(str),
-            vinyals_split=data["vinyals_split"][first_drawing].astype(str),
+    try:
+        data = np.load(path)
+    except _ARCHIVE_ERRORS as error:
+        raise ValueError(f"Omniglot npz file {path} is damaged or not an npz file ({type(error).__name__}: {error})") from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"Omniglot npz file {path} holds a single array, not an npz archive of named arrays")
+    with data:
+        try:
+            return _read_npz_arrays(data, path, pixels)
+        except _ARCHIVE_ERRORS as error:
+            if isinstance(error, ValueError) and str(path) in str(error):
+                raise  # our own message about this file
+            raise ValueError(f"Omniglot npz file {path} is damaged: reading it failed with "
+                             f"{type(error).__name__}: {error}") from error
+
+
+def _read_npz_arrays(data: np.lib.npyio.NpzFile, path: Path, pixels: str) -> OmniglotCharacters:
+    if "gray_ink_mask" in data.files:
+        return _unpack_compact(data, pixels)
+    image_key = "images" if pixels == "grayscale" else "images_nearest"
+    needed = (image_key, "char_id", "drawer", "split", "vinyals_split")
+    if any(key not in data.files for key in needed):
+        raise ValueError(
+            f"{path} is neither the bundled compact file nor an omniglot28.npz: pixels={pixels!r} "
+            f"needs the keys {needed}, found {data.files}"
         )
+    images = data[image_key]
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{path}[{image_key!r}] holds images of shape {images.shape[1:]}, expected 28x28")
+    order = _slot_order(data["char_id"], data["drawer"], str(path))
+    # Per-character labels: the file repeats them per image; take each character's first drawing.
+    first_drawing = order[:, 0]
+    return OmniglotCharacters(
+        images=images[order],
+        char_id=np.arange(1, NUM_CHARACTERS + 1),
+        official_split=data["split"][first_drawing].astype(str),
+        vinyals_split=data["vinyals_split"][first_drawing].astype(str),
+    )
 
 
 def _unpack_compact(data: np.lib.npyio.NpzFile, pixels: str) -> OmniglotCharacters:
@@ -152,10 +204,42 @@ def _where_to_put(root: Path) -> str:
     )
 
 
-def download_omniglot(root: str | Path) -> None:
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_download(path: Path, set_name: str, url: str, expected_sha256: str | None) -> None:
+    """Refuse (ValueError, naming the file, the URL and both sums) a download whose SHA-256 is not the
+    expected one, or that has no known SHA-256 to check against."""
+    got = _file_digest(path, "sha256")
+    if expected_sha256 is None:
+        md5 = _file_digest(path, "md5")
+        agrees = "equals" if md5 == PUBLISHED_ZIP_MD5.get(set_name) else "differs from"
+        raise ValueError(
+            f"{url} was downloaded to {path} but there is no known SHA-256 for {set_name}.zip to verify it "
+            f"against (maml_fast.data.omniglot.OFFICIAL_ZIP_SHA256[{set_name!r}] is unset): its sha256 is "
+            f"{got} (its md5 {md5} {agrees} the one torchvision publishes, {PUBLISHED_ZIP_MD5.get(set_name)}). "
+            f"Check the file, then pass download_sha256={{{set_name!r}: '{got}'}} to accept it"
+        )
+    if got != expected_sha256.lower():
+        raise ValueError(f"{url} was downloaded to {path} but its SHA-256 is {got}, not the expected "
+                         f"{expected_sha256}: a damaged or altered download, refused")
+
+
+def download_omniglot(root: str | Path, sha256: dict[str, str] | None = None) -> None:
     """Fetch the official images_background.zip and images_evaluation.zip into `root` (skipping sets
-    already there). Raises RuntimeError, saying where to put the files by hand, when offline."""
+    already there). Raises RuntimeError, saying where to put the files by hand, when offline. Each
+    download is verified against its SHA-256 (`sha256`: set name -> sum, else `OFFICIAL_ZIP_SHA256`)
+    before it is kept; a wrong or unknown sum raises ValueError and leaves nothing behind."""
     root = Path(root)
+    expected = {**OFFICIAL_ZIP_SHA256, **(sha256 or {})}
+    unknown_sets = set(expected) - set(OFFICIAL_SETS)
+    if unknown_sets:
+        raise ValueError(f"sha256 has entries for {sorted(unknown_sets)}; the sets are {OFFICIAL_SETS}")
     root.mkdir(parents=True, exist_ok=True)
     for set_name in OFFICIAL_SETS:
         if set_name in _official_sources(root):
@@ -169,36 +253,86 @@ def download_omniglot(root: str | Path) -> None:
         except OSError as error:  # urllib.error.URLError, timeouts and socket errors are all OSError
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"download=True could not fetch {url} ({error}). {_where_to_put(root)}") from error
+        try:
+            verify_download(partial, set_name, url, expected[set_name])
+        except ValueError:
+            partial.unlink()
+            raise
         if not zipfile.is_zipfile(partial):
             partial.unlink()
             raise RuntimeError(f"{url} did not return a zip file. {_where_to_put(root)}")
         partial.replace(target)
 
 
-def _png_files(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(file name, PNG bytes) of every NNNN_DD.png in an official set folder or zip."""
+def _member_path(root: Path, source: Path, name: str, info: zipfile.ZipInfo | None = None) -> Path:
+    """Where archive member `name` of `source` would land if extracted under `root`; refuses one that
+    would land outside it (zip-slip: ``../`` parts, an absolute path, a drive) or that is a symlink."""
+    if info is not None and stat.S_ISLNK(info.external_attr >> 16):
+        raise ValueError(f"{source} holds {name!r}, a symbolic link: refused (an archive member may not point elsewhere)")
+    normalized = name.replace("\\", "/")
+    target = (root / normalized).resolve()
+    base = root.resolve()
+    if normalized.startswith("/") or re.match(r"[A-Za-z]:", normalized) or not target.is_relative_to(base):
+        raise ValueError(f"{source} holds {name!r}, which would land outside the data root {root}: refused "
+                         "(a damaged or malicious archive)")
+    return target
+
+
+def _check_layout(source: Path, set_name: str, parts: tuple[str, ...], shown_name: str) -> None:
+    """A PNG of an official set sits at ``<set>/<Alphabet>/characterNN/NNNN_DD.png``."""
+    if len(parts) != 4 or parts[0] != set_name or not re.fullmatch(r"character\d{2}", parts[2]):
+        raise ValueError(
+            f"{source} holds {shown_name}, not at {set_name}/<Alphabet>/characterNN/NNNN_DD.png as in the "
+            f"official layout (extracted twice into a folder of the same name, or a different dataset?)"
+        )
+
+
+def _png_files(source: Path, set_name: str) -> Iterator[tuple[str, bytes]]:
+    """(where, PNG bytes) of every NNNN_DD.png in an official set folder or zip; `where` names the file
+    (the zip member as ``zip:member``). Damaged zips and a wrong folder layout raise ValueError naming
+    the file."""
     if source.is_dir():
         for path in sorted(source.rglob("*.png")):
-            yield path.name, path.read_bytes()
-    else:
-        with zipfile.ZipFile(source) as archive:
-            for name in sorted(archive.namelist()):
-                if name.endswith(".png"):
-                    yield name.rsplit("/", 1)[-1], archive.read(name)
+            relative = (set_name,) + path.relative_to(source).parts
+            _check_layout(source.parent, set_name, relative, str(path))
+            yield str(path), path.read_bytes()
+        return
+    try:
+        archive = zipfile.ZipFile(source)
+    except _ARCHIVE_ERRORS as error:
+        raise ValueError(f"{source} is not a readable zip file ({type(error).__name__}: {error}): "
+                         "delete it and download it again") from error
+    with archive:
+        infos = sorted(archive.infolist(), key=lambda info: info.filename)
+        for info in infos:  # every member is checked before any is read
+            _member_path(source.parent, source, info.filename, info)
+        for info in infos:
+            if not info.filename.endswith(".png"):
+                continue
+            where = f"{source}:{info.filename}"
+            _check_layout(source, set_name, tuple(info.filename.split("/")), where)
+            try:
+                data = archive.read(info)
+            except _ARCHIVE_ERRORS as error:
+                raise ValueError(f"{where} is damaged ({type(error).__name__}: {error}): delete {source} "
+                                 "and download it again") from error
+            yield where, data
 
 
-def _resize_png(png: bytes, pixels: str) -> np.ndarray:
-    from PIL import Image  # only the PNG layout needs Pillow; the npz sources do not
+def _resize_png(png: bytes, pixels: str, where: str = "<png>") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # only the PNG layout needs Pillow; the npz sources do not
 
-
-    with Image.open(io.BytesIO(png)) as image:
-        if pixels == "binary":
-            # Pillow resizes mode-1 images with NEAREST whatever filter is asked for: cbfinn/maml asks
-            # for LANCZOS and gets exactly this.
-            resized = image.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
-        else:
-            resized = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-        return np.asarray(resized.convert("L"))
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if pixels == "binary":
+                # Pillow resizes mode-1 images with NEAREST whatever filter is asked for: cbfinn/maml asks
+                # for LANCZOS and gets exactly this.
+                resized = image.convert("1").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
+            else:
+                resized = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+            return np.asarray(resized.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as error:
+        raise ValueError(f"{where} is not a readable image ({type(error).__name__}: {error})") from error
 
 
 def read_omniglot_pngs(root: str | Path, pixels: str = "grayscale") -> dict[str, np.ndarray]:
@@ -215,14 +349,17 @@ def read_omniglot_pngs(root: str | Path, pixels: str = "grayscale") -> dict[str,
         raise FileNotFoundError(f"no official Omniglot sets under {root}. {_where_to_put(root)}")
     images, char_id, drawer, official_split = [], [], [], []
     for set_name, source in sources.items():
-        for file_name, png in _png_files(source):
+        for where, png in _png_files(source, set_name):
+            file_name = where.replace(":", "/").rsplit("/", 1)[-1]
             match = _PNG_NAME.fullmatch(file_name)
             if match is None:
-                raise ValueError(f"{source} holds {file_name}, not named NNNN_DD.png as in the official layout")
-            images.append(_resize_png(png, pixels))
+                raise ValueError(f"{source} holds {where}, not named NNNN_DD.png as in the official layout")
+            images.append(_resize_png(png, pixels, where))
             char_id.append(int(match.group(1)))
             drawer.append(int(match.group(2)))
             official_split.append(OFFICIAL_SPLIT_NAMES[OFFICIAL_SETS.index(set_name)])
+        if not any(OFFICIAL_SPLIT_NAMES[OFFICIAL_SETS.index(set_name)] == split for split in official_split):
+            raise ValueError(f"{source} holds no PNG files: expected {set_name}/<Alphabet>/characterNN/NNNN_DD.png")
     return {
         "images": np.stack(images) if images else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
         "char_id": np.array(char_id, np.int64),
@@ -232,7 +369,8 @@ def read_omniglot_pngs(root: str | Path, pixels: str = "grayscale") -> dict[str,
 
 
 def load_omniglot_characters(
-    root: str | Path | None = None, pixels: str = "grayscale", download: bool = False
+    root: str | Path | None = None, pixels: str = "grayscale", download: bool = False,
+    download_sha256: dict[str, str] | None = None,
 ) -> OmniglotCharacters:
     """All 1623 characters from the bundled copy (``root=None``), an npz, or the official layout."""
     check_choice("pixels", pixels, PIXELS)
@@ -255,7 +393,7 @@ def load_omniglot_characters(
                 + (f" (only {', '.join(present)} is there; both sets are needed)" if present else "")
                 + f". {_where_to_put(root)}"
             )
-        download_omniglot(root)
+        download_omniglot(root, download_sha256)
     pngs = read_omniglot_pngs(root, pixels)
     order = _slot_order(pngs["char_id"], pngs["drawer"], str(root))
     # The PNG layout has no Vinyals split; it comes from the bundled copy (sorted by character ID).
@@ -317,7 +455,8 @@ class Omniglot(ClassImageDataset):
     rotation. With ``rotations=True`` (training split only, as in the MAML reference code) every
     character also appears rotated by 90, 180 and 270 degrees (counter-clockwise) as three more
     classes: classes ``[k * n, (k + 1) * n)`` are the n characters rotated by ``90 * k``.
-    See `split_characters` for the protocols and `load_omniglot_characters` for `root`.
+    See `split_characters` for the protocols and `load_omniglot_characters` for `root`;
+    ``download_sha256``: set name -> SHA-256 the downloaded zips must have (see `download_omniglot`).
     """
 
     def __init__(
@@ -330,12 +469,13 @@ class Omniglot(ClassImageDataset):
         pixels: str = "grayscale",
         paper_val_characters: int = 0,
         download: bool = False,
+        download_sha256: dict[str, str] | None = None,
     ) -> None:
         check_choice("split", split, SPLITS)
         check_choice("protocol", protocol, PROTOCOLS)
         if rotations and split != "train":
             raise ValueError(f"rotations=True adds rotated classes to the training split only, got split={split!r}")
-        characters = load_omniglot_characters(root, pixels, download)
+        characters = load_omniglot_characters(root, pixels, download, download_sha256)
         chosen = split_characters(characters, protocol, split, paper_val_characters)
         ink = torch.from_numpy(255 - characters.images[chosen]).unsqueeze(2)
         char_ids = torch.from_numpy(characters.char_id[chosen])
