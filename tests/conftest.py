@@ -1,10 +1,26 @@
-"""Shared fixtures: deterministic seeding and small random TaskBatch builders."""
+"""Shared fixtures: deterministic seeding and small random TaskBatch builders; and the one
+TRITON_INTERPRET setting of the whole test session.
+
+Triton reads TRITON_INTERPRET when a ``@triton.jit`` function is defined: its own library functions
+(``tl.sum`` ...) when ``triton`` is first imported (``import maml_fast`` imports it, through
+torch._dynamo), our kernels when ``maml_fast.kernels`` is first loaded. A setting changed later in the
+process is not seen, so the triton test modules cannot switch it per module without depending on the
+order the modules run in. Instead it is fixed here, before anything imports triton: on a machine without
+CUDA the session runs with ``TRITON_INTERPRET=1`` (the only way the Triton kernels run on a CPU) unless
+the variable is set already; with CUDA it is left as it is (compiled kernels on the GPU). The triton
+modules then fail, not skip, if the kernels were somehow loaded with another setting, and skip (with
+that reason) if the session was started with ``TRITON_INTERPRET=0`` on a machine without CUDA."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import maml_fast as mf
+import pytest
+import torch  # (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import maml_fast as mf  # noqa: E402  (imports triton: after the setting above)
 
 
 @pytest.fixture(autouse=True)
