@@ -12,7 +12,10 @@ modules then fail, not skip, if the kernels were somehow loaded with another set
 that reason) if the session was started with ``TRITON_INTERPRET=0`` on a machine without CUDA."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch  # (does not import triton)
@@ -103,3 +106,27 @@ def assert_rejected(error, argument: str, check, op, args, op_available: bool):
     if op_available:
         with pytest.raises(error, match=rf"\b{argument}\b"):
             op(*args)
+
+
+_RECORD_CUDA_INITIALISATION = """
+import sys, traceback, torch, torch.cuda
+calls = []
+_original = torch.cuda._lazy_init
+def _record():
+    calls.append("".join(traceback.format_stack(limit=8)[:-1]))
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith("torch.cuda") and getattr(_module, "_lazy_init", None) is _original:
+        _module._lazy_init = _record
+"""
+
+
+def cuda_initialisations(code: str) -> list[str]:
+    """Runs `code` in a fresh interpreter in which every CUDA initialisation is recorded instead of done
+    (``torch.cuda._lazy_init``, which every CUDA call goes through) and returns the stack of each: a
+    check of "touches no CUDA" that can fail on a machine without a GPU too (there
+    ``torch.cuda.is_initialized()`` stays False whatever the code does)."""
+    script = _RECORD_CUDA_INITIALISATION + code + "\nimport json; print('CUDA_INITIALISATIONS=' + json.dumps(calls))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("CUDA_INITIALISATIONS="))
+    return json.loads(line.split("=", 1)[1])
