@@ -166,16 +166,22 @@ def test_custom_root_module_falls_back_and_names_it(make_batch):
         _assert_close(grads[name], base_grads[name])
 
 
-def test_dropout_fallback_runs_in_training_mode(make_batch):
-    """BUG (maml_fast/maml.py, MAML._vmap_forward): the vmap fallback calls torch.func.vmap with its
-    default randomness="error", so any network with nn.Dropout (the design's example of an
-    unsupported layer) raises "vmap: called random operation while in randomness error mode" in
-    training mode instead of running. Fix: ``torch.func.vmap(self._functional, randomness="different")``
-    (independent masks per task, as the "loop" backend gives)."""
+def test_dropout_fallback_draws_a_mask_per_task(make_batch):
+    """A network with nn.Dropout falls back to torch.func.vmap, which runs in training mode with
+    ``randomness="different"``: each task draws its own dropout masks, as on the "loop" backend. All
+    tasks here have the same data, so the tasks' results differ by their masks only: in training every
+    task's query loss is its own, in eval mode (no dropout) they are all equal."""
     torch.manual_seed(0)
     net = _net_with(nn.Dropout(0.5))
+    one = make_batch(1, 2, 2, 2, (1, 6, 6))
+    same = mf.TaskBatch(*(t.expand(4, *t.shape[1:]).contiguous()
+                          for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
     with pytest.warns(UserWarning, match="Dropout"):
         learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
-        out = learner(make_batch(2, 2, 2, 2, (1, 6, 6)))
+        out = learner(same)
     out.loss.backward()
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss) and learner.fallback_reason is not None
+    assert len(set(out.query_loss_per_task.tolist())) == 4, out.query_loss_per_task
+    learner.eval()
+    evaluated = learner(same).query_loss_per_task
+    torch.testing.assert_close(evaluated, evaluated[:1].expand(4), rtol=1e-12, atol=0)
