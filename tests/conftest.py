@@ -71,6 +71,14 @@ def op_devices(unavailable_reasons):
     return [param("cpu"), param("cuda")]
 
 
+def cpu_backend_param(name: str):
+    """Backend `name` as a test parameter, skipped with the backend's own reasons where it cannot run on
+    the CPU ("fused" without the built extension; "triton" outside Triton's interpreter)."""
+    from maml_fast.backends import unavailable_reasons
+    reasons = unavailable_reasons(name, "cpu")
+    return pytest.param(name, marks=[pytest.mark.skip(reason=f"backend {name!r}: " + "; ".join(reasons))] if reasons else [])
+
+
 @pytest.fixture
 def poisoned_empty():
     """Deterministic mode fills every freshly allocated float tensor with NaN."""

@@ -18,18 +18,13 @@ import torch
 import maml_fast as mf
 import reference_maml as ref
 from benchmarks.configs import CONFIGS, PEERS, make_learner
-from maml_fast.backends import unavailable_reasons
+from conftest import cpu_backend_param
 from test_exactness import TOL, rel_err
 
 SMALL = {
     "omniglot_5w1s": dict(tasks=2, ways=3, queries_per_class=2, image_size=8, hidden=4),
     "miniimagenet_5w1s": dict(tasks=2, ways=3, queries_per_class=2, inner_steps=2, image_size=16, hidden=4),
 }
-
-
-def _peer(name):
-    reasons = [] if name == "functorch" else unavailable_reasons(name, "cpu")
-    return pytest.param(name, marks=[pytest.mark.skip(reason="; ".join(reasons))] if reasons else [])
 
 
 def meta_gradient_errors(config_name, peer, norm="batch"):
@@ -57,7 +52,7 @@ def meta_gradient_errors(config_name, peer, norm="batch"):
                                                        for n, p in net.named_parameters()}
 
 
-@pytest.mark.parametrize("peer", [_peer(name) for name in PEERS if name != "functorch"])
+@pytest.mark.parametrize("peer", [cpu_backend_param(name) for name in PEERS if name != "functorch"])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_peer_meta_gradient_matches_reference(config_name, peer):
     loss_error, errors = meta_gradient_errors(config_name, peer)

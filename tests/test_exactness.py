@@ -19,18 +19,12 @@ from torch import nn
 
 import maml_fast as mf
 import reference_maml as ref
-from maml_fast.backends import unavailable_reasons
+from conftest import cpu_backend_param
 
 TOL = 1e-9
 
 
-def skip_unless_on_cpu(name):
-    """A skip mark with backend `name`'s own reasons where it cannot run on the CPU (none where it can)."""
-    reasons = unavailable_reasons(name, "cpu")
-    return [pytest.mark.skip(reason=f"backend {name!r}: " + "; ".join(reasons))] if reasons else []
-
-
-BACKENDS = [pytest.param(name, marks=skip_unless_on_cpu(name)) for name in ("torch", "vmap", "loop", "fused")]
+BACKENDS = [cpu_backend_param(name) for name in ("torch", "vmap", "loop", "fused")]
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -212,7 +206,7 @@ def test_meta_loss_and_gradient_match_reference(case, backend, make_batch):
     check_case(case, backend, make_batch)
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=skip_unless_on_cpu("triton")) for case in TRITON_CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=cpu_backend_param("triton").marks) for case in TRITON_CASES])
 def test_triton_meta_loss_and_gradient_match_reference(case, make_batch):
     check_case(case, "triton", make_batch)
 

@@ -5,14 +5,12 @@ statistics are recorded by one code path shared by every backend, so comparing b
 would not test it)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import maml_fast as mf
 import reference_maml as ref
-from maml_fast.backends import unavailable_reasons
+from conftest import cpu_backend_param
 
-BACKENDS = [pytest.param(name, marks=[pytest.mark.skip(reason="; ".join(unavailable_reasons(name, "cpu")))]
-                         if unavailable_reasons(name, "cpu") else []) for name in ("loop", "vmap", "torch", "fused")]
+BACKENDS = [cpu_backend_param(name) for name in ("loop", "vmap", "torch", "fused")]
 NETWORKS = {"stride": (dict(downsample="stride"), 8), "maxpool": (dict(downsample="maxpool", image_size=16), 16)}
 
 
