@@ -71,20 +71,24 @@ def available_peers(device) -> list[str]:
     return [peer for peer in PEERS if peer == "functorch" or not unavailable_reasons(peer, device)]
 
 
+def make_learner(peer: str, net: torch.nn.Module, config: MetaStepConfig) -> torch.nn.Module:
+    """The learner that ``peer`` times on ``net`` (``learner(batch).loss`` is its second-order
+    meta-loss): the functorch recipe, or mf.MAML on that backend with per-step metrics off so every peer
+    does the same work. tests/test_benchmark_peers.py checks each against the reference."""
+    from .functorch_peer import FunctorchMAML
+
+    if peer == "functorch":
+        return FunctorchMAML(net, config.inner_lr, config.inner_steps)
+    return mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=peer, step_metrics=False)
+
+
 def meta_step(peer: str, config: MetaStepConfig, device="cpu", dtype=torch.float32):
     """A zero-argument callable running one second-order meta-training iteration of ``peer`` on
     ``config``: the trainer's `maml_fast.meta_step.MetaStep` (inner loop, query loss, meta-backward,
-    gradient norm, fused Adam step). Per-step metrics are off so every peer does the same work."""
+    gradient norm, fused Adam step) on `make_learner`'s learner."""
     from maml_fast.meta_step import MetaStep
 
-    from .functorch_peer import FunctorchMAML
-
-    net = config.make_net(device, dtype)
+    learner = make_learner(peer, config.make_net(device, dtype), config)
     batch = config.make_batch(device, dtype)
-    if peer == "functorch":
-        learner = FunctorchMAML(net, config.inner_lr, config.inner_steps)
-    else:
-        learner = mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=peer,
-                          step_metrics=False)
     step = MetaStep(learner, torch.optim.Adam(learner.parameters(), lr=1e-3, fused=True))
     return lambda: step(batch)

@@ -1,10 +1,29 @@
-"""Shared fixtures: deterministic seeding and small random TaskBatch builders."""
+"""Shared fixtures: deterministic seeding and small random TaskBatch builders; and the one
+TRITON_INTERPRET setting of the whole test session.
+
+Triton reads TRITON_INTERPRET when a ``@triton.jit`` function is defined: its own library functions
+(``tl.sum`` ...) when ``triton`` is first imported (``import maml_fast`` imports it, through
+torch._dynamo), our kernels when ``maml_fast.kernels`` is first loaded. A setting changed later in the
+process is not seen, so the triton test modules cannot switch it per module without depending on the
+order the modules run in. Instead it is fixed here, before anything imports triton: on a machine without
+CUDA the session runs with ``TRITON_INTERPRET=1`` (the only way the Triton kernels run on a CPU) unless
+the variable is set already; with CUDA it is left as it is (compiled kernels on the GPU). The triton
+modules then fail, not skip, if the kernels were somehow loaded with another setting, and skip (with
+that reason) if the session was started with ``TRITON_INTERPRET=0`` on a machine without CUDA."""
 from __future__ import annotations
 
-import pytest
-import torch
+import json
+import os
+import subprocess
+import sys
 
-import maml_fast as mf
+import pytest
+import torch  # (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import maml_fast as mf  # noqa: E402  (imports triton: after the setting above)
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +80,14 @@ def op_devices(unavailable_reasons):
     return [param("cpu"), param("cuda")]
 
 
+def cpu_backend_param(name: str):
+    """Backend `name` as a test parameter, skipped with the backend's own reasons where it cannot run on
+    the CPU ("fused" without the built extension; "triton" outside Triton's interpreter)."""
+    from maml_fast.backends import unavailable_reasons
+    reasons = unavailable_reasons(name, "cpu")
+    return pytest.param(name, marks=[pytest.mark.skip(reason=f"backend {name!r}: " + "; ".join(reasons))] if reasons else [])
+
+
 @pytest.fixture
 def poisoned_empty():
     """Deterministic mode fills every freshly allocated float tensor with NaN."""
@@ -96,3 +123,27 @@ def assert_rejected(error, argument: str, check, op, args, op_available: bool):
     if op_available:
         with pytest.raises(error, match=rf"\b{argument}\b"):
             op(*args)
+
+
+_RECORD_CUDA_INITIALISATION = """
+import sys, traceback, torch, torch.cuda
+calls = []
+_original = torch.cuda._lazy_init
+def _record():
+    calls.append("".join(traceback.format_stack(limit=8)[:-1]))
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith("torch.cuda") and getattr(_module, "_lazy_init", None) is _original:
+        _module._lazy_init = _record
+"""
+
+
+def cuda_initialisations(code: str) -> list[str]:
+    """Runs `code` in a fresh interpreter in which every CUDA initialisation is recorded instead of done
+    (``torch.cuda._lazy_init``, which every CUDA call goes through) and returns the stack of each: a
+    check of "touches no CUDA" that can fail on a machine without a GPU too (there
+    ``torch.cuda.is_initialized()`` stays False whatever the code does)."""
+    script = _RECORD_CUDA_INITIALISATION + code + "\nimport json; print('CUDA_INITIALISATIONS=' + json.dumps(calls))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("CUDA_INITIALISATIONS="))
+    return json.loads(line.split("=", 1)[1])

@@ -14,7 +14,11 @@ Semantics implemented (MAML, Finn et al. 2017; FOMAML; ANIL; Meta-SGD; MAML++ op
     meta-loss = mean over tasks of the objective
 
 ``params_k`` is θ with the adapted entries replaced by ``fast_k`` and the per-step BatchNorm entries
-by their copy ``min(k, copies-1)``. BatchNorm uses the task's own batch statistics.
+by their copy ``min(k, copies-1)``. BatchNorm uses the task's own batch statistics, or, given MAML++
+per-step running statistics (``Config.running``, evaluation), step k's statistics. Those statistics
+are defined by `per_step_statistics`: at every step k = 0..K, each BatchNorm layer's input batch mean and
+unbiased variance on the support set at ``params_k``, averaged over the tasks, moved into the running
+values with the layer's momentum once per meta-step.
 """
 from __future__ import annotations
 
@@ -45,8 +49,9 @@ def _get(params, prefix, name):
     return params.get(prefix + name)
 
 
-def run_layer(prefix: str, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
-    """One layer for one task: x ``[B, ...]`` -> ``[B, ...]`` with the parameters in ``params``."""
+def run_layer(prefix: str, module: nn.Module, params: dict, x: torch.Tensor, running=None) -> torch.Tensor:
+    """One layer for one task: x ``[B, ...]`` -> ``[B, ...]`` with the parameters in ``params``;
+    ``running``: {BatchNorm prefix: (mean, var)} to normalise with instead of the batch statistics."""
     w, b = _get(params, prefix, "weight"), _get(params, prefix, "bias")
     if isinstance(module, nn.Conv2d):
         return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
@@ -55,10 +60,13 @@ def run_layer(prefix: str, module: nn.Module, params: dict, x: torch.Tensor) -> 
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         # transductive: this task's batch statistics, biased variance
         dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-        y = (x - mean) / torch.sqrt(var + module.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
+        if running is not None:
+            mean, var = (t.reshape(shape) for t in running[prefix])
+        else:
+            mean = x.mean(dim=dims, keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + module.eps)
         if w is not None:
             y = y * w.reshape(shape)
         if b is not None:
@@ -88,9 +96,12 @@ def run_layer(prefix: str, module: nn.Module, params: dict, x: torch.Tensor) -> 
     raise NotImplementedError(f"reference has no rule for {type(module).__name__}")
 
 
-def network(plan, params: dict, x: torch.Tensor) -> torch.Tensor:
+def network(plan, params: dict, x: torch.Tensor, running=None, bn_inputs: dict | None = None) -> torch.Tensor:
+    """The network on one task's x; ``bn_inputs`` (a dict) collects every BatchNorm layer's input."""
     for prefix, module in plan:
-        x = run_layer(prefix, module, params, x)
+        if bn_inputs is not None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn_inputs[prefix] = x
+        x = run_layer(prefix, module, params, x, running)
     return x
 
 
@@ -127,6 +138,11 @@ class Config:
     per_step: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> [copies, *shape]
     query_weights: list[float] | None = None             # weights of the query loss after steps 1..K
     inner_scale: str = "mean"                            # "mean" | "reference" (x number of classes)
+    running: list[dict] | None = None                    # per step: {BN prefix: (mean, var)} (evaluation)
+
+
+def _running_at(cfg: Config, step: int):
+    return None if cfg.running is None else cfg.running[min(step, len(cfg.running) - 1)]
 
 
 def _learning_rate(cfg: Config, name: str, step: int):
@@ -154,7 +170,7 @@ def adapt_one_task(plan, theta: dict, cfg: Config, support_x, support_y, steps=N
     history = [fast]
     for k in range(steps):
         params = _params_at(theta, cfg, fast, k)
-        output = network(plan, params, support_x)
+        output = network(plan, params, support_x, _running_at(cfg, k))
         loss = task_loss(output, support_y)
         if cfg.inner_scale == "reference" and not support_y.is_floating_point():
             loss = loss * output.shape[-1]
@@ -183,8 +199,8 @@ def meta_objective(model: nn.Module, theta: dict, cfg: Config, batch):
         for k, w in enumerate(weights):
             if w == 0.0 and k != K:
                 continue
-            loss = task_loss(network(plan, _params_at(theta, cfg, history[k], k), batch.query_x[t]),
-                             batch.query_y[t])
+            loss = task_loss(network(plan, _params_at(theta, cfg, history[k], k), batch.query_x[t],
+                                     _running_at(cfg, k)), batch.query_y[t])
             if k == K:
                 finals.append(loss.detach())
             if w != 0.0:
@@ -195,4 +211,33 @@ def meta_objective(model: nn.Module, theta: dict, cfg: Config, batch):
 
 
 def predict_one_task(model, theta, cfg, fast, step, x):
-    return network(layer_plan(model), _params_at(theta, cfg, fast, step), x)
+    return network(layer_plan(model), _params_at(theta, cfg, fast, step), x, _running_at(cfg, step))
+
+
+# --------------------------------------------------------------------------- MAML++ per-step statistics
+def per_step_statistics(model: nn.Module, theta: dict, cfg: Config, batches, momentum: float = 0.1) -> list[dict]:
+    """MAML++ per-step BatchNorm running statistics after one training meta-step per batch of `batches`
+    at the fixed θ: per step k = 0..cfg.steps, {BN prefix: (mean, var)}, starting from (0, 1); each
+    meta-step moves them by `momentum` towards the task-average of the support set's BatchNorm input
+    batch mean and unbiased variance at ``params_k`` (batch statistics in the network meanwhile)."""
+    plan = layer_plan(model)
+    running = None
+    for batch in batches:
+        per_step = [dict() for _ in range(cfg.steps + 1)]
+        tasks = batch.support_x.shape[0]
+        for t in range(tasks):
+            history = adapt_one_task(plan, theta, cfg, batch.support_x[t], batch.support_y[t])
+            for k, fast in enumerate(history):
+                inputs = {}
+                network(plan, _params_at(theta, cfg, fast, k), batch.support_x[t], bn_inputs=inputs)
+                for prefix, x in inputs.items():
+                    dims = [0] + list(range(2, x.dim()))
+                    mean = x.mean(dims)
+                    var = ((x - mean.reshape([1, -1] + [1] * (x.dim() - 2))) ** 2).sum(dims) / (x.numel() / x.shape[1] - 1)
+                    total = per_step[k].get(prefix, (0.0, 0.0))
+                    per_step[k][prefix] = (total[0] + mean.detach() / tasks, total[1] + var.detach() / tasks)
+        if running is None:
+            running = [{p: (torch.zeros_like(m), torch.ones_like(v)) for p, (m, v) in step.items()} for step in per_step]
+        running = [{p: tuple(r + momentum * (new - r) for r, new in zip(running[k][p], per_step[k][p]))
+                    for p in per_step[k]} for k in range(len(per_step))]
+    return running

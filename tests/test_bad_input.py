@@ -121,14 +121,13 @@ def test_float_labels_with_cross_entropy(make_batch):
 
 
 def test_float_labels_for_a_classifier_with_default_loss(make_batch):
-    """Float class labels [T, S] given to a 3-class network, loss chosen by dtype (mse): the targets'
-    shape cannot match the [T, S, 3] outputs. Contract 4 (design.md) asks for a clear ValueError or
-    TypeError naming the argument; maml_fast/ops/losses.py mse_per_task instead fails inside
-    ``prediction.reshape(targets.shape)`` with a RuntimeError about an invalid shape."""
+    """Float class labels [T, S] given to a 3-class network, loss chosen by dtype (mse): one target per
+    example cannot match the [T, S, 3] outputs, and the learner says so before any loss runs, with a
+    ValueError naming the labels and the model's output shape."""
     f = fields(make_batch)
     f["support_y"], f["query_y"] = f["support_y"].float(), f["query_y"].float()
     learner = mf.MAML(tiny_net(), inner_lr=0.1, inner_steps=1, backend="torch")
-    with pytest.raises(BAD) as e:
+    with pytest.raises(ValueError, match=r"floating targets .* the model outputs \(3,\)") as e:
         learner(mf.TaskBatch(**f))
     assert "support_y" in str(e.value) or "query_y" in str(e.value), str(e.value)
 
@@ -185,18 +184,18 @@ def test_anil_unknown_head():
 
 
 def test_per_step_bn_is_not_silently_ignored():
-    """MAML(per_step_bn=True) keeps the default adapt_bn_affine=True: maml_fast/maml.py (__init__,
-    ``self.per_step_bn_names = [n for n in bn_names if n not in self.adapted_names]``) then selects no
-    BatchNorm parameter, so the explicitly requested MAML++ per-step BN silently does nothing (only
-    MAMLPlusPlus flips adapt_bn_affine). Expected: a ValueError naming per_step_bn / adapt_bn_affine,
-    or per-step copies."""
+    """MAML(per_step_bn=True) with the default adapt_bn_affine=True: the BatchNorm affine parameters
+    become MAML++ per-step copies (meta-learned, never adapted), whatever adapt_bn_affine says; a model
+    without BatchNorm is refused naming per_step_bn."""
     net = mf.models.conv4(1, 2, hidden=3, downsample="maxpool", norm="batch", image_size=16)
-    try:
-        learner = mf.MAML(net, inner_lr=0.1, inner_steps=2, per_step_bn=True)
-    except ValueError as error:
-        assert "per_step_bn" in str(error) or "adapt_bn_affine" in str(error)
-        return
-    assert learner.per_step_bn_names, "per_step_bn=True created no per-step BatchNorm parameters"
+    learner = mf.MAML(net, inner_lr=0.1, inner_steps=2, per_step_bn=True)
+    batch_norm = [f"{m}.{p}" for m, module in net.named_modules() if isinstance(module, torch.nn.BatchNorm2d)
+                  for p in ("weight", "bias")]
+    assert learner.per_step_bn_names == batch_norm and len(batch_norm) == 8
+    assert not set(batch_norm) & set(learner.adapted_names)
+    assert [tuple(p.shape) for p in learner.per_step_bn] == [(3, 3)] * 8  # steps 0..2, 3 channels
+    with pytest.raises(ValueError, match="per_step_bn"):
+        mf.MAML(tiny_net(), inner_lr=0.1, inner_steps=2, per_step_bn=True)
 
 
 def test_model_not_a_module():
@@ -238,16 +237,14 @@ def test_predict_with_mismatched_task_count(backend, make_batch):
 
 @pytest.mark.parametrize("backend", ["torch", "loop"])
 def test_predict_with_wrong_example_shape(backend, make_batch):
-    """Query examples with 2 channels for a network adapted on 1-channel images. Contract 4 asks for a
-    ValueError/TypeError naming query_x; MAML.predict (maml_fast/maml.py) checks only the rank and
-    the task count, so the error surfaces from inside the network: on "torch" a ValueError from
-    ops/conv2d.py naming its own argument ``x``, on "loop"/"vmap" a RuntimeError from F.conv2d.
-    (A network that flattens first would even accept a wrongly shaped query of the right size.)
-    Suggested fix: FastWeights records the support example shape in adapt(), predict compares."""
+    """Query examples with 2 channels for a network adapted on 1-channel images: predict() compares
+    them with the support examples' shape that adapt() recorded and raises a ValueError naming
+    query_x before the network sees them (a network that flattens first would otherwise accept a
+    wrongly shaped query of the right size)."""
     b = make_batch(3, 3, 1, 2, (1, 8, 8), dtype=torch.float32)
     learner = mf.MAML(tiny_net(), inner_lr=0.1, inner_steps=1, backend=backend)
     fast = learner.adapt(b.support_x, b.support_y, steps=1)
-    with pytest.raises(BAD) as e:
+    with pytest.raises(ValueError, match=r"query_x has examples of shape \(2, 8, 8\) but the support set") as e:
         learner.predict(fast, b.query_x.repeat(1, 1, 2, 1, 1))
     assert_names(e, "query_x")
 

@@ -18,6 +18,7 @@ from maml_fast.ops import batch_norm_relu as bnr
 from maml_fast.ops import batch_norm_relu_pool as bnrp
 from maml_fast.program import lower
 from conftest import assert_rejected, count_op_calls, op_devices
+from test_per_step_bn_statistics import assert_statistics_match_their_definition
 
 EPS = 1e-5
 _assert_close_scaled = bn_relu_tests._assert_close_scaled
@@ -121,19 +122,23 @@ def test_float32_against_float64(device, shape, generator):
     inputs = all_inputs(shape, generator, torch.float32, device)
     forward, _, _ = run_ops(*inputs)
     assert forward[0].dtype == torch.float32 and forward[1].dtype == torch.float32
-    assert_matches_reference(inputs, 2e-5, 1e-4, 4e-4)
+    tolerance = bn_relu_tests.low_precision_tolerance(torch.float32)
+    assert_matches_reference(inputs, tolerance, tolerance, tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precisions_run(device, dtype, generator):
-    """float16 / bfloat16: float32 statistics, outputs in the input dtype near the reference."""
-    inputs = all_inputs((2, 5, 6, 9), generator, dtype, device)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 9), (4, 8, 8, 40)], ids=["2x5x6x9", "4x8x8x40"])
+def test_half_precisions_against_float64(device, dtype, shape, generator):
+    """float16 / bfloat16: float32 statistics, outputs in the input dtype; forward, backward and double
+    backward against the float64 reference on the same rounded inputs, within
+    `test_batch_norm_relu.low_precision_tolerance` (one rounding to the dtype plus float32 arithmetic)."""
+    inputs = all_inputs(shape, generator, dtype, device)
     forward, first, second = run_ops(*inputs)
     assert forward[0].dtype == dtype and forward[1].dtype == torch.float32
     assert all(out.dtype == dtype for out in (*first, *second))
-    ref_y = bnrp.batch_norm_relu_max_pool_reference(*(t.double() for t in inputs[:3]), EPS)[0]
-    _assert_close_scaled(forward[0], ref_y, 2e-2 if dtype == torch.float16 else 1e-1, "y")
+    tolerance = bn_relu_tests.low_precision_tolerance(dtype)
+    assert_matches_reference(inputs, tolerance, tolerance, tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -435,26 +440,18 @@ def test_second_order_meta_gradient_matches_loop(device, image_size, monkeypatch
 
 
 @needs_cpu_ops
-def test_second_order_is_real():
-    """First-order MAML gives a different meta-gradient: the pooled double backward contributes."""
-    _, second = _maxpool_conv4_meta_gradient("fused", inner_steps=1, image_size=16)
-    _, first = _maxpool_conv4_meta_gradient("fused", inner_steps=1, image_size=16, first_order=True)
-    assert ((first - second).norm() / second.norm()).item() > 1e-6
+def test_second_order_is_real(monkeypatch):
+    """The pooled op's double backward gives the exact second-order term (second minus first order,
+    same net and batch) of the meta-gradient: `assert_second_order_term_matches_loop`."""
+    bn_relu_tests.assert_second_order_term_matches_loop(
+        lambda backend, first_order: _maxpool_conv4_meta_gradient(backend, inner_steps=1, image_size=16,
+                                                                  first_order=first_order)[1],
+        "batch_norm_relu_max_pool_double_backward", monkeypatch)
 
 
 @needs_cpu_ops
-def test_per_step_bn_statistics_match_loop(make_batch):
-    """MAML++ per-step running statistics through the pooled layers: recorded alike in training, and
-    used in eval (BatchNorm with the statistics, ReLU, then the pool) with the same loss as "loop"."""
-    batches = [make_batch(tasks=2, ways=2, shots=1, example_shape=(1, 16, 16)) for _ in range(2)]
-    learners, losses = {}, {}
-    for backend in ("loop", "fused"):
-        torch.manual_seed(7)
-        net = mf.models.conv4(1, 2, hidden=3, downsample="maxpool", image_size=16).double()
-        learner = mf.MAML(net, inner_lr=0.3, inner_steps=2, backend=backend, per_step_bn_statistics=True)
-        learner(batches[0]).loss.backward()
-        learner.eval()
-        learners[backend], losses[backend] = learner, learner(batches[1]).loss
-    for name, buffer in learners["loop"].named_buffers():
-        torch.testing.assert_close(dict(learners["fused"].named_buffers())[name], buffer, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(losses["fused"], losses["loop"], rtol=1e-10, atol=0)
+def test_per_step_bn_statistics_match_their_definition(make_batch):
+    """MAML++ per-step running statistics through the pooled layers: recorded in training as their
+    definition says, and used in eval (BatchNorm with the statistics, ReLU, then the pool) with the
+    reference's loss (`test_per_step_bn_statistics.assert_statistics_match_their_definition`)."""
+    assert_statistics_match_their_definition("fused", "maxpool", make_batch)

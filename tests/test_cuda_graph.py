@@ -1,6 +1,7 @@
 """`GraphedMetaStep`: static inputs, warm-up, capture, replay, re-capture, the eager switch, the
 on-device non-finite skip and host-sync detection — on the CPU with a fake capture backend and with
-`EmulatedGraphBackend` (recorded aten ops replayed without Python), and on CUDA when there is one."""
+`EmulatedGraphBackend` (recorded aten ops replayed without Python), and on CUDA when there is one.
+(The eager vs graphed timing is a benchmark: benchmarks/cuda_graph_speed.py.)"""
 from __future__ import annotations
 
 import types
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import maml_fast as mf
+from conftest import cuda_initialisations
 from maml_fast.cuda_graph import (CaptureBackend, CudaGraphBackend, EmulatedGraphBackend, GraphedMetaStep,
                                   HostSyncError, Replayable, batch_signature, find_host_syncs)
 
@@ -225,7 +227,7 @@ def test_emulated_graph_equals_the_eager_step_on_conv4():
         pairs.append((learner, optimizer, scheduler))
     (l1, o1, s1), (l2, o2, s2) = pairs
     graphed = GraphedMetaStep(l1, o1, backend=EmulatedGraphBackend(), warmup=1, clip_norm=0.5,
-                              check_host_syncs="ignore")  # maml.py still reads the host (see below)
+                              check_host_syncs="raise")
     eager = GraphedMetaStep(l2, o2, enabled=False, clip_norm=0.5)
     batches = [image_batch(0), image_batch(1), image_batch(2), image_batch(3, queries=3), image_batch(4, queries=3),
                image_batch(5, queries=3, nan=True), image_batch(6)]
@@ -429,13 +431,12 @@ def test_bad_arguments_fail_with_the_argument_name():
     assert CudaGraphBackend().name == "cuda"  # constructing it touches no CUDA
 
 
-def test_import_does_not_initialise_cuda():
-    import importlib
-
-    import maml_fast.cuda_graph as module
-
-    importlib.reload(module)
-    assert not torch.cuda.is_initialized() or torch.cuda.is_available()
+def test_import_and_backends_do_not_initialise_cuda():
+    """Importing the module and constructing its capture backends calls no CUDA (recorded in a fresh
+    process, so it can fail without a GPU); the recorder itself sees a CUDA call."""
+    code = "import maml_fast.cuda_graph as m\nm.CudaGraphBackend()\nm.EmulatedGraphBackend()"
+    assert cuda_initialisations(code) == []
+    assert cuda_initialisations("try:\n    torch.cuda.current_stream()\nexcept Exception:\n    pass")
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -470,8 +471,10 @@ def test_cuda_graph_in_each_precision_mode(precision):
 
 @cuda
 def test_cuda_graph_with_the_maml_learner():
-    """The real learner on CUDA (conv4, second order). Until maml.py is capture-safe the warm-up
-    names its host reads and the test reports them as an expected failure."""
+    """The real learner on CUDA (conv4, second order), graphed against eager. It has never run on a GPU:
+    whether mf.MAML is capture-safe there is issue 15's work (on the CPU the same learner passes the
+    host-sync check, test_emulated_graph_equals_the_eager_step_on_conv4). Should the warm-up's check
+    find host reads, the test skips naming issue 15 and the reads; any other failure fails."""
     pairs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -482,34 +485,12 @@ def test_cuda_graph_with_the_maml_learner():
     (l1, o1), (l2, o2) = pairs
     graphed = GraphedMetaStep(l1, o1, warmup=2)
     eager = GraphedMetaStep(l2, o2, enabled=False)
-    try:
-        for i in range(5):
-            batch = image_batch(i, size=28, device="cuda")
-            out_g, out_e = graphed(batch), eager(batch)
-            torch.testing.assert_close(out_g["meta_loss"], out_e["meta_loss"], rtol=1e-4, atol=1e-5)
-    except HostSyncError as error:
-        pytest.xfail(f"mf.MAML is not capture-safe yet: {error}")
+    for i in range(5):
+        batch = image_batch(i, size=28, device="cuda")
+        try:
+            out_g = graphed(batch)
+        except HostSyncError as error:
+            pytest.skip(f"issue 15 (a capture-safe learner) is not done: mf.MAML reads the host on CUDA: {error}")
+        out_e = eager(batch)
+        torch.testing.assert_close(out_g["meta_loss"], out_e["meta_loss"], rtol=1e-4, atol=1e-5)
     assert graphed.stats.captures == 1 and graphed.stats.replays == 3
-
-
-@cuda
-def test_cuda_graph_speed_report(capsys):
-    """Not a pass/fail speed check: prints eager vs graphed ms per meta-step for the toy learner."""
-    import time
-
-    (l1, o1), (l2, o2) = toy_pair(device="cuda", features=64, hidden=256, classes=5, inner_steps=5)
-    batch = toy_batch(0, tasks=32, shots=5, queries=15, ways=5, features=64, device="cuda")
-    results = {}
-    steps = {"eager": GraphedMetaStep(l2, o2, enabled=False), "graphed": GraphedMetaStep(l1, o1, warmup=3)}
-    for name, step in steps.items():
-        for _ in range(5):
-            step(batch)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(50):
-            step(batch)
-        torch.cuda.synchronize()
-        results[name] = (time.perf_counter() - start) / 50 * 1e3
-    with capsys.disabled():
-        print(f"\ntoy MAML (T=32, 5 inner steps): eager {results['eager']:.3f} ms/step, "
-              f"graphed {results['graphed']:.3f} ms/step, speed-up {results['eager'] / results['graphed']:.2f}x")

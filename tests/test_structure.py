@@ -187,10 +187,11 @@ def test_custom_module_lowers_or_falls_back_naming_it(module, fallback, make_bat
         _assert_close(grads[name], base_grads[name])
 
 
-def test_dropout_lowers_with_a_mask_per_task(make_batch):
-    """nn.Dropout runs in the task-batched program: in training every task draws its own mask (tasks
-    that are identical copies get different losses), in eval mode it is the identity and the program
-    equals the loop."""
+@pytest.mark.parametrize("backend", ["torch", "vmap"])
+def test_dropout_draws_a_mask_per_task(backend, make_batch):
+    """nn.Dropout runs in the task-batched program (and under vmap with ``randomness="different"``): in
+    training every task draws its own mask, so tasks that are identical copies get different losses; in eval
+    mode it is the identity, every copy gives the same loss and the program equals the loop."""
     torch.manual_seed(0)
     net = _net_with(nn.Dropout(0.5))
     one = make_batch(1, 2, 2, 2, (1, 6, 6))
@@ -198,11 +199,14 @@ def test_dropout_lowers_with_a_mask_per_task(make_batch):
                             (one.support_x, one.support_y, one.query_x, one.query_y)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="torch")
+        learner = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend=backend)
         out = learner(copies)
+    out.loss.backward()
     assert learner.fallback_reason is None
     per_task = out.query_loss_per_task
-    assert torch.isfinite(per_task).all() and len(set(per_task.tolist())) == 4
+    assert torch.isfinite(per_task).all() and len(set(per_task.tolist())) == 4, per_task
     learner.eval()
+    evaluated = learner(copies).query_loss_per_task
+    torch.testing.assert_close(evaluated, evaluated[:1].expand(4), rtol=1e-12, atol=0)
     baseline = mf.MAML(net, inner_lr=0.4, inner_steps=1, backend="loop").eval()
-    _assert_close(learner(copies).query_loss_per_task, baseline(copies).query_loss_per_task)
+    _assert_close(evaluated, baseline(copies).query_loss_per_task)

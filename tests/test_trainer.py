@@ -1,5 +1,6 @@
-"""Trainer: exact resume, NaN skip and stop, atomic checkpoints, log files, pretraining, time
-limit; evaluation: the confidence-interval math and agreement with the learner's own metrics."""
+"""Trainer: exact resume, NaN skip and stop, gradient clipping, atomic checkpoints, log files,
+pretraining, time limit; evaluation: the confidence-interval math, and both ways it computes the
+per-step metrics against the independent per-task reference (`reference_maml`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import maml_fast as mf
+import reference_maml as ref
 from maml_fast import trainer as trainer_module
 from maml_fast.data import EpisodeSampler, SinusoidTasks
 from maml_fast.evaluation import EvaluationResult, evaluate, mean_std_ci95, plot_learning_curve, read_jsonl
@@ -166,25 +168,29 @@ def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-@pytest.mark.parametrize("clip_value", [None, 1e-4])
-def test_gradient_clipping_by_value(clip_value, monkeypatch):
-    """The Trainer's own clip_value reaches the gradients the optimizer steps with (and without it
-    they are larger, so the check can fail)."""
-    trainer = trainer_for(sinusoid_setup, None, 1, clip_value=clip_value)
-    largest = []
+@pytest.mark.parametrize("clip", [{}, {"clip_value": 1e-4}, {"clip_norm": 1e-4}], ids=["none", "value", "norm"])
+def test_gradient_clipping(clip, monkeypatch):
+    """The Trainer's own clip_value / clip_norm reach the gradients the optimizer steps with (and
+    without them they are larger, so the check can fail)."""
+    trainer = trainer_for(sinusoid_setup, None, 1, **clip)
+    largest, norms = [], []
     step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        largest.append(max(p.grad.abs().max().item() for p in trainer.params if p.grad is not None))
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        largest.append(max(g.abs().max().item() for g in grads))
+        norms.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
         return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.optimizer, "step", recording_step)
     trainer.train()
     assert len(largest) == 1
-    if clip_value is None:
-        assert largest[0] > 1e-3
-    else:
-        assert largest[0] <= clip_value
+    if not clip:
+        assert largest[0] > 1e-3 and norms[0] > 1e-3
+    if "clip_value" in clip:
+        assert largest[0] <= clip["clip_value"]
+    if "clip_norm" in clip:
+        assert norms[0] <= clip["clip_norm"] * (1 + 1e-6)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -305,22 +311,47 @@ def test_confidence_interval_math():
         mean_std_ci95([])
 
 
-def test_evaluate_matches_the_learners_own_metrics():
+def reference_evaluation(net, episodes, steps, inner_lr):
+    """Per-task query loss and accuracy ``[tasks, steps + 1]`` over `episodes` after 0..steps inner steps,
+    by the independent per-task reference (`reference_maml`)."""
+    theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    cfg = ref.Config(steps=steps, inner_lr=inner_lr, second_order=False)
+    plan = ref.layer_plan(net)
+    losses, accuracies = [], []
+    for batch in episodes:
+        for t in range(batch.num_tasks):
+            history = ref.adapt_one_task(plan, theta, cfg, batch.support_x[t], batch.support_y[t])
+            outputs = [ref.predict_one_task(net, theta, cfg, history[k], k, batch.query_x[t]).detach()
+                       for k in range(steps + 1)]
+            losses.append([ref.task_loss(out, batch.query_y[t]).item() for out in outputs])
+            accuracies.append([(out.argmax(-1) == batch.query_y[t]).double().mean().item() for out in outputs])
+    return np.array(losses), np.array(accuracies)
+
+
+@pytest.mark.parametrize("branch", ["learner_forward", "adapt_predict"])
+def test_evaluate_matches_the_reference(branch, monkeypatch):
+    """Both ways evaluate() computes the per-step metrics (one forward of the learner, when it reports
+    them for these steps; adapt() and predict() per step count otherwise) against the reference's
+    per-task adaptation, over the same fixed episodes; the branch taken is checked."""
     learner, _ = episode_setup()
     held_out = EpisodeSampler(tiny_images(seed=5), ways=3, shots=1, queries=2, meta_batch_size=4, seed=1,
                               dtype=torch.float64)
+    if branch == "adapt_predict":
+        learner.step_metrics = False
+    adapt_calls = []
+    adapt = learner.adapt
+    monkeypatch.setattr(learner, "adapt", lambda *args, **kwargs: adapt_calls.append(1) or adapt(*args, **kwargs))
     result = evaluate(learner, held_out, num_episodes=10, steps=2, seed=3)
+    assert bool(adapt_calls) == (branch == "adapt_predict")
     assert isinstance(result, EvaluationResult) and result.num_episodes == 10 and result.steps == [0, 1, 2]
     assert learner.training  # restored
-    # the learner's forward in eval mode gives the same means over the same episodes
-    learner.eval()
-    learner.eval_inner_steps = 2
-    sums, n = 0, 0
-    for batch in held_out.fixed_episodes(10, seed=3):
-        out = learner(batch)
-        sums = sums + out.metrics["query_accuracy"].double() * batch.num_tasks
-        n += batch.num_tasks
-    np.testing.assert_allclose(result.accuracy_mean, (sums / n).tolist(), rtol=1e-12)
+    losses, accuracies = reference_evaluation(learner.model, held_out.fixed_episodes(10, seed=3), 2, learner.inner_lr)
+    assert losses.shape == (10, 3)
+    np.testing.assert_allclose(result.loss_mean, losses.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(result.loss_std, losses.std(0), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(result.accuracy_mean, accuracies.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(result.accuracy_ci95, 1.96 * accuracies.std(0) / math.sqrt(10), rtol=1e-10, atol=1e-12)
+    assert len(set(result.loss_mean)) == 3, "adaptation changed nothing: the comparison would be weak"
     again = evaluate(learner, held_out, num_episodes=10, steps=2, seed=3)
     assert again.to_dict() == result.to_dict()  # fixed episodes
     assert "after 2 steps: accuracy" in result.summary()

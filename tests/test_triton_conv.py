@@ -1,16 +1,15 @@
 """The "triton" backend's conv kernels (kernels/conv2d.py) against the PyTorch reference.
 
-On a machine without CUDA the kernels run through Triton's CPU interpreter: this module sets
-TRITON_INTERPRET=1 for its own duration (module fixture; the kernels read it when they are first
-loaded) and restores it afterwards. With CUDA they run compiled on the GPU, with TF32 switched off.
+On a machine without CUDA the kernels run through Triton's CPU interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 for the whole test session before anything imports triton (Triton reads it when a
+@triton.jit function is defined, so it cannot be switched per module without making the result depend
+on the order the modules run in). With CUDA they run compiled on the GPU, with TF32 switched off.
 Every kernel output is allocated NaN-filled (the kernels' debug mode), so an element a kernel fails to
 write fails the comparison.
 
-Triton reads TRITON_INTERPRET when a @triton.jit function is defined, so setting it before the kernels
-module (`maml_fast.kernels.conv2d`, the repository's kernels/conv2d.py) is loaded is enough for it, as it
-calls no @triton.jit function of Triton's own library (those were defined when `import maml_fast`
-imported torch._dynamo, which imports triton).
-The fp64 fallback's tl.sum is such a function: on the CPU that check runs in a subprocess.
+Should triton have been imported before the conftest's setting (e.g. pytest started on another
+directory's tests first), Triton's own library functions are compiled-mode: the fp64 fallback's tl.sum
+is such a function, so that check then runs in a subprocess.
 """
 from __future__ import annotations
 
@@ -58,17 +57,17 @@ def _tf32_off():
 def kernels():
     """The kernels module, loaded under the interpreter on the CPU, with NaN-poisoned outputs."""
     restore = lambda: None
+    if DEVICE == "cpu" and not triton_backend.interpreter_enabled():
+        # The same for every module and order: the session's setting (tests/conftest.py).
+        pytest.skip("this session runs with TRITON_INTERPRET=0 and there is no CUDA device: the Triton kernels "
+                    "run on a CPU only under the interpreter (leave TRITON_INTERPRET unset or set it to 1)")
+    loaded = sys.modules.get(f"{triton_backend.KERNELS_PACKAGE}.conv2d")
+    if loaded is not None and loaded.INTERPRETED != triton_backend.interpreter_enabled():
+        pytest.fail(f"{loaded.__name__} was loaded with TRITON_INTERPRET={int(loaded.INTERPRETED)} but the session "
+                    "runs with the other setting: something changed TRITON_INTERPRET during the session "
+                    "(tests/conftest.py fixes it for the whole session)")
     with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            # The kernels read TRITON_INTERPRET once, when first imported; in this process that may have
-            # happened already (another test module, run earlier, used them without it).
-            loaded = sys.modules.get(f"{triton_backend.KERNELS_PACKAGE}.conv2d")
-            if loaded is not None and not loaded.INTERPRETED:
-                pytest.skip(f"{loaded.__name__} was already imported in this process without TRITON_INTERPRET=1 "
-                            "(by code that ran before this module) and there is no CUDA device to run its compiled "
-                            "kernels on: run this module in a process of its own")
-            mp.setenv("TRITON_INTERPRET", "1")
-        else:
+        if DEVICE == "cuda":
             restore = _tf32_off()
         module = triton_backend.load_kernels()
         mp.setattr(module, "POISON_OUTPUTS", True)
