@@ -224,27 +224,21 @@ def _rows(x, *shape):
 _FULL = slice(None)
 
 
-def _index(value, index):
-    """value[index]; on an activation only an index that keeps the batch and channel dims whole."""
-    if isinstance(value, torch.Tensor):
-        entries = index if isinstance(index, tuple) else (index,)
-        if entries and entries[0] is Ellipsis:
-            reaches = value.dim() - (len(entries) - 1)
-            kept = reaches >= 2 and all(isinstance(e, slice) for e in entries[1:])
-        else:
-            kept = len(entries) >= 2 and entries[0] == _FULL and entries[1] == _FULL
-        if not kept:
-            raise ValueError(f"a task-batched program indexes an activation only past its batch and channel dims, "
-                             f"got [{index!r}] on a {value.dim()}-d activation")
-    return value[index]
-
-
-def _static_index_kept(index) -> bool:
-    """Whether an index may keep batch and channels whole (Ellipsis-first indexes are checked when run)."""
+def _keeps_batch_and_channels(index, ndim: int | None = None) -> bool:
+    """Whether `index` leaves an activation's batch and channel dims whole: it starts with two full slices,
+    or with Ellipsis followed by slices that (for an `ndim`-d activation, when known) stay past dim 1."""
     entries = index if isinstance(index, tuple) else (index,)
     if entries and entries[0] is Ellipsis:
-        return all(isinstance(e, slice) for e in entries[1:])
+        return all(isinstance(e, slice) for e in entries[1:]) and (ndim is None or ndim - (len(entries) - 1) >= 2)
     return len(entries) >= 2 and entries[0] == _FULL and entries[1] == _FULL
+
+
+def _index(value, index):
+    """value[index]; on an activation only an index that keeps the batch and channel dims whole."""
+    if isinstance(value, torch.Tensor) and not _keeps_batch_and_channels(index, value.dim()):
+        raise ValueError(f"a task-batched program indexes an activation only past its batch and channel dims, "
+                         f"got [{index!r}] on a {value.dim()}-d activation")
+    return value[index]
 
 
 def _size(x, dim=None):
@@ -419,13 +413,9 @@ def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
             return None, f"{_where(node, module)} uses the parameter or buffer {node.target!r} directly, not through a layer"
         else:
             return None, f"{_where(node, module)} has no task-batched op"
-        reduction = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if function in _REDUCTIONS and (reduction is None or 1 in ((reduction,) if isinstance(reduction, int)
-                                                                 else tuple(reduction))):
-            return None, f"{_where(node, module)} reduces over the channels (dim={reduction!r}), which mixes the tasks"
-        if (function is _index and not (node.args[0].op == "call_method" and node.args[0].target == "size")
-                and not _static_index_kept(node.args[1])):
-            return None, f"{_where(node, module)} indexes an activation along its batch or channel dims, which mixes the tasks"
+        reason = _mixes_tasks(function, node)
+        if reason:
+            return None, f"{_where(node, module)} {reason}"
         if function is _concatenate:
             run = lambda params, tasks, *args, **kwargs: _concatenate(tasks, *args, **kwargs)  # noqa: E731
         else:
@@ -433,6 +423,27 @@ def lower(module: nn.Module, backend) -> tuple[Program | None, str | None]:
         steps.append(_Step(node.name, run, node.args, dict(node.kwargs), layers=(function,)))
     _mark_last_uses(steps, inputs[0].name, output.name)
     return Program(steps, inputs[0].name, output.name), None
+
+
+def _mixes_tasks(function: Callable, node: torch.fx.Node) -> str | None:
+    """Why a function node, as traced, would mix the tasks (a reduction over channels, an index into the
+    batch or channel dims, a channel size, a flatten from another dim), or None. Negative dims and
+    Ellipsis indexes depend on the activation's rank: those are checked when the program runs."""
+    def argument(position, name, default=None):
+        return node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+
+    if function in _REDUCTIONS:
+        dims = argument(1, "dim")
+        if dims is None or 1 in ((dims,) if isinstance(dims, int) else tuple(dims)):
+            return f"reduces over the channels (dim={dims!r}), which mixes the tasks"
+    if function is _index and not (node.args[0].op == "call_method" and node.args[0].target == "size"):
+        if not _keeps_batch_and_channels(node.args[1]):
+            return "indexes an activation along its batch or channel dims, which mixes the tasks"
+    if function is _size and argument(1, "dim") in (None, 1):
+        return "reads an activation's channel count (per task, it is not the grouped layout's)"
+    if function is _flatten_from_one and (argument(1, "start_dim", 0), argument(2, "end_dim", -1)) != (1, -1):
+        return "flattens other dims than 1 to the end (the task blocks would not stay in order)"
+    return None
 
 
 def _mark_last_uses(steps: list[_Step], input_name: str, output_name: str) -> None:

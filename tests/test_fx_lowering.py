@@ -113,6 +113,17 @@ class _FirstChannels(_ChannelMean):
         return self.conv(x)[:, :1]
 
 
+class _ChannelCount(_ChannelMean):
+    def forward(self, x):
+        h = self.conv(x)
+        return h.reshape(h.size(0), h.size(1), -1).mean(2)
+
+
+class _FlattenAll(_ChannelMean):
+    def forward(self, x):
+        return torch.flatten(self.conv(x))
+
+
 class _TwoInputs(nn.Module):
     def forward(self, x, y):
         return x + y
@@ -122,6 +133,8 @@ class _TwoInputs(nn.Module):
     (_ChannelMean(), r"node 'mean' \(call_method mean\) of layer '' \(_ChannelMean\) reduces over the channels"),
     (_UsesShape(), r"reads an activation's \.shape"),
     (_TwoInputs(), r"takes 2 inputs"),
+    (_ChannelCount(), r"node 'size_1' \(call_method size\) .* reads an activation's channel count"),
+    (_FlattenAll(), r"flattens other dims than 1"),
     (_FirstChannels(), r"node 'getitem' \(call_function _index\)|indexes an activation along its batch or channel"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2)), r"layer '0' \(Conv2d\): only groups=1, dilation=1"),
 ])
