@@ -21,8 +21,11 @@ optional cosine decay of the meta lr.
   and of the learner's per-step metrics (support loss/accuracy before each inner step, query
   loss/accuracy after 0..K steps) go to ``metrics.jsonl`` (one JSON object per line) and to
   TensorBoard event files (``tensorboard/``); a tqdm bar shows meta-steps/s and the ETA. Metrics are
-  accumulated on the device and read once per interval; on CUDA the skip decision is taken on the
-  device too (fused Adam's ``found_inf``), so no step waits for the device.
+  accumulated on the device and read once per interval; the skip decision is taken on the device too
+  (fused Adam's ``found_inf``), and the consecutive-skip count is read at log and checkpoint boundaries
+  (`NonFiniteLossError` is raised at the first boundary after the run passes ``max_bad_steps``), so no
+  step between boundaries waits for the device. Label checks run once per batch signature for a source
+  whose labels are right by construction (``source.labels_by_construction``), else every step.
 * Checkpoints (``logdir/checkpoint.pt``, the one before it kept as ``checkpoint.prev.pt``) every
   ``checkpoint_every`` iterations, on a time-limit stop and at the end, written atomically (a
   temporary file, fsync, then ``os.replace``; `maml_fast.checkpoint_io`): learner state (network,
@@ -53,7 +56,7 @@ from .checkpoint_io import (CHECKPOINT_FORMAT, LATEST_NAME, PREVIOUS_NAME, Check
                             read_latest_checkpoint)
 from .checks import check_int, check_number
 from .distributed import DistributedContext
-from .meta_step import MetaStep
+from .meta_step import MetaStep, host_checks
 from .task_batch import TaskBatch
 
 CHECKPOINT_NAME = LATEST_NAME
@@ -138,7 +141,8 @@ class Trainer:
         logdir: where metrics.jsonl, tensorboard/ and checkpoint.pt go (None: no files at all).
         log_every: iterations per logged record (and per device read). checkpoint_every: iterations
             per checkpoint. keep_checkpoints: also keep ``checkpoint_<iteration>.pt`` copies.
-        max_bad_steps: consecutive non-finite steps tolerated before `NonFiniteLossError`.
+        max_bad_steps: consecutive non-finite steps tolerated before `NonFiniteLossError` (raised at the
+            first log or checkpoint boundary after the run passes it).
         time_limit: seconds of training in this call after which it stops cleanly (checkpointed).
         resume: continue from ``logdir/checkpoint.pt`` if it exists (from ``checkpoint.prev.pt``, with
             a `CheckpointWarning`, when checkpoint.pt does not load). progress: show the tqdm bar.
@@ -194,9 +198,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.iteration = 0
         self.elapsed_s = 0.0  # training time over all calls and resumes
-        # The host reads the counters every step on the CPU (free there) and at log/checkpoint
-        # boundaries elsewhere.
-        self._check_every = 1 if self.device.type == "cpu" else log_every
+        # The host reads the device (counters, metrics) only at log and checkpoint boundaries, on every
+        # device: an iteration between them waits for nothing.
+        self._check_every = log_every
+        # Label checks read the labels on the host. A source whose labels are right by construction
+        # (`EpisodeSampler`: 0..ways-1 in every episode) is checked once per batch signature (shapes,
+        # dtypes: a wrong number of ways shows there); any other source's batches every step.
+        self._labels_by_construction = bool(getattr(source, "labels_by_construction", False))
+        self._checked_signatures: set = set()
         self._reset_accumulators()
         self._writer = None
         self._bar = None
@@ -260,7 +269,12 @@ class Trainer:
     def _step(self) -> None:
         phase = self._phase(self.iteration)
         batch, options = self._step_arguments(self.source.sample(), phase)
-        metrics = self.meta_step(batch, **options)
+        signature = (phase, *((tuple(t.shape), t.dtype, t.device)
+                              for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+        check = not self._labels_by_construction or signature not in self._checked_signatures
+        with host_checks(self.learner, check):
+            metrics = self.meta_step(batch, **options)
+        self._checked_signatures.add(signature)
         self.scheduler.step()
         self._accumulate(phase, metrics, metrics.pop("found_inf"))
         self.iteration += 1
