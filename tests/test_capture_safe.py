@@ -95,13 +95,22 @@ def test_first_warmup_still_checks_the_labels(one_thread):
         step(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="MAML++ multi-step loss annealing: MAML.schedule() computes the step weights "
-                   "on the host from the iteration count, and graph_key() includes them, so every iteration of the "
-                   "annealing is a new signature (never captured); the weights should be a device tensor")
-def test_multi_step_loss_annealing_is_captured_once(one_thread):
-    options = {"multi_step_loss_iterations": 100}
-    learner, optimizer = learner_and_optimizer("torch", 2, torch.float64, options)
-    step = GraphedMetaStep(learner, optimizer, backend=EmulatedGraphBackend(), warmup=2, max_graphs=2)
-    for i in range(5):
-        step(image_batch(i, torch.float64))
-    assert step.stats.captures == 1 and step.stats.replays == 3
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_multi_step_loss_annealing_is_captured_once(dtype, one_thread):
+    """MAML++'s annealed multi-step loss weights change every iteration: they are computed on the device
+    from the iteration counter, so one graph follows them (and the replays equal eager steps) until the
+    annealing ends, when the weights are fixed and one new graph is captured."""
+    options = {"multi_step_loss_iterations": 6, **MAML_PLUS_PLUS}
+    graphed_pair = learner_and_optimizer("fused", 3, dtype, options)
+    eager_pair = learner_and_optimizer("fused", 3, dtype, options)
+    graphed = GraphedMetaStep(*graphed_pair, backend=EmulatedGraphBackend(), warmup=2, max_graphs=2)
+    eager = GraphedMetaStep(*eager_pair, enabled=False)
+    tol = TOLERANCE[dtype]
+    for i in range(10):
+        batch = image_batch(i, dtype)
+        out_g, out_e = graphed(batch), eager(batch)
+        torch.testing.assert_close(out_g["meta_loss"], out_e["meta_loss"], rtol=tol, atol=tol)
+        for a, b in zip(graphed_pair[0].parameters(), eager_pair[0].parameters()):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # iterations 0-5 anneal (2 warm-ups, a capture, 3 replays), 6-9 do not (2 warm-ups, a capture, 1 replay)
+    assert (graphed.stats.warmup_steps, graphed.stats.captures, graphed.stats.replays) == (4, 2, 6)
