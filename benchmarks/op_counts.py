@@ -8,10 +8,19 @@ Counted: every op reaching the mode except views (``func.is_view``) and the meta
 `NOT_LAUNCHING`. A compiled ``maml_fast::*`` op counts as one op (the kernels it runs inside are not seen);
 those are also reported on their own. Backends: the available ones among `BACKENDS`; "cuda" (the old name of
 "fused") is counted once, as "fused", when both are available; Triton (CUDA or TRITON_INTERPRET only) is skipped.
+
+Per phase (`PHASES`): each counted op is charged to the phase the step is in when it runs. The phases are
+marked by wrapping, for the counted step only, the learner's pieces (nothing on the normal path changes):
+an inner step's forward and loss ("inner forward", up to its ``torch.autograd.grad``), that gradient
+("inner backward"), the fast-weight update and the step sizes ("update"), the network and loss on the
+query set outside the inner steps ("query forward"), ``loss.backward()`` ("meta-backward", including a
+checkpointed step's recomputation), and the rest of the forward ("other": the label-range check, stacking
+the per-step metrics, the objective's weights, the iteration counter).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import subprocess
@@ -35,15 +44,87 @@ NOT_LAUNCHING = {aten.detach, aten.alias, aten._reshape_alias, aten.view, aten._
                  aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
 
 
+PHASES = ("inner forward", "inner backward", "update", "query forward", "meta-backward", "other")
+
+
 class OpCounter(TorchDispatchMode):
+    """Counts kernel-launching ops by name (`counts`) and by the current phase (`phase_counts`; the
+    phase is `phase`, set by `marked_phases`)."""
+
     def __init__(self):
         super().__init__()
         self.counts = Counter()
+        self.phase_counts = Counter()
+        self.phase = "other"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not (func.is_view or func.overloadpacket in NOT_LAUNCHING):
             self.counts[str(func)] += 1  # e.g. "aten.convolution.default", "maml_fast.direct_conv2d.default"
+            self.phase_counts[self.phase] += 1
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str, unless=("meta-backward",)):
+        """The ops within count to `phase`, unless the step is already in one of `unless`."""
+        if self.phase in unless:
+            yield
+            return
+        saved, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = saved
+
+
+def _marked(counter: OpCounter, phase: str, fn, unless):
+    def marked(*args, **kwargs):
+        with counter.in_phase(phase, unless):
+            return fn(*args, **kwargs)
+    return marked
+
+
+class _QueryExecution:
+    """An execution whose forward counts to "query forward" outside an inner step."""
+
+    def __init__(self, execution, counter):
+        self._execution, self.forward = execution, _marked(counter, "query forward", execution.forward,
+                                                           ("meta-backward", "inner forward"))
+
+    def __getattr__(self, name):
+        return getattr(self._execution, name)
+
+
+@contextlib.contextmanager
+def marked_phases(counter: OpCounter):
+    """Charge the ops of a meta-step to `PHASES` (see the module doc) while within."""
+    from maml_fast import inner_loop, maml
+
+    step_call, make_loop, grad = inner_loop.InnerStep.__call__, maml.MAML._inner_loop, torch.autograd.grad
+
+    def inner_step(self, *args, **kwargs):
+        with counter.in_phase("inner forward"):
+            return step_call(self, *args, **kwargs)
+
+    def inner_grad(*args, **kwargs):
+        if counter.phase != "inner forward":  # (e.g. a checkpointed step's backward)
+            return grad(*args, **kwargs)
+        with counter.in_phase("inner backward"):
+            result = grad(*args, **kwargs)
+        counter.phase = "update"  # the rest of the inner step: step sizes and the update
+        return result
+
+    def inner_loop_of(self, *args, **kwargs):
+        loop = make_loop(self, *args, **kwargs)
+        loop.execution = _QueryExecution(loop.execution, counter)
+        loop.loss = _marked(counter, "query forward", loop.loss, ("meta-backward", "inner forward"))
+        loop.update = _marked(counter, "update", loop.update, ("meta-backward",))
+        return loop
+
+    inner_loop.InnerStep.__call__, maml.MAML._inner_loop, torch.autograd.grad = inner_step, inner_loop_of, inner_grad
+    try:
+        yield counter
+    finally:
+        inner_loop.InnerStep.__call__, maml.MAML._inner_loop, torch.autograd.grad = step_call, make_loop, grad
 
 
 def backends_to_count() -> list[str]:
@@ -58,19 +139,24 @@ def backends_to_count() -> list[str]:
     return names
 
 
-def count_step(backend: str, config) -> Counter:
+def count_step(backend: str, config, **maml_options) -> OpCounter:
+    """The counter (``counts`` by op, ``phase_counts`` by phase) of one meta-step after a warm-up."""
     net, batch = config.make_net(), config.make_batch()
-    learner = mf.MAML(net, inner_lr=config.inner_lr, inner_steps=config.inner_steps, backend=backend,
-                      step_metrics=False)
+    options = {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps, "backend": backend,
+               "step_metrics": False, **maml_options}
+    learner = mf.MAML(net, **options)
+    counter = OpCounter()
 
     def step():
         learner.zero_grad(set_to_none=True)
-        learner(batch).loss.backward()
+        loss = learner(batch).loss
+        with counter.in_phase("meta-backward"):
+            loss.backward()
 
     step()  # warm-up
-    with OpCounter() as counter:
+    with counter, marked_phases(counter):
         step()
-    return counter.counts
+    return counter
 
 
 def main(argv=None):
@@ -84,9 +170,11 @@ def main(argv=None):
     for name in args.configs:
         results[name] = {}
         for backend in backends:
-            counts = count_step(backend, CONFIGS[name])
+            counter = count_step(backend, CONFIGS[name])
+            counts = counter.counts
             compiled = sum(n for op, n in counts.items() if op.startswith("maml_fast."))
             results[name][backend] = {"total": sum(counts.values()), "maml_fast": compiled,
+                                      "phases": {phase: counter.phase_counts[phase] for phase in PHASES},
                                       "ops": dict(counts.most_common())}
             print(f"{name} {backend}: {sum(counts.values())} ops", file=sys.stderr)
 
@@ -95,6 +183,12 @@ def main(argv=None):
     print("|---|" + "---:|" * len(backends))
     for name, row in results.items():
         print(f"| {name} | " + " | ".join(f"{r['total']} ({r['maml_fast']})" for r in row.values()) + " |")
+    print("\nPer phase\n")
+    print("| config | backend | " + " | ".join(PHASES) + " | total |")
+    print("|---|---|" + "---:|" * (len(PHASES) + 1))
+    for name, row in results.items():
+        for backend, r in row.items():
+            print(f"| {name} | {backend} | " + " | ".join(str(r["phases"][p]) for p in PHASES) + f" | {r['total']} |")
 
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

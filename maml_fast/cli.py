@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-episodes", type=_positive_int, default=100, help="episodes per validation")
     run.add_argument("--no-eval", dest="final_eval", action="store_false", help="skip the evaluation after training")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    run.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                     help="run each meta-step as one CUDA graph: 'on' (CUDA only), 'off', or 'auto' (eager until the "
+                          "GPU check has passed the graphed step for this torch version; the banner says which)")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint with the paper's protocol (reference --train=False)")
     source = evaluate.add_argument_group("checkpoint")
@@ -362,6 +365,9 @@ def cmd_train(args) -> int:
                            + "); use another --logdir, or --no-resume to start over there")
     ctx = DistributedContext.from_environment(device=device)
     device = ctx.device
+    if args.cuda_graph == "on" and torch.device(device).type != "cuda":
+        raise CLIError(f"--cuda-graph on captures CUDA graphs but training runs on {device}: use --cuda-graph auto "
+                       "or off there")
     try:
         train_source = build_source(config, "train", device)
         val_source = build_source(config, "val" if config.datasource != "sinusoid" else "test", device) \
@@ -375,7 +381,7 @@ def cmd_train(args) -> int:
                           keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
                           time_limit=time_limit, resume=False, progress=args.progress, log=args.log,
                           distributed=ctx, config=config.to_dict(), val_source=val_source, val_every=args.val_every,
-                          val_episodes=args.val_episodes, val_seed=args.eval_seed)
+                          val_episodes=args.val_episodes, val_seed=args.eval_seed, cuda_graph=args.cuda_graph)
         if resume_from is not None:
             trainer.load_checkpoint(*resume_from)
         trainer.check_same_iteration()
@@ -383,7 +389,8 @@ def cmd_train(args) -> int:
             resumed = f", resumed at iteration {trainer.iteration}" if trainer.iteration else ""
             _print(f"maml-fast train: {config.name} ({config.description or config.datasource}) on {device}, "
                    f"backend {_backend_label(config.backend, device)}, {torch.get_num_threads()} CPU threads"
-                   + (f", {ctx.world_size} processes" if ctx.active else "") + f"; logdir {logdir}{resumed}")
+                   + (f", {ctx.world_size} processes" if ctx.active else "") + f"; logdir {logdir}{resumed}; "
+                   f"meta-step: {trainer.graph_reason}")
         try:
             summary = trainer.train()
         except (NonFiniteLossError, CheckpointWriteError, DistributedError) as error:

@@ -68,7 +68,6 @@ After ``optimizer.load_state_dict`` (it replaces the state tensors the graphs po
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import traceback
 import warnings
@@ -80,7 +79,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checks import check_int
-from .meta_step import MetaStep
+from .meta_step import MetaStep, host_checks
 from .task_batch import TaskBatch
 
 __all__ = ["GraphedMetaStep", "GraphStats", "CaptureBackend", "Replayable", "CudaGraphBackend",
@@ -146,6 +145,8 @@ class HostSyncDetector(TorchDispatchMode):
     * ``_local_scalar_dense``: ``.item()``, ``int()``, ``float()``, ``bool()``, a Python ``if`` on a tensor;
     * ops whose output shape depends on values (``nonzero``, ``masked_select``, ``unique``, boolean
       mask indexing);
+    * ``.tolist()`` and ``.numpy()`` (on a CPU tensor they read memory without an aten op: the
+      detector wraps them while it is active);
     * copies between the host and the device (``.cpu()``, ``.to("cuda")`` of host data). With
       ``device_type="cpu"`` (checking a CPU run for what a GPU run would do) every tensor made from
       host data (``torch.tensor``, ``new_tensor``: ``lift_fresh``) counts, since on a GPU it is a
@@ -184,14 +185,50 @@ class HostSyncDetector(TorchDispatchMode):
                 return "a copy between the host and the device"
         return None
 
+    # Read on the host without an aten op for a CPU tensor (so the dispatch mode never sees them):
+    # while a detector is active they are wrapped to report like `_local_scalar_dense`.
+    _BYPASSING = ("tolist", "numpy")
+
+    def __enter__(self):
+        self._saved_methods = {name: getattr(torch.Tensor, name) for name in self._BYPASSING}
+        for name, method in self._saved_methods.items():
+            setattr(torch.Tensor, name, self._reporting(name, method))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore_methods()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore_methods()
+
+    def _restore_methods(self) -> None:
+        for name, method in self.__dict__.pop("_saved_methods", {}).items():
+            setattr(torch.Tensor, name, method)
+
+    def _reporting(self, name, method):
+        detector = self
+
+        def reporting(tensor, *args, **kwargs):
+            if tensor.device.type == detector.device_type:
+                detector._report(HostSync(f"Tensor.{name}", _user_frame(), f"reads device values on the host "
+                                          f"(.{name}())"))
+            return method(tensor, *args, **kwargs)
+        return reporting
+
+    def _report(self, sync: HostSync) -> None:
+        if self.policy == "raise":
+            raise HostSyncError(f"host synchronisation in a step meant for CUDA-graph capture: {sync}")
+        self.found.append(sync)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         reason = self._reason(func, args, kwargs)
         if reason is not None:
-            sync = HostSync(str(func), _user_frame(), reason)
-            if self.policy == "raise":
-                raise HostSyncError(f"host synchronisation in a step meant for CUDA-graph capture: {sync}")
-            self.found.append(sync)
+            self._report(HostSync(str(func), _user_frame(), reason))
         return func(*args, **kwargs)
 
 
@@ -572,17 +609,8 @@ class GraphedMetaStep:
             self._tensor_lrs()
 
     # ------------------------------------------------------------------ internals
-    @contextlib.contextmanager
     def _host_checks(self, enabled: bool):
-        learner = self.learner
-        if not hasattr(learner, "host_checks"):
-            yield
-            return
-        saved, learner.host_checks = learner.host_checks, bool(enabled) and learner.host_checks
-        try:
-            yield
-        finally:
-            learner.host_checks = saved
+        return host_checks(self.learner, enabled)
 
     def _tensor_lrs(self) -> None:
         for group in self.optimizer.param_groups:

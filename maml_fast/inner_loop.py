@@ -162,11 +162,12 @@ class InnerLoop:
             if query_x is not None:
                 # weights[k-1] weighs the query loss after k steps; with no steps the loss is at θ.
                 weight = weights[k - 1] if k > 0 else (1.0 if self.steps == 0 else 0.0)
-                if weight != 0.0 or self.step_metrics or k == self.steps:
+                weighed = isinstance(weight, torch.Tensor) or weight != 0.0  # (a device weight is never 0)
+                if weighed or self.step_metrics or k == self.steps:
                     params = self.layout.params_at(fast, self.meta, k, tasks, self.running_statistics)
-                    with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
+                    with torch.set_grad_enabled(weighed and torch.is_grad_enabled()):
                         loss, accuracy = self.loss(self.execution.forward(params, query_x), query_y)
-                    if weight != 0.0:
+                    if weighed:
                         objective = objective + weight * loss
                     record["query_loss"].append(loss.detach())
                     record["query_accuracy"].append(accuracy)

@@ -17,7 +17,7 @@ from . import backends
 from .checks import check_choice, check_int, check_number
 from .inner_loop import CheckedLoss, InnerLoop, MetaTensors, ParameterLayout
 from .maml_plus_plus import (INNER_LR_MODES, PerStepBatchNormStatistics, learned_inner_lrs, multi_step_loss_weights,
-                             per_step_batch_norm_weights)
+                             multi_step_loss_weights_on_device, per_step_batch_norm_weights)
 from .ops.losses import LOSSES
 from .task_batch import TaskBatch
 
@@ -153,6 +153,9 @@ class MAML(nn.Module):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a maml_fast.TaskBatch, got {type(batch).__name__}")
         steps, second_order, weights = self.schedule(steps)
+        if self._annealing(steps):  # the weights change every iteration: computed on the device
+            weights = tuple(multi_step_loss_weights_on_device(steps, self.meta_iteration,
+                                                              self.multi_step_loss_iterations))
         meta_grad = torch.is_grad_enabled()
         loop = self._inner_loop(batch.support_y, batch.query_y, steps, inner_lr, second_order and meta_grad, meta_grad)
         parts = []
@@ -204,15 +207,23 @@ class MAML(nn.Module):
         ``steps`` overrides the mode's step count."""
         steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else check_int("steps", steps)
         second_order = not self.first_order and not (self.training and self._iteration < self.first_order_iterations)
-        if self.training and self.multi_step_loss_iterations and steps > 1:
+        if self._annealing(steps):
             weights = multi_step_loss_weights(steps, self._iteration, self.multi_step_loss_iterations)
         else:
             weights = [0.0] * max(steps - 1, 0) + [1.0]
         return steps, second_order, tuple(weights)
 
+    def _annealing(self, steps: int) -> bool:
+        """MAML++ multi-step loss weights still annealing (every step's query loss weighs in)."""
+        return bool(self.training and self.multi_step_loss_iterations and steps > 1
+                    and self._iteration < self.multi_step_loss_iterations)
+
     def graph_key(self):
-        """What a captured step depends on besides the input shapes (`maml_fast.cuda_graph`)."""
-        return self.schedule()
+        """What a captured step depends on besides the input shapes (`maml_fast.cuda_graph`): the step
+        count, the derivative order and the loss weights, or while they anneal only that they do (they
+        are computed on the device then)."""
+        steps, second_order, weights = self.schedule()
+        return steps, second_order, "annealing" if self._annealing(steps) else weights
 
     def on_graph_replay(self) -> None:
         """A captured training step was replayed: advance the host iteration count as forward would."""

@@ -31,6 +31,18 @@ def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) 
     return non_final + [1.0 - sum(non_final)]
 
 
+def multi_step_loss_weights_on_device(steps: int, iteration: torch.Tensor, anneal_iterations: int) -> list[torch.Tensor]:
+    """`multi_step_loss_weights` during the annealing (``iteration < anneal_iterations``), computed on the
+    iteration counter's device from the counter (0-dim float64 tensors, the same double arithmetic, the
+    same order of sums): no host read, and a captured step follows the schedule when replayed."""
+    decay = iteration.to(torch.float64) / (steps * anneal_iterations)
+    non_final = torch.clamp_min(1.0 / steps - decay, 0.03 / steps)
+    total = non_final
+    for _ in range(steps - 2):  # (Python's sum: left to right)
+        total = total + non_final
+    return [non_final] * (steps - 1) + [1.0 - total]
+
+
 def learned_inner_lrs(mode: str, adapted: list[torch.Tensor], steps: int, inner_lr: float) -> nn.ParameterList:
     """The learned step sizes of `mode` for the `adapted` parameters, all starting at `inner_lr`:
     ``[steps]`` per tensor (LSLR, "per_layer_per_step") or the tensor's shape (Meta-SGD, "per_element")."""

@@ -17,6 +17,7 @@ What one call does, with no host read (so that it can be captured):
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,21 @@ import torch
 from .checks import check_number
 from .precision import check_mode, precision_mode
 from .task_batch import TaskBatch
+
+
+@contextlib.contextmanager
+def host_checks(learner: torch.nn.Module, enabled: bool):
+    """Within: the learner's value checks that read the device (``learner.host_checks``: the label
+    range) run only if `enabled` (and the learner has them on); restored afterwards. A learner
+    without the attribute is left alone."""
+    if not hasattr(learner, "host_checks"):
+        yield
+        return
+    saved, learner.host_checks = learner.host_checks, bool(enabled) and learner.host_checks
+    try:
+        yield
+    finally:
+        learner.host_checks = saved
 
 
 class MetaStep:

@@ -21,8 +21,11 @@ optional cosine decay of the meta lr.
   and of the learner's per-step metrics (support loss/accuracy before each inner step, query
   loss/accuracy after 0..K steps) go to ``metrics.jsonl`` (one JSON object per line) and to
   TensorBoard event files (``tensorboard/``); a tqdm bar shows meta-steps/s and the ETA. Metrics are
-  accumulated on the device and read once per interval; on CUDA the skip decision is taken on the
-  device too (fused Adam's ``found_inf``), so no step waits for the device.
+  accumulated on the device and read once per interval; the skip decision is taken on the device too
+  (fused Adam's ``found_inf``), and the consecutive-skip count is read at log and checkpoint boundaries
+  (`NonFiniteLossError` is raised at the first boundary after the run passes ``max_bad_steps``), so no
+  step between boundaries waits for the device. Label checks run once per batch signature for a source
+  whose labels are right by construction (``source.labels_by_construction``), else every step.
 * Checkpoints (``logdir/checkpoint.pt``, the one before it kept as ``checkpoint.prev.pt``) every
   ``checkpoint_every`` iterations, on a time-limit stop and at the end, written atomically (a
   temporary file, fsync, then ``os.replace``; `maml_fast.checkpoint_io`): learner state (network,
@@ -51,9 +54,9 @@ import torch
 from .checkpoint_io import (CHECKPOINT_FORMAT, LATEST_NAME, PREVIOUS_NAME, CheckpointError, CheckpointFiles,
                             CheckpointWarning, CheckpointWriteError, atomic_save, load_checkpoint,
                             read_latest_checkpoint)
-from .checks import check_int, check_number
+from .checks import check_choice, check_int, check_number
 from .distributed import DistributedContext
-from .meta_step import MetaStep
+from .meta_step import MetaStep, host_checks
 from .task_batch import TaskBatch
 
 CHECKPOINT_NAME = LATEST_NAME
@@ -64,6 +67,10 @@ __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "C
            "CheckpointWriteError", "atomic_save", "load_checkpoint", "read_latest_checkpoint", "CHECKPOINT_NAME",
            "PREVIOUS_CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "METRICS_NAME"]
 METRIC_KEYS = ("support_loss", "support_accuracy", "query_loss", "query_accuracy")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+# "auto" turns graphs on for CUDA once a GPU run of benchmarks/gpu_check.sh has passed the graphed trainer
+# step; record the torch versions it passed with here. None has yet.
+GRAPHED_BY_DEFAULT_TORCH_VERSIONS: tuple[str, ...] = ()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,7 +145,8 @@ class Trainer:
         logdir: where metrics.jsonl, tensorboard/ and checkpoint.pt go (None: no files at all).
         log_every: iterations per logged record (and per device read). checkpoint_every: iterations
             per checkpoint. keep_checkpoints: also keep ``checkpoint_<iteration>.pt`` copies.
-        max_bad_steps: consecutive non-finite steps tolerated before `NonFiniteLossError`.
+        max_bad_steps: consecutive non-finite steps tolerated before `NonFiniteLossError` (raised at the
+            first log or checkpoint boundary after the run passes it).
         time_limit: seconds of training in this call after which it stops cleanly (checkpointed).
         resume: continue from ``logdir/checkpoint.pt`` if it exists (from ``checkpoint.prev.pt``, with
             a `CheckpointWarning`, when checkpoint.pt does not load). progress: show the tqdm bar.
@@ -147,6 +155,12 @@ class Trainer:
         config: a JSON-able dict stored in checkpoints (the CLI stores the experiment config).
         val_source, val_every, val_episodes, val_seed: optionally evaluate on fixed held-out
             episodes every `val_every` iterations (rank 0) and log it (``"kind": "val"`` records).
+        cuda_graph: "on" runs each meta-training step as one captured graph (`GraphedMetaStep`; CUDA
+            only, single process; pretraining steps run eagerly), "off" eagerly, "auto" (default) eagerly
+            until a GPU run of benchmarks/gpu_check.sh has passed the graphed step with this torch version
+            (`GRAPHED_BY_DEFAULT_TORCH_VERSIONS`, none yet). ``graph_reason`` says which and why (the
+            CLI's banner). graph_backend: a `maml_fast.cuda_graph.CaptureBackend` for ``"on"`` (tests:
+            `EmulatedGraphBackend` on the CPU); default CUDA graphs.
     """
 
     def __init__(self, learner, source, *, iterations: int, pretrain_iterations: int = 0, meta_lr: float = 1e-3,
@@ -155,8 +169,10 @@ class Trainer:
                  checkpoint_every: int = 1000, keep_checkpoints: bool = False, max_bad_steps: int = 10,
                  time_limit: float | None = None, resume: bool = False, progress: bool = True, log: bool = True,
                  distributed: DistributedContext | None = None, config: dict | None = None, val_source=None,
-                 val_every: int = 0, val_episodes: int = 100, val_seed: int = 0):
+                 val_every: int = 0, val_episodes: int = 100, val_seed: int = 0, cuda_graph: str = "auto",
+                 graph_backend=None):
         check_int("iterations", iterations)
+        check_choice("cuda_graph", cuda_graph, CUDA_GRAPH_MODES)
         check_int("pretrain_iterations", pretrain_iterations)
         check_int("log_every", log_every, 1)
         check_int("checkpoint_every", checkpoint_every, 1)
@@ -187,16 +203,29 @@ class Trainer:
         self.val_source, self.val_every, self.val_episodes, self.val_seed = val_source, val_every, val_episodes, val_seed
         self.device = params[0].device
         self.params = params
+        self.cuda_graph, self.graph_reason = self._graph_mode(cuda_graph, graph_backend)
         self.optimizer = self._make_optimizer(params)
-        self.meta_step = MetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
-                                  reduce=self.dist.all_reduce_sum_ if self.dist.active else None)
+        self.graphed_step = None
+        if self.cuda_graph:
+            from .cuda_graph import GraphedMetaStep
+            self.graphed_step = GraphedMetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
+                                                backend=graph_backend)
+            self.meta_step = self.graphed_step._step  # one step, one set of counters
+        else:
+            self.meta_step = MetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
+                                      reduce=self.dist.all_reduce_sum_ if self.dist.active else None)
         factor = _CosineFactor(self.total_iterations, min_lr_ratio) if cosine else _Constant()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.iteration = 0
         self.elapsed_s = 0.0  # training time over all calls and resumes
-        # The host reads the counters every step on the CPU (free there) and at log/checkpoint
-        # boundaries elsewhere.
-        self._check_every = 1 if self.device.type == "cpu" else log_every
+        # The host reads the device (counters, metrics) only at log and checkpoint boundaries, on every
+        # device: an iteration between them waits for nothing.
+        self._check_every = log_every
+        # Label checks read the labels on the host. A source whose labels are right by construction
+        # (`EpisodeSampler`: 0..ways-1 in every episode) is checked once per batch signature (shapes,
+        # dtypes: a wrong number of ways shows there); any other source's batches every step.
+        self._labels_by_construction = bool(getattr(source, "labels_by_construction", False))
+        self._checked_signatures: set = set()
         self._reset_accumulators()
         self._writer = None
         self._bar = None
@@ -218,10 +247,32 @@ class Trainer:
                     f"{int(bounds[0].item()) if bounds[0].item() != self.iteration else int(-bounds[1].item())}: "
                     "resuming a multi-node run needs the logdir on a filesystem every node sees")
 
+    def _graph_mode(self, mode: str, graph_backend) -> tuple[bool, str]:
+        """(run the graphed step?, why: the banner's words)."""
+        cuda = self.device.type == "cuda"
+        if mode == "on":
+            if not cuda and graph_backend is None:
+                raise ValueError(f"cuda_graph='on' (--cuda-graph on) captures CUDA graphs but the learner is on "
+                                 f"{self.device}: use cuda_graph='off' or 'auto' (eager)")
+            if self.dist.active:
+                raise ValueError("cuda_graph='on' (--cuda-graph on) does not support several processes yet: "
+                                 "use cuda_graph='off' or 'auto'")
+            return True, "CUDA graph of the whole meta-step (--cuda-graph on)"
+        if mode == "off":
+            return False, "eager (--cuda-graph off)"
+        if not cuda:
+            return False, f"eager (--cuda-graph auto: no CUDA graphs on {self.device.type})"
+        if torch.__version__ in GRAPHED_BY_DEFAULT_TORCH_VERSIONS and not self.dist.active:
+            return True, f"CUDA graph of the whole meta-step (--cuda-graph auto: proven on torch {torch.__version__})"
+        return False, ("eager (--cuda-graph auto: the graphed step has not passed the GPU check with torch "
+                       f"{torch.__version__} yet; --cuda-graph on opts in)")
+
     # ------------------------------------------------------------------------------ optimizer
     def _make_optimizer(self, params):
         if self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params):
             try:
+                if self.cuda_graph and self.device.type == "cuda":
+                    return torch.optim.Adam(params, lr=self.meta_lr, fused=True, capturable=True)
                 return torch.optim.Adam(params, lr=self.meta_lr, fused=True)
             except (RuntimeError, ValueError, TypeError):
                 pass
@@ -229,7 +280,7 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])  # (a device tensor for the graphed step)
 
     # ------------------------------------------------------------------------------ one step
     def _phase(self, iteration: int) -> str:
@@ -260,7 +311,15 @@ class Trainer:
     def _step(self) -> None:
         phase = self._phase(self.iteration)
         batch, options = self._step_arguments(self.source.sample(), phase)
-        metrics = self.meta_step(batch, **options)
+        signature = (phase, *((tuple(t.shape), t.dtype, t.device)
+                              for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+        check = not self._labels_by_construction or signature not in self._checked_signatures
+        with host_checks(self.learner, check):
+            if self.graphed_step is not None and not options:  # (pretraining runs eagerly: steps=0)
+                metrics = dict(self.graphed_step(batch))  # (the graph's static outputs: not popped from)
+            else:
+                metrics = self.meta_step(batch, **options)
+        self._checked_signatures.add(signature)
         self.scheduler.step()
         self._accumulate(phase, metrics, metrics.pop("found_inf"))
         self.iteration += 1
@@ -411,6 +470,8 @@ class Trainer:
             raise ValueError(f"not a maml_fast Trainer checkpoint (format {CHECKPOINT_FORMAT})")
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.graphed_step is not None:  # the graphs point at the replaced optimizer state
+            self.graphed_step.reset()
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])

@@ -199,3 +199,15 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown config fields"):
         get_preset("sinusoid").replace(colour="red")
     assert ExperimentConfig.from_dict({**get_preset("omniglot-5w1s").to_dict(), "extra": 1}).ways == 5
+
+
+def test_cuda_graph_flag(tmp_path, capsys):
+    """--cuda-graph: 'on' is refused on the CPU with a message naming the flag; 'auto' trains eagerly and
+    the banner says why."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--preset", "sinusoid", "--iterations", "1", "--no-progress", "--no-eval",
+                  "--logdir", str(tmp_path / "on"), "--cuda-graph", "on"])
+    assert exit_info.value.code != 0 and "--cuda-graph on" in capsys.readouterr().err
+    code, out = run_cli(capsys, "train", "--preset", "sinusoid", "--iterations", "1", "--no-progress", "--no-eval",
+                        "--logdir", str(tmp_path / "auto"))
+    assert code in (0, None) and "meta-step: eager (--cuda-graph auto" in out.out + out.err

@@ -494,3 +494,15 @@ def test_cuda_graph_with_the_maml_learner():
         out_e = eager(batch)
         torch.testing.assert_close(out_g["meta_loss"], out_e["meta_loss"], rtol=1e-4, atol=1e-5)
     assert graphed.stats.captures == 1 and graphed.stats.replays == 3
+
+
+def test_host_sync_detector_sees_tolist_and_numpy_of_cpu_tensors():
+    """On a CPU tensor .tolist() and .numpy() read memory without an aten op; the detector still sees
+    them (and puts the methods back afterwards)."""
+    values = torch.arange(3.0)
+    original = torch.Tensor.tolist
+    syncs = find_host_syncs(lambda: (values.tolist(), values.numpy()), device_type="cpu")
+    assert [s.op for s in syncs] == ["Tensor.tolist", "Tensor.numpy"]
+    assert all("test_cuda_graph.py" in s.where for s in syncs), syncs
+    assert torch.Tensor.tolist is original
+    assert find_host_syncs(lambda: values.tolist(), device_type="cuda") == []

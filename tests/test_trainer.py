@@ -157,11 +157,16 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in more.learner.parameters())
 
 
-def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = trainer_for(lambda: nan_setup(bad_from=5), tmp_path, 20, checkpoint_every=2, max_bad_steps=3)
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf for 4 consecutive steps.*checkpoint\.pt"):
+@pytest.mark.parametrize("log_every,stop,run", [(1, 9, 4), (2, 10, 5)], ids=["log-every-1", "log-every-2"])
+def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, log_every, stop, run):
+    """The consecutive-skip count is read at log and checkpoint boundaries: with a boundary after every
+    step the 4th bad step in a row (steps 5-8) stops training; with one every 2 steps, the boundary
+    after step 9 (5 in a row)."""
+    trainer = trainer_for(lambda: nan_setup(bad_from=5), tmp_path, 20, checkpoint_every=2, max_bad_steps=3,
+                          log_every=log_every)
+    with pytest.raises(NonFiniteLossError, match=rf"NaN/inf for {run} consecutive steps.*checkpoint\.pt"):
         trainer.train()
-    assert trainer.iteration == 9  # steps 5, 6, 7, 8 were bad: the 4th in a row stops it
+    assert trainer.iteration == stop
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["iteration"] == 4  # not 6 or 8: no checkpoint is written during a bad run
     assert all(torch.isfinite(v).all() for v in checkpoint["learner"].values() if v.is_floating_point())
@@ -365,3 +370,121 @@ def test_evaluate_regression_and_result_json(tmp_path):
     assert learner.inner_lr == 0.01  # restored
     path = result.write_json(tmp_path / "eval.json")
     assert json.loads(path.read_text())["num_episodes"] == 7
+
+
+# ------------------------------------------------------------------------------------ host reads
+def test_no_host_read_between_log_boundaries():
+    """Issue 15: an iteration between log boundaries reads nothing back from the device (on the CPU
+    too; `HostSyncDetector(device_type="cpu")` flags every host read of a CPU tensor). Reads happen in
+    the first step (the label check, once per batch signature of an EpisodeSampler) and after the
+    steps that end on a boundary (counters and metrics), nowhere else."""
+    from maml_fast.cuda_graph import HostSyncDetector
+
+    trainer = trainer_for(episode_setup, None, 12, log_every=4, checkpoint_every=100)
+    where = {"in_step": False}
+    reads = []
+
+    class Found(list):  # the detector's list of reads, each noted with where the loop was
+        def append(self, sync):
+            reads.append((where["in_step"], trainer.iteration, str(sync)))
+            super().append(sync)
+
+    step = trainer._step
+
+    def marked_step():
+        where["in_step"] = True
+        try:
+            step()
+        finally:
+            where["in_step"] = False
+
+    trainer._step = marked_step
+    detector = HostSyncDetector(device_type="cpu")
+    detector.found = Found()
+    with detector:
+        trainer.train()
+    assert trainer.iteration == 12
+    in_steps = [r for r in reads if r[0]]
+    between = [r for r in reads if not r[0]]
+    assert in_steps and all(iteration == 0 and "check_labels" in sync for _, iteration, sync in in_steps), in_steps
+    assert between and {iteration for _, iteration, _ in between} <= {4, 8, 12}, between
+
+
+def test_label_check_runs_every_step_for_other_sources():
+    """A source that does not promise valid labels gets the learner's label check at every step: a bad
+    batch after good ones still stops with the error naming the labels."""
+    learner, source = episode_setup()
+    good = source.sample()
+
+    class Source:
+        calls = 0
+
+        def sample(self):
+            Source.calls += 1
+            if Source.calls < 3:
+                return good
+            return mf.TaskBatch(good.support_x, good.support_y, good.query_x, good.query_y + 3, check_values=False)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    trainer = Trainer(learner, Source(), iterations=5, log_every=10, progress=False)
+    with pytest.raises(ValueError, match="query_y holds labels"):
+        trainer.train()
+    assert trainer.iteration == 2
+
+
+# ------------------------------------------------------------------------------------ cuda_graph
+def test_cuda_graph_mode_is_checked_and_on_is_refused_on_the_cpu():
+    learner, source = episode_setup()
+    with pytest.raises(ValueError, match="cuda_graph"):
+        Trainer(learner, source, iterations=1, progress=False, cuda_graph="yes")
+    with pytest.raises(ValueError, match=r"cuda_graph='on'.*on cpu"):
+        Trainer(learner, source, iterations=1, progress=False, cuda_graph="on")
+    for mode in ("auto", "off"):
+        trainer = Trainer(learner, source, iterations=1, progress=False, cuda_graph=mode)
+        assert trainer.graphed_step is None and f"--cuda-graph {mode}" in trainer.graph_reason
+
+
+def _graphed_trainer(logdir, iterations, **options):
+    from maml_fast.cuda_graph import EmulatedGraphBackend
+    return trainer_for(episode_setup, logdir, iterations, cuda_graph="on", graph_backend=EmulatedGraphBackend(),
+                       **options)
+
+
+def test_graphed_trainer_matches_the_eager_one(tmp_path):
+    """cuda_graph='on' through the CPU graph emulator: the same records and parameters as the eager
+    trainer. (Not bit for bit: the graphed step's lr is a float32 device tensor, the eager one a Python
+    float, so the Adam updates differ in the lr's 8th digit.)"""
+    options = dict(log_every=4, checkpoint_every=100, cosine=True)
+    eager = trainer_for(episode_setup, tmp_path / "eager", 12, cuda_graph="off", **options)
+    eager.train()
+    graphed = _graphed_trainer(tmp_path / "graphed", 12, **options)
+    graphed.train()
+    assert graphed.graphed_step.stats.captures == 1 and graphed.graphed_step.stats.replays == 9
+    records = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("eager", "graphed")]
+    assert [r["iteration"] for r in records[0]] == [r["iteration"] for r in records[1]] == [4, 8, 12]
+    for a, b in zip(*records):
+        for key in ("meta_loss", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-7, abs=1e-12), key
+    initial, _ = episode_setup()
+    for a, b in zip(eager.learner.parameters(), graphed.learner.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert any(not torch.equal(a, c) for a, c in zip(graphed.learner.parameters(), initial.parameters()))
+
+
+def test_graphed_trainer_resumes_exactly(tmp_path):
+    whole = _graphed_trainer(tmp_path / "whole", 8, log_every=2, checkpoint_every=4)
+    whole.train()
+    first = _graphed_trainer(tmp_path / "split", 4, log_every=2, checkpoint_every=4)
+    first.train()
+    second = _graphed_trainer(tmp_path / "split", 8, log_every=2, checkpoint_every=4, resume=True)
+    assert second.iteration == 4
+    second.train()
+    assert_same_state(whole, second)
+    assert read_jsonl(tmp_path / "whole" / "metrics.jsonl") == [
+        {**r, "elapsed_s": a["elapsed_s"], "steps_per_s": a["steps_per_s"]}
+        for r, a in zip(read_jsonl(tmp_path / "split" / "metrics.jsonl"), read_jsonl(tmp_path / "whole" / "metrics.jsonl"))]

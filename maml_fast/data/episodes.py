@@ -114,6 +114,10 @@ class EpisodeSampler(SeededTaskSource, ClassImageDataset):
     ``support_y [T, ways*shots]`` (int64), ``query_x [T, ways*queries, ...]``, ``query_y``.
     """
 
+    # Every episode's labels are 0..ways-1 (fixed buffers): a learner checks their range once per
+    # batch shape, not every step (`maml_fast.Trainer`).
+    labels_by_construction = True
+
     def __init__(
         self,
         dataset: ClassImageDataset,
