@@ -411,7 +411,7 @@ def _combine_tile_statistics(partial: torch.Tensor, rows: int, block_m: int):
     """(mean, var) from the per-tile ``[2, tiles, channels]`` Σy and centred Σ(y - mean_t)²."""
     tiles = partial.shape[1]
     counts = torch.full((tiles, 1), float(block_m), dtype=partial.dtype, device=partial.device)
-    counts[-1] = rows - (tiles - 1) * block_m
+    counts[-1].fill_(rows - (tiles - 1) * block_m)  # (a fill: no tensor made from host data)
     tile_sums, tile_m2 = partial.unbind(0)
     mean = tile_sums.sum(0) / rows
     spread = tile_sums / counts - mean
