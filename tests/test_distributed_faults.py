@@ -122,6 +122,11 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tmp_path, runs):
         assert done[1:3] == [str(child.ITERATIONS), str(child.ITERATIONS - resumed_from)]
     sha = {again.wait_for_line(rank, "done ", 1).split()[3] for rank in range(2)}
     assert len(sha) == 1  # the ranks stay identical
+    # bit for bit what the same 2 ranks give without the kill
+    (straight_dir := tmp_path / "uninterrupted").mkdir()
+    runs.append(straight := Ranks("fast", straight_dir, 2))
+    assert straight.procs[0].wait(timeout=90) == 0 and straight.procs[1].wait(timeout=90) == 0, straight.lines(0)
+    assert straight.wait_for_line(0, "done ", 1).split()[3] in sha
     final = torch.load(tmp_path / "final.0.pt", weights_only=True)
     for name, expected in uninterrupted_single_process().items():  # 2 ranks = 1 process up to rounding
         torch.testing.assert_close(final[name], expected, rtol=1e-10, atol=1e-13, msg=name)
