@@ -16,8 +16,8 @@ from torch import nn
 from . import backends
 from .checks import check_choice, check_int, check_number
 from .inner_loop import CheckedLoss, InnerLoop, MetaTensors, ParameterLayout
-from .maml_plus_plus import (INNER_LR_MODES, PerStepBatchNormStatistics, learned_inner_lrs, multi_step_loss_weights,
-                             multi_step_loss_weights_on_device, per_step_batch_norm_weights)
+from .maml_plus_plus import (INNER_LR_MODES, PerStepBatchNormStatistics, annealed_loss_weights, learned_inner_lrs,
+                             per_step_batch_norm_weights)
 from .ops.losses import LOSSES
 from .task_batch import TaskBatch
 
@@ -153,9 +153,6 @@ class MAML(nn.Module):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a maml_fast.TaskBatch, got {type(batch).__name__}")
         steps, second_order, weights = self.schedule(steps)
-        if self._annealing(steps):  # the weights change every iteration: computed on the device
-            weights = tuple(multi_step_loss_weights_on_device(steps, self.meta_iteration,
-                                                              self.multi_step_loss_iterations))
         meta_grad = torch.is_grad_enabled()
         loop = self._inner_loop(batch.support_y, batch.query_y, steps, inner_lr, second_order and meta_grad, meta_grad)
         parts = []
@@ -202,16 +199,21 @@ class MAML(nn.Module):
         return torch.cat([execution.forward({n: p[g] for n, p in fast.params.items()}, query_x[g])
                           for g in execution.task_groups(fast.num_tasks)])
 
-    def schedule(self, steps: int | None = None) -> tuple[int, bool, tuple[float, ...]]:
+    def schedule(self, steps: int | None = None) -> tuple[int, bool, tuple]:
         """(inner steps, second order?, multi-step loss weights) for the current mode and iteration;
-        ``steps`` overrides the mode's step count."""
-        steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else check_int("steps", steps)
-        second_order = not self.first_order and not (self.training and self._iteration < self.first_order_iterations)
+        ``steps`` overrides the mode's step count. While MAML++'s weights anneal they change every
+        iteration and are 0-dim device tensors computed from ``meta_iteration`` (no host read)."""
+        steps, second_order = self._steps_and_order(steps)
         if self._annealing(steps):
-            weights = multi_step_loss_weights(steps, self._iteration, self.multi_step_loss_iterations)
+            weights = annealed_loss_weights(steps, self.meta_iteration, self.multi_step_loss_iterations)
         else:
             weights = [0.0] * max(steps - 1, 0) + [1.0]
         return steps, second_order, tuple(weights)
+
+    def _steps_and_order(self, steps: int | None = None) -> tuple[int, bool]:
+        steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else check_int("steps", steps)
+        second_order = not self.first_order and not (self.training and self._iteration < self.first_order_iterations)
+        return steps, second_order
 
     def _annealing(self, steps: int) -> bool:
         """MAML++ multi-step loss weights still annealing (every step's query loss weighs in)."""
@@ -222,8 +224,8 @@ class MAML(nn.Module):
         """What a captured step depends on besides the input shapes (`maml_fast.cuda_graph`): the step
         count, the derivative order and the loss weights, or while they anneal only that they do (they
         are computed on the device then)."""
-        steps, second_order, weights = self.schedule()
-        return steps, second_order, "annealing" if self._annealing(steps) else weights
+        steps, second_order = self._steps_and_order()
+        return steps, second_order, "annealing" if self._annealing(steps) else self.schedule()[2]
 
     def on_graph_replay(self) -> None:
         """A captured training step was replayed: advance the host iteration count as forward would."""
@@ -240,10 +242,10 @@ class MAML(nn.Module):
         self._iteration = int(self.meta_iteration)
 
     # ----------------------------------------------------------------- internals
-    def _execution(self, device) -> backends.Execution:
-        """How the network runs on the backend `backend=` resolves to on `device`, lowered once per
-        mode (a traced forward keeps what it read of ``training``, e.g. a functional dropout's flag)."""
-        backend = backends.resolve_backend(self.backend, device)
+    def _execution(self, device, backend: backends.Backend | None = None) -> backends.Execution:
+        """How the network runs on `backend` (default: what ``backend=`` resolves to on `device`), lowered
+        once per mode (a traced forward keeps what it read of ``training``, e.g. a functional dropout's flag)."""
+        backend = backend or backends.resolve_backend(self.backend, device)
         key = (backend.name, self.model.training)
         if key not in self._executions:
             execution = backend.execution(self.model)
@@ -261,7 +263,7 @@ class MAML(nn.Module):
         backend = backends.resolve_backend(self.backend, support_y.device)
         return InnerLoop(
             self.layout, self._meta_tensors() if meta_grad else self._meta_tensors().detached(),
-            execution=self._execution(support_y.device), update=backend.fast_weight_update,
+            execution=self._execution(support_y.device, backend), update=backend.fast_weight_update,
             loss=CheckedLoss(backend.losses[self._loss_name(support_y)], support_y, query_y, self.host_checks),
             steps=steps, inner_lr=self.inner_lr if inner_lr is None else check_number("inner_lr", inner_lr),
             second_order=second_order, reference_inner_loss=self.inner_loss == "reference",

@@ -26,19 +26,16 @@ def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) 
     ``anneal_iterations`` only the final step counts (as in MAML++)."""
     if iteration >= anneal_iterations:
         return [0.0] * (steps - 1) + [1.0]
-    decay = iteration / (steps * anneal_iterations)
-    non_final = [max(1.0 / steps - decay, 0.03 / steps)] * (steps - 1)
-    return non_final + [1.0 - sum(non_final)]
+    return [float(w) for w in annealed_loss_weights(steps, torch.tensor(iteration), anneal_iterations)]
 
 
-def multi_step_loss_weights_on_device(steps: int, iteration: torch.Tensor, anneal_iterations: int) -> list[torch.Tensor]:
-    """`multi_step_loss_weights` during the annealing (``iteration < anneal_iterations``), computed on the
-    iteration counter's device from the counter (0-dim float64 tensors, the same double arithmetic, the
-    same order of sums): no host read, and a captured step follows the schedule when replayed."""
+def annealed_loss_weights(steps: int, iteration: torch.Tensor, anneal_iterations: int) -> list[torch.Tensor]:
+    """`multi_step_loss_weights` while they anneal (``iteration < anneal_iterations``), as 0-dim float64
+    tensors on the iteration counter's device: no host read, so a captured step follows the schedule."""
     decay = iteration.to(torch.float64) / (steps * anneal_iterations)
     non_final = torch.clamp_min(1.0 / steps - decay, 0.03 / steps)
-    total = non_final
-    for _ in range(steps - 2):  # (Python's sum: left to right)
+    total = torch.zeros_like(non_final)
+    for _ in range(steps - 1):  # (left to right, as Python's sum)
         total = total + non_final
     return [non_final] * (steps - 1) + [1.0 - total]
 

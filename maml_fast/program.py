@@ -302,8 +302,8 @@ class Program:
         returns task-major ``[T, B, *outputs]``."""
         tasks, batch = x.shape[:2]
         values = {self.input_name: x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])}
+        resolve = lambda node: values[node.name]  # noqa: E731
         for step in self.steps:
-            resolve = lambda node: values[node.name]  # noqa: E731
             values[step.output] = step.run(params, tasks, *map_arg(step.args, resolve),
                                            **map_arg(step.kwargs, resolve))
             for name in step.frees:

@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ITERATIONS = 40
 CHECKPOINT_EVERY = 4
@@ -37,18 +36,10 @@ def emit(line: str) -> None:
 
 
 def build(seed: int = 0):
-    import torch
+    """tests/test_distributed.py's learner and episode source, one inner step, TASKS tasks."""
+    from test_distributed import setup
 
-    import maml_fast as mf
-    from maml_fast.data import EpisodeSampler
-
-    torch.manual_seed(seed)
-    learner = mf.MAML(mf.models.conv4(1, 3, hidden=4).double(), inner_lr=0.1, inner_steps=1)
-    g = torch.Generator().manual_seed(7)
-    data = SimpleNamespace(images=torch.randint(0, 256, (10, 6, 1, 8, 8), generator=g, dtype=torch.uint8),
-                           num_classes=10)
-    source = EpisodeSampler(data, ways=3, shots=1, queries=2, meta_batch_size=TASKS, seed=seed, dtype=torch.float64)
-    return learner, source
+    return setup(seed, inner_steps=1, tasks=TASKS)
 
 
 def parameter_sha(learner) -> str:

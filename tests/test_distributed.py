@@ -19,13 +19,13 @@ TASKS = 5  # odd: the ranks hold 3 and 2 tasks, so the T_r / T weighting matters
 STEPS = 3
 
 
-def setup(seed=0):
+def setup(seed=0, inner_steps=2, tasks=TASKS):
     torch.manual_seed(seed)
-    learner = mf.MAML(mf.models.conv4(1, 3, hidden=4).double(), inner_lr=0.1, inner_steps=2)
+    learner = mf.MAML(mf.models.conv4(1, 3, hidden=4).double(), inner_lr=0.1, inner_steps=inner_steps)
     g = torch.Generator().manual_seed(7)
     data = SimpleNamespace(images=torch.randint(0, 256, (10, 6, 1, 8, 8), generator=g, dtype=torch.uint8),
                            num_classes=10)
-    source = EpisodeSampler(data, ways=3, shots=1, queries=2, meta_batch_size=TASKS, seed=seed, dtype=torch.float64)
+    source = EpisodeSampler(data, ways=3, shots=1, queries=2, meta_batch_size=tasks, seed=seed, dtype=torch.float64)
     return learner, source
 
 
