@@ -188,10 +188,12 @@ def test_download_is_verified_against_sha256(tmp_path, monkeypatch):
     sums = {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(payloads))
     root = tmp_path / "omniglot"
-    # No known sum: refused, with the sum it got and how to accept it; nothing left behind.
-    with pytest.raises(ValueError, match="no known SHA-256 for images_background.zip") as error:
+    # By default the official sums: these payloads are not the official zips, so they are refused, with
+    # the sum they got and how to accept a repacked mirror; nothing left behind.
+    with pytest.raises(ValueError, match="its SHA-256 is " + sums["images_background"]) as error:
         download_omniglot(root)
-    assert sums["images_background"] in str(error.value) and "download_sha256=" in str(error.value)
+    assert omniglot_module.OFFICIAL_ZIP_SHA256["images_background"] in str(error.value)
+    assert "download_sha256=" in str(error.value)
     assert not list(root.iterdir())
     # A wrong sum (an altered download): refused, naming the file, the URL and both sums.
     wrong = {**sums, "images_evaluation": "0" * 64}

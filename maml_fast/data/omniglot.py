@@ -55,15 +55,12 @@ PAPER_TRAIN_CHARACTERS = 1200
 
 _PNG_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
 _DOWNLOAD_TIMEOUT_S = 60
-# SHA-256 of the official zips, checked after every download. Not filled in: they could not be
-# computed here (no network, and no copy of the official zips on the machine this was written on);
-# a download with no known sum is refused with the sum it got (pass ``download_sha256=`` once you
-# have checked the file, or fill in this table). The MD5 sums torchvision publishes for the same
-# zips are known and are reported next to the refusal, but MD5 is not accepted as verification.
-OFFICIAL_ZIP_SHA256: dict[str, str | None] = {"images_background": None, "images_evaluation": None}
-PUBLISHED_ZIP_MD5 = {  # torchvision.datasets.Omniglot.zips_md5
-    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
-    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+# SHA-256 and size of the official zips (brendenlake/omniglot, python/*.zip), checked after every
+# download: the sums TensorFlow Datasets publishes for these URLs (tensorflow_datasets/url_checksums/
+# omniglot.txt). ``download_sha256=`` overrides them (e.g. for a mirror that repacked the files).
+OFFICIAL_ZIP_SHA256 = {
+    "images_background": "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",  # 9,464,212 B
+    "images_evaluation": "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",  # 6,462,886 B
 }
 # Errors a damaged zip or npz raises on reading (zipfile, zlib, numpy's format checks, truncation).
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
@@ -212,22 +209,14 @@ def _file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def verify_download(path: Path, set_name: str, url: str, expected_sha256: str | None) -> None:
+def verify_download(path: Path, url: str, expected_sha256: str) -> None:
     """Refuse (ValueError, naming the file, the URL and both sums) a download whose SHA-256 is not the
-    expected one, or that has no known SHA-256 to check against."""
+    expected one."""
     got = _file_digest(path, "sha256")
-    if expected_sha256 is None:
-        md5 = _file_digest(path, "md5")
-        agrees = "equals" if md5 == PUBLISHED_ZIP_MD5.get(set_name) else "differs from"
-        raise ValueError(
-            f"{url} was downloaded to {path} but there is no known SHA-256 for {set_name}.zip to verify it "
-            f"against (maml_fast.data.omniglot.OFFICIAL_ZIP_SHA256[{set_name!r}] is unset): its sha256 is "
-            f"{got} (its md5 {md5} {agrees} the one torchvision publishes, {PUBLISHED_ZIP_MD5.get(set_name)}). "
-            f"Check the file, then pass download_sha256={{{set_name!r}: '{got}'}} to accept it"
-        )
     if got != expected_sha256.lower():
         raise ValueError(f"{url} was downloaded to {path} but its SHA-256 is {got}, not the expected "
-                         f"{expected_sha256}: a damaged or altered download, refused")
+                         f"{expected_sha256}: a damaged or altered download, refused (a mirror that "
+                         "repacked the files: check them, then pass download_sha256={set name: sum})")
 
 
 def download_omniglot(root: str | Path, sha256: dict[str, str] | None = None) -> None:
@@ -254,7 +243,7 @@ def download_omniglot(root: str | Path, sha256: dict[str, str] | None = None) ->
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"download=True could not fetch {url} ({error}). {_where_to_put(root)}") from error
         try:
-            verify_download(partial, set_name, url, expected[set_name])
+            verify_download(partial, url, expected[set_name])
         except ValueError:
             partial.unlink()
             raise
