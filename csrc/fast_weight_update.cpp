@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace maml_fast {
 namespace {
@@ -45,9 +46,17 @@ at::Tensor allocate_output(const at::Tensor& param, const at::Tensor& grad) {
   return out;
 }
 
+// Whether every element of `tensor` is the one at its data pointer (a value expanded to a shape).
+bool is_single_value(const at::Tensor& tensor) {
+  return has_strides(tensor, std::vector<std::int64_t>(tensor.dim(), 0));
+}
+
 // Layout of a [T, *s] operand with at least one element, relative to the output `out`; copies only
 // what no layout can describe.
 Operand describe_task_major(const at::Tensor& tensor, const at::Tensor& out) {
+  if (is_single_value(tensor)) {  // e.g. the zero `params` of the update's own backward
+    return {tensor, OperandLayout::kScalar};
+  }
   if (tensor.size(0) > 1 && tensor.stride(0) == 0) {  // broadcast over tasks: keep one task's copy
     return {in_layout_of(tensor.select(0, 0), out.select(0, 0)), OperandLayout::kShared};
   }
@@ -77,16 +86,17 @@ void check_matches_first(
 }
 
 // out[k] = param[k] - lr[k] * grad[k] over one contiguous run inside a task.
+// `param_step`, `grad_step`: 1, or 0 for a single-value operand (kScalar).
 template <typename scalar_t, bool kScalarLr>
 void update_run(
-    scalar_t* __restrict__ out, const scalar_t* param, const scalar_t* grad, const scalar_t* lr,
-    std::int64_t count) {
+    scalar_t* __restrict__ out, const scalar_t* param, std::int64_t param_step, const scalar_t* grad,
+    std::int64_t grad_step, const scalar_t* lr, std::int64_t count) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t scalar_lr = kScalarLr ? static_cast<opmath_t>(lr[0]) : opmath_t(0);
   for (std::int64_t k = 0; k < count; ++k) {
     const opmath_t rate = kScalarLr ? scalar_lr : static_cast<opmath_t>(lr[k]);
     out[k] = static_cast<scalar_t>(
-        static_cast<opmath_t>(param[k]) - rate * static_cast<opmath_t>(grad[k]));
+        static_cast<opmath_t>(param[k * param_step]) - rate * static_cast<opmath_t>(grad[k * grad_step]));
   }
 }
 
@@ -98,6 +108,8 @@ void update_entry_range(const UpdateEntry& entry, std::int64_t begin, std::int64
   const scalar_t* grad = entry.grad.tensor.const_data_ptr<scalar_t>();
   const scalar_t* lr = entry.lr.tensor.const_data_ptr<scalar_t>();
   const bool scalar_lr = entry.lr.layout == OperandLayout::kScalar;
+  const std::int64_t param_step = entry.param.layout == OperandLayout::kScalar ? 0 : 1;
+  const std::int64_t grad_step = entry.grad.layout == OperandLayout::kScalar ? 0 : 1;
   for (std::int64_t index = begin; index < end;) {
     const std::int64_t index_in_task = index % entry.inner;
     const std::int64_t count = std::min(entry.inner - index_in_task, end - index);
@@ -105,9 +117,9 @@ void update_entry_range(const UpdateEntry& entry, std::int64_t begin, std::int64
     const scalar_t* grad_run = grad + element_offset(entry.grad.layout, index, index_in_task);
     const scalar_t* lr_run = lr + element_offset(entry.lr.layout, index, index_in_task);
     if (scalar_lr) {
-      update_run<scalar_t, true>(out + index, param_run, grad_run, lr_run, count);
+      update_run<scalar_t, true>(out + index, param_run, param_step, grad_run, grad_step, lr_run, count);
     } else {
-      update_run<scalar_t, false>(out + index, param_run, grad_run, lr_run, count);
+      update_run<scalar_t, false>(out + index, param_run, param_step, grad_run, grad_step, lr_run, count);
     }
     index += count;
   }

@@ -35,6 +35,8 @@ def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
         return tensor
     if layout == "expanded":  # task 0 broadcast to every task, stride 0 (θ before its first update)
         return tensor[:1].expand_as(tensor)
+    if layout == "single value":  # one value broadcast everywhere, every stride 0 (the zero of the backward)
+        return tensor.reshape(-1)[:1].reshape([1] * tensor.dim()).expand_as(tensor) if tensor.numel() else tensor
     if layout == "transposed":  # same values, permuted strides
         return tensor.transpose(0, -1).contiguous().transpose(0, -1)
     raise ValueError(layout)
@@ -78,7 +80,7 @@ SHAPE_CASES = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(SHAPE_CASES))
 @pytest.mark.parametrize("lr_form", ["scalar", "element", "task"])
-@pytest.mark.parametrize("param_layout", ["contiguous", "expanded", "transposed"])
+@pytest.mark.parametrize("param_layout", ["contiguous", "expanded", "single value", "transposed"])
 def test_matches_reference_float64(device, case, lr_form, param_layout, generator):
     tasks, shapes = SHAPE_CASES[case]
     params, grads, lrs = make_inputs(tasks, shapes, lr_form, generator, device=device, param_layout=param_layout)
@@ -92,8 +94,8 @@ def test_matches_reference_float64(device, case, lr_form, param_layout, generato
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("grad_layout", ["expanded", "transposed"])
-@pytest.mark.parametrize("lr_layout", ["expanded", "transposed"])
+@pytest.mark.parametrize("grad_layout", ["expanded", "single value", "transposed"])
+@pytest.mark.parametrize("lr_layout", ["expanded", "single value", "transposed"])
 def test_strided_grads_and_per_task_lrs(device, grad_layout, lr_layout, generator):
     params, grads, _ = make_inputs(4, [(3, 5), (6,)], "scalar", generator, device=device, grad_layout=grad_layout)
     lrs = [_layout(torch.rand(p.shape, generator=generator, dtype=p.dtype).to(device), lr_layout) for p in params]

@@ -104,20 +104,27 @@ class _FastWeightUpdate(torch.autograd.Function):
 
 def _update_backward(out_grads, grads, lrs, needs):
     """(d params, d grads, d lrs) lists of ``out_i = params_i - lrs_i * grads_i`` for the output
-    gradients `out_grads` (None: unused) in differentiable ops; `needs`: which of the three lists'
-    entries need one."""
+    gradients `out_grads` (None: unused); `needs`: which of the three lists' entries need one.
+    Differentiable: d params is the output gradient itself, and every d grads_i = 0 - lrs_i * out_grad_i
+    comes from one more call of the compiled update (its params a zero expanded to each shape), so the
+    backward of every order stays one launch for all tensors."""
     needs_param, needs_grad, needs_lr = needs
     count = len(grads)
     d_params: list[torch.Tensor | None] = [None] * count
     d_grads: list[torch.Tensor | None] = [None] * count
     d_lrs: list[torch.Tensor | None] = [None] * count
+    scaled = [i for i, out_grad in enumerate(out_grads) if out_grad is not None and needs_grad[i]]
+    if scaled:
+        zero = out_grads[scaled[0]].new_zeros(())
+        d_scaled = _FastWeightUpdate.apply(len(scaled), *(zero.expand_as(out_grads[i]) for i in scaled),
+                                           *(out_grads[i] for i in scaled), *(lrs[i] for i in scaled))
+        for i, d_grad in zip(scaled, d_scaled):
+            d_grads[i] = d_grad
     for i, out_grad in enumerate(out_grads):
         if out_grad is None:
             continue
         if needs_param[i]:
             d_params[i] = out_grad
-        if needs_grad[i]:
-            d_grads[i] = -lrs[i] * out_grad
         if needs_lr[i]:
             d_lrs[i] = (-grads[i] * out_grad).sum_to_size(lrs[i].shape)
     return d_params, d_grads, d_lrs
