@@ -159,8 +159,11 @@ class Trainer:
             only, single process; pretraining steps run eagerly), "off" eagerly, "auto" (default) eagerly
             until a GPU run of benchmarks/gpu_check.sh has passed the graphed step with this torch version
             (`GRAPHED_BY_DEFAULT_TORCH_VERSIONS`, none yet). ``graph_reason`` says which and why (the
-            CLI's banner). graph_backend: a `maml_fast.cuda_graph.CaptureBackend` for ``"on"`` (tests:
-            `EmulatedGraphBackend` on the CPU); default CUDA graphs.
+            CLI's banner). Graphed, a source that draws in place (`EpisodeSampler`, `SinusoidTasks`:
+            ``sample(out=)``) writes each meta-batch straight into the graph's static inputs, and
+            validation runs graphed too (`maml_fast.evaluation.GraphedEvaluation`). graph_backend: a
+            `maml_fast.cuda_graph.CaptureBackend` for ``"on"`` (tests: `EmulatedGraphBackend` on the CPU);
+            default CUDA graphs.
     """
 
     def __init__(self, learner, source, *, iterations: int, pretrain_iterations: int = 0, meta_lr: float = 1e-3,
@@ -225,6 +228,7 @@ class Trainer:
         # (`EpisodeSampler`: 0..ways-1 in every episode) is checked once per batch signature (shapes,
         # dtypes: a wrong number of ways shows there); any other source's batches every step.
         self._labels_by_construction = bool(getattr(source, "labels_by_construction", False))
+        self._draws_in_place = callable(getattr(source, "empty_batch", None))  # (`SeededTaskSource`: sample(out=))
         self._checked_signatures: set = set()
         self._reset_accumulators()
         self._writer = None
@@ -308,9 +312,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
+    def _sample(self) -> TaskBatch:
+        """The next meta-batch. Graphed, from a source that draws in place (``sample(out=)``): written
+        straight into the graph's static inputs (no copy, no allocation); the first one of a graph is
+        drawn fresh and copied there once."""
+        static = None if self.graphed_step is None else self.graphed_step.static_inputs()
+        if static is not None and self._draws_in_place:
+            return self.source.sample(out=static)
+        return self.source.sample()
+
     def _step(self) -> None:
         phase = self._phase(self.iteration)
-        batch, options = self._step_arguments(self.source.sample(), phase)
+        batch, options = self._step_arguments(self._sample(), phase)
         signature = (phase, *((tuple(t.shape), t.dtype, t.device)
                               for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
         check = not self._labels_by_construction or signature not in self._checked_signatures

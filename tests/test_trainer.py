@@ -476,6 +476,38 @@ def test_graphed_trainer_matches_the_eager_one(tmp_path):
     assert any(not torch.equal(a, c) for a, c in zip(graphed.learner.parameters(), initial.parameters()))
 
 
+def test_graphed_trainer_draws_into_the_graph_and_repeats_the_eager_losses(tmp_path):
+    """Issue 15, item 3: an eager and a graphed (emulated) trainer of the same seed log the same loss at
+    every iteration (float64, to 1e-12), the graphed one drawing every meta-batch after its first
+    straight into the graph's static inputs (``sample(out=)``: no copy). meta_lr = 2**-10 is exact in
+    float32, so the graphed step's float32 device lr equals the eager one's Python float."""
+    options = dict(log_every=1, checkpoint_every=100, meta_lr=2.0 ** -10)
+    eager = trainer_for(episode_setup, tmp_path / "eager", 8, cuda_graph="off", **options)
+    eager.train()
+    graphed = _graphed_trainer(tmp_path / "graphed", 8, **options)
+    into_static = []
+    sample = graphed.source.sample
+
+    def watched_sample(*args, out=None, **kwargs):
+        into_static.append(out is not None and out is graphed.graphed_step.static_inputs())
+        return sample(*args, out=out, **kwargs)
+
+    graphed.source.sample = watched_sample
+    graphed.train()
+    assert into_static == [False] + [True] * 7
+    stats = graphed.graphed_step.stats
+    assert (stats.warmup_steps, stats.captures, stats.replays) == (3, 1, 5)
+    records = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("eager", "graphed")]
+    assert [r["iteration"] for r in records[0]] == [r["iteration"] for r in records[1]] == list(range(1, 9))
+    for key in ("meta_loss", "grad_norm", "query_loss", "query_accuracy", "support_loss"):
+        np.testing.assert_allclose(np.array([r[key] for r in records[1]], dtype=float),
+                                   np.array([r[key] for r in records[0]], dtype=float), rtol=1e-12, atol=1e-12,
+                                   err_msg=key)
+    assert len({r["meta_loss"] for r in records[0]}) == 8  # the losses do change (the comparison is not vacuous)
+    for a, b in zip(eager.learner.parameters(), graphed.learner.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
 def test_graphed_trainer_resumes_exactly(tmp_path):
     whole = _graphed_trainer(tmp_path / "whole", 8, log_every=2, checkpoint_every=4)
     whole.train()
