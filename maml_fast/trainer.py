@@ -208,11 +208,14 @@ class Trainer:
         self.params = params
         self.cuda_graph, self.graph_reason = self._graph_mode(cuda_graph, graph_backend)
         self.optimizer = self._make_optimizer(params)
-        self.graphed_step = None
+        self.graphed_step = self.graphed_eval = None
         if self.cuda_graph:
             from .cuda_graph import GraphedMetaStep
+            from .evaluation import GraphedEvaluation
             self.graphed_step = GraphedMetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
                                                 backend=graph_backend)
+            # (validation: by default CUDA graphs in a memory pool of their own, apart from the step's)
+            self.graphed_eval = GraphedEvaluation(learner, backend=graph_backend)
             self.meta_step = self.graphed_step._step  # one step, one set of counters
         else:
             self.meta_step = MetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
@@ -449,7 +452,8 @@ class Trainer:
         from .evaluation import evaluate
         def validate_on_main():
             if self.val_source is not None:
-                result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed)
+                result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed,
+                                  graphs=self.graphed_eval)
                 self._write_record({"kind": "val", "iteration": self.iteration, **result.to_dict()})
 
         # (the other ranks wait; an error on rank 0 stops them all)
