@@ -73,6 +73,29 @@ CUDA_GRAPH_MODES = ("auto", "on", "off")
 GRAPHED_BY_DEFAULT_TORCH_VERSIONS: tuple[str, ...] = ()
 
 
+def graph_mode(mode: str, device: torch.device, *, graph_backend=None, distributed: bool = False) -> tuple[bool, str]:
+    """``--cuda-graph`` / ``cuda_graph=`` resolved for `device`: (run graphed?, why: the banner's words).
+    The training step and the evaluation follow the same mode."""
+    check_choice("cuda_graph", mode, CUDA_GRAPH_MODES)
+    cuda = device.type == "cuda"
+    if mode == "on":
+        if not cuda and graph_backend is None:
+            raise ValueError(f"cuda_graph='on' (--cuda-graph on) captures CUDA graphs but the learner is on "
+                             f"{device}: use cuda_graph='off' or 'auto' (eager)")
+        if distributed:
+            raise ValueError("cuda_graph='on' (--cuda-graph on) does not support several processes yet: "
+                             "use cuda_graph='off' or 'auto'")
+        return True, "CUDA graphs (--cuda-graph on)"
+    if mode == "off":
+        return False, "eager (--cuda-graph off)"
+    if not cuda:
+        return False, f"eager (--cuda-graph auto: no CUDA graphs on {device.type})"
+    if torch.__version__ in GRAPHED_BY_DEFAULT_TORCH_VERSIONS and not distributed:
+        return True, f"CUDA graphs (--cuda-graph auto: proven on torch {torch.__version__})"
+    return False, ("eager (--cuda-graph auto: the graphed step has not passed the GPU check with torch "
+                   f"{torch.__version__} yet; --cuda-graph on opts in)")
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when the meta-loss or meta-gradient stays NaN/inf for too many consecutive steps."""
 
@@ -175,7 +198,6 @@ class Trainer:
                  val_every: int = 0, val_episodes: int = 100, val_seed: int = 0, cuda_graph: str = "auto",
                  graph_backend=None):
         check_int("iterations", iterations)
-        check_choice("cuda_graph", cuda_graph, CUDA_GRAPH_MODES)
         check_int("pretrain_iterations", pretrain_iterations)
         check_int("log_every", log_every, 1)
         check_int("checkpoint_every", checkpoint_every, 1)
@@ -206,7 +228,8 @@ class Trainer:
         self.val_source, self.val_every, self.val_episodes, self.val_seed = val_source, val_every, val_episodes, val_seed
         self.device = params[0].device
         self.params = params
-        self.cuda_graph, self.graph_reason = self._graph_mode(cuda_graph, graph_backend)
+        self.cuda_graph, self.graph_reason = graph_mode(cuda_graph, self.device, graph_backend=graph_backend,
+                                                        distributed=self.dist.active)
         self.optimizer = self._make_optimizer(params)
         self.graphed_step = self.graphed_eval = None
         if self.cuda_graph:
@@ -253,26 +276,6 @@ class Trainer:
                     f"rank {self.dist.rank} starts at iteration {self.iteration} but another rank at "
                     f"{int(bounds[0].item()) if bounds[0].item() != self.iteration else int(-bounds[1].item())}: "
                     "resuming a multi-node run needs the logdir on a filesystem every node sees")
-
-    def _graph_mode(self, mode: str, graph_backend) -> tuple[bool, str]:
-        """(run the graphed step?, why: the banner's words)."""
-        cuda = self.device.type == "cuda"
-        if mode == "on":
-            if not cuda and graph_backend is None:
-                raise ValueError(f"cuda_graph='on' (--cuda-graph on) captures CUDA graphs but the learner is on "
-                                 f"{self.device}: use cuda_graph='off' or 'auto' (eager)")
-            if self.dist.active:
-                raise ValueError("cuda_graph='on' (--cuda-graph on) does not support several processes yet: "
-                                 "use cuda_graph='off' or 'auto'")
-            return True, "CUDA graph of the whole meta-step (--cuda-graph on)"
-        if mode == "off":
-            return False, "eager (--cuda-graph off)"
-        if not cuda:
-            return False, f"eager (--cuda-graph auto: no CUDA graphs on {self.device.type})"
-        if torch.__version__ in GRAPHED_BY_DEFAULT_TORCH_VERSIONS and not self.dist.active:
-            return True, f"CUDA graph of the whole meta-step (--cuda-graph auto: proven on torch {torch.__version__})"
-        return False, ("eager (--cuda-graph auto: the graphed step has not passed the GPU check with torch "
-                       f"{torch.__version__} yet; --cuda-graph on opts in)")
 
     # ------------------------------------------------------------------------------ optimizer
     def _make_optimizer(self, params):
