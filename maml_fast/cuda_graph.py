@@ -14,7 +14,8 @@ the non-finite check — is captured once per input signature and replayed with 
 step is captured whole, as PyTorch's CUDA-graph notes do for whole-network capture:
 
 * Static inputs: per signature a static `TaskBatch`; ``step(batch)`` copies the batch into it in
-  place (``copy_``), the graph reads it there.
+  place (``copy_``), the graph reads it there. A caller that draws each batch into `static_inputs()`
+  itself (the trainer: ``source.sample(out=step.static_inputs())``) passes that batch: nothing is copied.
 * Warm-up: the first ``warmup`` calls of a signature run eagerly on a side stream (they are real
   training steps, not extra ones): cuDNN/cuBLAS/Triton lazy initialisation and autotuning, the
   optimizer's lazily created state and the learner's lowering all happen before capture.

@@ -166,8 +166,8 @@ def evaluate(learner, source, num_episodes: int = 600, steps: int | None = None,
     check_int("num_episodes", num_episodes, 1)
     steps = check_int("steps", learner.eval_inner_steps if steps is None else steps)
     if graphs is not None and (not isinstance(graphs, GraphedEvaluation) or graphs.learner is not learner):
-        raise ValueError("graphs must be a GraphedEvaluation of this learner (GraphedEvaluation(learner)), got "
-                         + ("one of another learner" if isinstance(graphs, GraphedEvaluation) else type(graphs).__name__))
+        got = "one of another learner" if isinstance(graphs, GraphedEvaluation) else type(graphs).__name__
+        raise ValueError(f"graphs must be a GraphedEvaluation of this learner (GraphedEvaluation(learner)), got {got}")
     per_task_metrics = (lambda batch: _per_task_metrics(learner, batch, steps, inner_lr)) if graphs is None else \
         (lambda batch: graphs.per_task_metrics(batch, steps, inner_lr))
     was_training = learner.training

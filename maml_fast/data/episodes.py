@@ -112,9 +112,10 @@ class SeededTaskSource:
         for name, (shape, dtype) in zip(_FIELDS, self._layout(out.num_tasks)):
             tensor = getattr(out, name)
             same_device = tensor.device.type == self.device.type and self.device.index in (None, tensor.device.index)
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype or not same_device or not tensor.is_contiguous():
+            contiguous = tensor.is_contiguous()
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype or not same_device or not contiguous:
                 raise ValueError(f"out.{name} must be a contiguous {dtype} tensor of shape {shape} on {self.device} "
-                                 f"(what this source draws), got {'a non-contiguous ' if not tensor.is_contiguous() else ''}"
+                                 f"(what this source draws), got {'' if contiguous else 'a non-contiguous '}"
                                  f"{tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}")
 
     def fixed_episodes(self, num_episodes: int, seed: int = 0, meta_batch_size: int | None = None) -> Iterator[TaskBatch]:

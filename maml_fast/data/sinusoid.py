@@ -50,7 +50,8 @@ class SinusoidTasks(SeededTaskSource):
         return (uniform,)
 
     def _layout(self, num_tasks: int) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
-        return tuple(((num_tasks, n, 1), self.dtype) for n in (self.num_shots, self.num_shots, self.num_query, self.num_query))
+        shots, queries = self.num_shots, self.num_query
+        return tuple(((num_tasks, n, 1), self.dtype) for n in (shots, shots, queries, queries))
 
     def _build(self, uniform: torch.Tensor, *, out: TaskBatch) -> TaskBatch:
         def scaled(values: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
