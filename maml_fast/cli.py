@@ -192,6 +192,12 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-seed", type=int, default=0, help="seed of the fixed evaluation episodes")
 
 
+def _add_cuda_graph_option(parser, what: str) -> None:  # (a parser or an argument group)
+    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                        help=f"run {what} as CUDA graphs: 'on' (CUDA only), 'off', or 'auto' (eager until the GPU "
+                             "check has passed the graphed step for this torch version; the banner says which)")
+
+
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     group = parser.add_argument_group("device")
@@ -235,9 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-episodes", type=_positive_int, default=100, help="episodes per validation")
     run.add_argument("--no-eval", dest="final_eval", action="store_false", help="skip the evaluation after training")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
-    run.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                     help="run each meta-step as one CUDA graph: 'on' (CUDA only), 'off', or 'auto' (eager until the "
-                          "GPU check has passed the graphed step for this torch version; the banner says which)")
+    _add_cuda_graph_option(run, "each meta-step and the evaluation's adapt + predict")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint with the paper's protocol (reference --train=False)")
     source = evaluate.add_argument_group("checkpoint")
@@ -249,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--out", default=None, help="write the results JSON here (default: next to the checkpoint)")
     _add_eval_options(evaluate)
     _add_device_options(evaluate)
+    _add_cuda_graph_option(evaluate, "the evaluation's adapt + predict of each batch of episodes")
 
     bench = commands.add_parser("bench", help="time meta-steps of a preset on each backend")
     _add_experiment_options(bench)
@@ -316,13 +321,15 @@ def _print(*parts):
     print(*parts, flush=True)
 
 
-def _evaluate_and_report(learner, config, device, logdir: Path | None, args, extra: dict, out: Path | None = None):
+def _evaluate_and_report(learner, config, device, logdir: Path | None, args, extra: dict, out: Path | None = None,
+                         graphs=None):
+    """`graphs`: a `GraphedEvaluation` of `learner` when the run is graphed (else eager)."""
     from .evaluation import evaluate, plot_learning_curve
     from .presets import build_source
     source = build_source(config, config.eval_split, device)
     start = time.monotonic()
     result = evaluate(learner, source, config.eval_episodes, steps=config.eval_inner_steps, seed=args.eval_seed,
-                      batch_size=config.eval_batch_size, inner_lr=config.eval_inner_lr)
+                      batch_size=config.eval_batch_size, inner_lr=config.eval_inner_lr, graphs=graphs)
     result.info.update(split=config.eval_split, eval_seconds=round(time.monotonic() - start, 2), **extra,
                        config=config.to_dict())
     _print(f"\nheld-out evaluation: {config.name}, {config.eval_split} split, {result.num_episodes} episodes, "
@@ -404,7 +411,8 @@ def cmd_train(args) -> int:
             if args.final_eval:
                 _evaluate_and_report(learner, config, device, logdir, args, extra={
                     "iterations": summary.iteration, "stopped": summary.stopped, "train_seconds": summary.wall_s,
-                    "meta_steps_per_s": summary.steps_per_s, "checkpoint": str(summary.checkpoint)})
+                    "meta_steps_per_s": summary.steps_per_s, "checkpoint": str(summary.checkpoint)},
+                    graphs=trainer.graphed_eval)
     finally:
         ctx.shutdown()
     return 0
@@ -448,12 +456,19 @@ def cmd_eval(args) -> int:
         raise CLIError(str(error)) from None
     _check_backend(config)
     device = _resolve_device(torch, args.device)
+    from .evaluation import GraphedEvaluation
+    from .trainer import graph_mode
+    try:
+        graphed, graph_reason = graph_mode(args.cuda_graph, torch.device(device))
+    except ValueError as error:
+        raise CLIError(str(error)) from None
     learner = build_learner(config, device)
     learner.load_state_dict(checkpoint["learner"])
-    _print(f"maml-fast eval: {path} (iteration {checkpoint['iteration']}) on {device}")
+    _print(f"maml-fast eval: {path} (iteration {checkpoint['iteration']}) on {device}; adapt + predict: {graph_reason}")
     out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}_{config.eval_split}.json"
     _evaluate_and_report(learner, config, device, None, args, extra={
-        "iterations": checkpoint["iteration"], "checkpoint": str(path)}, out=out)
+        "iterations": checkpoint["iteration"], "checkpoint": str(path)}, out=out,
+        graphs=GraphedEvaluation(learner) if graphed else None)
     return 0
 
 

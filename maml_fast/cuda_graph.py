@@ -14,7 +14,8 @@ the non-finite check — is captured once per input signature and replayed with 
 step is captured whole, as PyTorch's CUDA-graph notes do for whole-network capture:
 
 * Static inputs: per signature a static `TaskBatch`; ``step(batch)`` copies the batch into it in
-  place (``copy_``), the graph reads it there.
+  place (``copy_``), the graph reads it there. A caller that draws each batch into `static_inputs()`
+  itself (the trainer: ``source.sample(out=step.static_inputs())``) passes that batch: nothing is copied.
 * Warm-up: the first ``warmup`` calls of a signature run eagerly on a side stream (they are real
   training steps, not extra ones): cuDNN/cuBLAS/Triton lazy initialisation and autotuning, the
   optimizer's lazily created state and the learner's lowering all happen before capture.
@@ -82,7 +83,7 @@ from .checks import check_int
 from .meta_step import MetaStep, host_checks
 from .task_batch import TaskBatch
 
-__all__ = ["GraphedMetaStep", "GraphStats", "CaptureBackend", "Replayable", "CudaGraphBackend",
+__all__ = ["GraphedMetaStep", "GraphedBatchCall", "GraphStats", "CaptureBackend", "Replayable", "CudaGraphBackend",
            "EmulatedGraphBackend", "HostSyncDetector", "HostSync", "HostSyncError", "find_host_syncs",
            "batch_signature"]
 
@@ -451,11 +452,168 @@ class _Entry:
     batch: TaskBatch  # the static inputs
     warmups: int = 0
     graph: Replayable | None = None
-    grads: list = field(default_factory=list)  # the graph's static gradients, per parameter
+    grads: list = field(default_factory=list)  # GraphedMetaStep: the graph's static gradients, per parameter
     eager_only: bool = False
 
 
-class GraphedMetaStep:
+class GraphedBatchCall:
+    """A learner's computation on one `TaskBatch` (`_body`), captured once per input signature and
+    replayed: the machinery `GraphedMetaStep` (a training step) and `maml_fast.evaluation.GraphedEvaluation`
+    (adapt + predict of a batch of episodes) share — static inputs, warm-ups with the host-sync check,
+    capture, replay, re-capture on a new signature, the LRU of graphs and the eager switch (see the module
+    doc). A subclass defines `_body` and may hook `_captured(entry)`, `_before_replay(entry)`,
+    `_replayed()` and `_signature_extra()`; `_run(batch)` is one call.
+
+    A caller may write each batch into `static_inputs()` in place (``source.sample(out=...)``) and pass
+    that batch: its tensors are the graph's inputs, so nothing is copied."""
+
+    _what = "the computation"  # (for messages)
+
+    def __init__(self, learner: torch.nn.Module, device: torch.device, *, enabled: bool, backend: CaptureBackend | None,
+                 warmup: int, max_graphs: int, check_host_syncs: str, key: Callable[[], Any] | None):
+        for name, value, minimum in (("warmup", warmup, 1), ("max_graphs", max_graphs, 1)):
+            check_int(name, value, minimum)
+        if check_host_syncs not in SYNC_POLICIES:
+            raise ValueError(f"check_host_syncs must be one of {SYNC_POLICIES}, got {check_host_syncs!r}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be None or a callable, got {type(key).__name__}")
+        self.learner, self.device = learner, device
+        self.enabled, self.warmup, self.max_graphs = bool(enabled), warmup, max_graphs
+        self.check_host_syncs, self.key = check_host_syncs, key
+        if self.enabled and backend is None:
+            if device.type != "cuda":
+                raise ValueError(f"enabled=True captures CUDA graphs but the parameters are on {device}: "
+                                 "pass enabled=False (eager) or a backend (EmulatedGraphBackend for CPU tests)")
+            backend = CudaGraphBackend(device)
+        if backend is not None and not isinstance(backend, CaptureBackend):
+            raise TypeError(f"backend must be a CaptureBackend, got {type(backend).__name__}")
+        self.backend = backend
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._last: Any = None
+        self._last_entry: _Entry | None = None
+        self.stats = GraphStats()
+
+    # ------------------------------------------------------------------ public
+    def signature(self, batch: TaskBatch) -> tuple:
+        """What a graph is specialised to: the batch's shapes/dtypes/device, the learner's mode and
+        ``key()``. Reads no tensor values."""
+        learner = self.learner
+        mode = tuple(getattr(learner, name, None) for name in ("inner_steps", "eval_inner_steps", "first_order"))
+        graph_key = learner.graph_key() if callable(getattr(learner, "graph_key", None)) else None
+        return (batch_signature(batch), learner.training, torch.is_grad_enabled(), mode, graph_key,
+                self.key() if self.key is not None else None, self._signature_extra())
+
+    def static_inputs(self) -> TaskBatch | None:
+        """The static input buffers of the last signature (None when eager)."""
+        return None if self._last_entry is None else self._last_entry.batch
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(entry.graph is not None for entry in self._entries.values())
+
+    def reset(self) -> None:
+        """Drop every graph and static input: the next calls warm up and capture again."""
+        for entry in self._entries.values():
+            if entry.graph is not None:
+                entry.graph.release()
+        self._entries.clear()
+        self._last_entry = None
+
+    # ------------------------------------------------------------------ the hooks
+    def _body(self, batch: TaskBatch):
+        """The computation itself, identical eagerly, in warm-up and under capture; returns device tensors."""
+        raise NotImplementedError
+
+    def _signature_extra(self) -> Any:
+        return None
+
+    def _captured(self, entry: _Entry) -> None:
+        """Right after `entry`'s capture (its replay follows)."""
+
+    def _before_replay(self, entry: _Entry) -> None:
+        """Before each replay of `entry`'s graph but the capturing call's."""
+
+    def _replayed(self) -> None:
+        """After each replay but the capturing call's (a replay runs no Python)."""
+
+    # ------------------------------------------------------------------ one call
+    def _run(self, batch: TaskBatch):
+        if not self.enabled:
+            self.stats.eager_steps += 1
+            return self._finish(self._body(batch), None)
+        signature = self.signature(batch)
+        entry = self._entries.get(signature)
+        if entry is None:
+            entry = self._new_entry(signature, batch)
+        else:
+            self._entries.move_to_end(signature)
+        for name in _FIELDS:
+            static, given = getattr(entry.batch, name), getattr(batch, name)
+            if given is not static:  # (a batch drawn into the static inputs in place is there already)
+                static.copy_(given, non_blocking=True)
+        if entry.eager_only:
+            self.stats.eager_steps += 1
+            return self._finish(self._body(entry.batch), entry)
+        if entry.graph is None and entry.warmups < self.warmup:
+            check = entry.warmups == self.warmup - 1 and self.check_host_syncs != "ignore"
+            with host_checks(self.learner, entry.warmups == 0 and not check):  # (the checked warm-up runs without)
+                outputs = self.backend.warmup(lambda: self._checked_body(entry, check))
+            entry.warmups += 1
+            self.stats.warmup_steps += 1
+            return self._finish(outputs, entry)
+        if entry.graph is None:
+            with host_checks(self.learner, False):
+                entry.graph = self.backend.capture(lambda: self._body(entry.batch))
+            self._captured(entry)
+            self.stats.captures += 1
+            captured_now = True
+        else:
+            self._before_replay(entry)
+            captured_now = False
+        entry.graph.replay()
+        self.stats.replays += 1
+        if not captured_now:
+            self._replayed()
+        return self._finish(entry.graph.outputs, entry)
+
+    def _new_entry(self, signature, batch) -> _Entry:
+        while len(self._entries) >= self.max_graphs:
+            _, old = self._entries.popitem(last=False)
+            if old.graph is not None:
+                old.graph.release()
+            if old is self._last_entry:
+                self._last_entry = None
+            self.stats.evictions += 1
+        static = TaskBatch(*(torch.empty_like(getattr(batch, name), memory_format=torch.contiguous_format)
+                             for name in _FIELDS), check_values=False)
+        entry = self._entries[signature] = _Entry(static)
+        return entry
+
+    def _finish(self, outputs, entry):
+        self._last, self._last_entry = outputs, entry
+        return outputs
+
+    def _checked_body(self, entry: _Entry, check: bool):
+        if not check:
+            return self._body(entry.batch)
+        with HostSyncDetector(self.backend.device_type, policy="record") as detector:
+            outputs = self._body(entry.batch)
+        if detector.found:
+            found = "\n  ".join(dict.fromkeys(str(sync) for sync in detector.found))
+            message = (f"{self._what} synchronises with the host, which a CUDA graph cannot capture (a capture "
+                       f"fails or bakes the value in):\n  {found}")
+            if self.check_host_syncs == "raise":
+                raise HostSyncError(message + "\n(this warm-up step was taken; pass check_host_syncs='eager' to run "
+                                    "such a step eagerly or 'warn' to capture anyway)")
+            if self.check_host_syncs == "eager":
+                entry.eager_only = True
+                warnings.warn(f"maml_fast: {message}\nthis signature runs eagerly", stacklevel=5)
+            else:
+                warnings.warn(f"maml_fast: {message}", stacklevel=5)
+        return outputs
+
+
+class GraphedMetaStep(GraphedBatchCall):
     """One whole meta-training iteration, captured as a CUDA graph per input signature.
 
     Args:
@@ -484,6 +642,8 @@ class GraphedMetaStep:
     them before the next step if they are needed later (`metrics` returns the last ones).
     """
 
+    _what = "the meta-step"
+
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  clip_value: float | None = None, clip_norm: float | None = None, precision: str = "fp32",
                  precision_options: dict | None = None, enabled: bool = True, backend: CaptureBackend | None = None,
@@ -491,26 +651,10 @@ class GraphedMetaStep:
                  check_host_syncs: str = "raise", tensor_lr: bool = True, key: Callable[[], Any] | None = None):
         self._step = MetaStep(learner, optimizer, clip_value=clip_value, clip_norm=clip_norm,
                               skip_nonfinite=skip_nonfinite, precision=precision, precision_options=precision_options)
-        for name, value, minimum in (("warmup", warmup, 1), ("max_graphs", max_graphs, 1)):
-            check_int(name, value, minimum)
-        if check_host_syncs not in SYNC_POLICIES:
-            raise ValueError(f"check_host_syncs must be one of {SYNC_POLICIES}, got {check_host_syncs!r}")
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be None or a callable, got {type(key).__name__}")
-        self.device, self._params = self._step.device, self._step.params
-        self.learner, self.optimizer = learner, optimizer
-        self.enabled, self.warmup, self.max_graphs = bool(enabled), warmup, max_graphs
-        self.check_host_syncs, self.key = check_host_syncs, key
-
-        if self.enabled and backend is None:
-            if self.device.type != "cuda":
-                raise ValueError(f"enabled=True captures CUDA graphs but the parameters are on {self.device}: "
-                                 "pass enabled=False (eager) or a backend (EmulatedGraphBackend for CPU tests)")
-            backend = CudaGraphBackend(self.device)
-        if backend is not None and not isinstance(backend, CaptureBackend):
-            raise TypeError(f"backend must be a CaptureBackend, got {type(backend).__name__}")
-        self.backend = backend
-        if self.enabled and isinstance(backend, CudaGraphBackend):
+        super().__init__(learner, self._step.device, enabled=enabled, backend=backend, warmup=warmup,
+                         max_graphs=max_graphs, check_host_syncs=check_host_syncs, key=key)
+        self._params, self.optimizer, self.tensor_lr = self._step.params, optimizer, tensor_lr
+        if self.enabled and isinstance(self.backend, CudaGraphBackend):
             # (optimizers without a capturable option, such as SGD, keep no device-side step count)
             not_capturable = [i for i, g in enumerate(optimizer.param_groups)
                               if "capturable" in optimizer.defaults and not g.get("capturable", False)]
@@ -522,11 +666,6 @@ class GraphedMetaStep:
         if self.enabled and tensor_lr:
             self._tensor_lrs()
 
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._last: dict[str, torch.Tensor] | None = None
-        self._last_entry: _Entry | None = None
-        self.stats = GraphStats()
-
     # ------------------------------------------------------------------ public
     def __call__(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         return self.step(batch)
@@ -535,51 +674,7 @@ class GraphedMetaStep:
         """One training iteration on `batch` (see the class doc for what it returns)."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a maml_fast.TaskBatch, got {type(batch).__name__}")
-        if not self.enabled:
-            self.stats.eager_steps += 1
-            return self._finish(self._body(batch), None)
-        signature = self.signature(batch)
-        entry = self._entries.get(signature)
-        if entry is None:
-            entry = self._new_entry(signature, batch)
-        else:
-            self._entries.move_to_end(signature)
-        for name in _FIELDS:
-            getattr(entry.batch, name).copy_(getattr(batch, name), non_blocking=True)
-        if entry.eager_only:
-            self.stats.eager_steps += 1
-            return self._finish(self._body(entry.batch), entry)
-        if entry.graph is None and entry.warmups < self.warmup:
-            check = entry.warmups == self.warmup - 1 and self.check_host_syncs != "ignore"
-            with self._host_checks(entry.warmups == 0 and not check):  # (the checked warm-up runs without)
-                outputs = self.backend.warmup(lambda: self._checked_body(entry, check))
-            entry.warmups += 1
-            self.stats.warmup_steps += 1
-            return self._finish(outputs, entry)
-        if entry.graph is None:
-            with self._host_checks(False):
-                entry.graph = self.backend.capture(lambda: self._body(entry.batch))
-            entry.grads = [p.grad for p in self._params]
-            self.stats.captures += 1
-            captured_now = True
-        else:  # p.grad shows this graph's static gradients (an eager step or another graph moved it)
-            for param, grad in zip(self._params, entry.grads):
-                param.grad = grad
-            captured_now = False
-        entry.graph.replay()
-        self.stats.replays += 1
-        if not captured_now and callable(getattr(self.learner, "on_graph_replay", None)):
-            self.learner.on_graph_replay()
-        return self._finish(entry.graph.outputs, entry)
-
-    def signature(self, batch: TaskBatch) -> tuple:
-        """What a graph is specialised to: the batch's shapes/dtypes/device, the learner's mode and
-        ``key()``. Reads no tensor values."""
-        learner = self.learner
-        mode = tuple(getattr(learner, name, None) for name in ("inner_steps", "eval_inner_steps", "first_order"))
-        graph_key = learner.graph_key() if callable(getattr(learner, "graph_key", None)) else None
-        return (batch_signature(batch), learner.training, torch.is_grad_enabled(), mode, graph_key,
-                self.key() if self.key is not None else None)
+        return self._run(batch)
 
     def metrics(self) -> dict[str, torch.Tensor] | None:
         """The last step's outputs (device tensors; see `step`)."""
@@ -589,28 +684,29 @@ class GraphedMetaStep:
         """The step's device counters (`MetaStep.counters`)."""
         return self._step.counters()
 
-    def static_inputs(self) -> TaskBatch | None:
-        """The static input buffers of the last signature (None when eager)."""
-        return None if self._last_entry is None else self._last_entry.batch
-
-    @property
-    def num_graphs(self) -> int:
-        return sum(entry.graph is not None for entry in self._entries.values())
-
     def reset(self) -> None:
         """Drop every graph and static input (e.g. after ``optimizer.load_state_dict``): the next
         steps warm up and capture again."""
-        for entry in self._entries.values():
-            if entry.graph is not None:
-                entry.graph.release()
-        self._entries.clear()
-        self._last_entry = None
-        if self.enabled:
+        super().reset()
+        if self.enabled and self.tensor_lr:
             self._tensor_lrs()
 
     # ------------------------------------------------------------------ internals
-    def _host_checks(self, enabled: bool):
-        return host_checks(self.learner, enabled)
+    def _body(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """The step itself (`MetaStep`), identical eagerly, in warm-up and under capture."""
+        return self._step(batch)
+
+    def _captured(self, entry: _Entry) -> None:
+        entry.grads = [p.grad for p in self._params]
+
+    def _before_replay(self, entry: _Entry) -> None:
+        # p.grad shows this graph's static gradients (an eager step or another graph moved it)
+        for param, grad in zip(self._params, entry.grads):
+            param.grad = grad
+
+    def _replayed(self) -> None:
+        if callable(getattr(self.learner, "on_graph_replay", None)):
+            self.learner.on_graph_replay()
 
     def _tensor_lrs(self) -> None:
         for group in self.optimizer.param_groups:
@@ -625,43 +721,3 @@ class GraphedMetaStep:
                 warnings.warn("maml_fast: a param group's lr is a Python float and the optimizer is neither fused nor "
                               "capturable: the captured graph keeps that lr and an LR scheduler will not reach it",
                               stacklevel=3)
-
-    def _new_entry(self, signature, batch) -> _Entry:
-        while len(self._entries) >= self.max_graphs:
-            _, old = self._entries.popitem(last=False)
-            if old.graph is not None:
-                old.graph.release()
-            if old is self._last_entry:
-                self._last_entry = None
-            self.stats.evictions += 1
-        static = TaskBatch(*(torch.empty_like(getattr(batch, name), memory_format=torch.contiguous_format)
-                             for name in _FIELDS), check_values=False)
-        entry = self._entries[signature] = _Entry(static)
-        return entry
-
-    def _finish(self, outputs, entry) -> dict[str, torch.Tensor]:
-        self._last, self._last_entry = outputs, entry
-        return outputs
-
-    def _checked_body(self, entry: _Entry, check: bool):
-        if not check:
-            return self._body(entry.batch)
-        with HostSyncDetector(self.backend.device_type, policy="record") as detector:
-            outputs = self._body(entry.batch)
-        if detector.found:
-            found = "\n  ".join(dict.fromkeys(str(sync) for sync in detector.found))
-            message = (f"the meta-step synchronises with the host, which a CUDA graph cannot capture (a capture "
-                       f"fails or bakes the value in):\n  {found}")
-            if self.check_host_syncs == "raise":
-                raise HostSyncError(message + "\n(this warm-up step was taken; pass check_host_syncs='eager' to run "
-                                    "such a step eagerly or 'warn' to capture anyway)")
-            if self.check_host_syncs == "eager":
-                entry.eager_only = True
-                warnings.warn(f"maml_fast: {message}\nthis signature runs eagerly", stacklevel=4)
-            else:
-                warnings.warn(f"maml_fast: {message}", stacklevel=4)
-        return outputs
-
-    def _body(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        """The step itself (`MetaStep`), identical eagerly, in warm-up and under capture."""
-        return self._step(batch)

@@ -10,6 +10,12 @@ as the reference code's ``np.std``)::
     print(result.summary())               # "after 3 steps: accuracy 98.10% ± 0.45% (600 episodes)"
     result.write_json(logdir / "eval.json")
 
+Graphed (`GraphedEvaluation`, what the trainer and the CLI use when they run graphed): each batch's
+adapt + predict is captured once per input signature (shapes, steps, inner lr) with the capture machinery
+of the training step (`maml_fast.cuda_graph`: CUDA graphs, or the CPU emulator in tests) and replayed
+per batch; the numbers are the eager evaluation's. Either way the per-episode values stay on the device
+until the last batch (one transfer).
+
 `plot_learning_curve` draws the training metrics of a run's ``metrics.jsonl`` into a PNG.
 """
 from __future__ import annotations
@@ -23,7 +29,9 @@ import numpy as np
 import torch
 
 from .checks import check_int
+from .cuda_graph import CaptureBackend, GraphedBatchCall
 from .ops.losses import cross_entropy_per_task, mse_per_task
+from .task_batch import TaskBatch
 
 CI95_Z = 1.96
 
@@ -86,16 +94,15 @@ class EvaluationResult:
 
 
 def _per_task_metrics(learner, batch, steps: int, inner_lr: float | None):
-    """Query loss and accuracy ``[steps + 1, T]`` of every task after 0..steps inner steps."""
+    """Query loss and accuracy ``[steps + 1, T]`` (device tensors; accuracy None for regression) of
+    every task after 0..steps inner steps."""
     classification = not batch.query_y.is_floating_point()
     if learner.step_metrics and steps == learner.eval_inner_steps:
         # One forward when the learner reports per-task metrics (``MAMLOutput.per_task_metrics``):
         # `steps` inner steps instead of steps * (steps + 1) / 2 with adapt() per step count.
         with torch.no_grad():
             out = learner(batch, inner_lr=inner_lr)
-        loss = out.per_task_metrics["query_loss"].double().cpu()
-        accuracy = out.per_task_metrics["query_accuracy"].double().cpu() if classification else None
-        return loss, accuracy
+        return out.per_task_metrics["query_loss"], out.per_task_metrics["query_accuracy"] if classification else None
     losses, accuracies = [], []
     for k in range(steps + 1):
         fast = learner.adapt(batch.support_x, batch.support_y, steps=k, inner_lr=inner_lr)
@@ -107,36 +114,80 @@ def _per_task_metrics(learner, batch, steps: int, inner_lr: float | None):
             else:
                 loss, _ = mse_per_task(output, batch.query_y)
         losses.append(loss)
-    stack = lambda xs: torch.stack(xs).double().cpu()  # noqa: E731
-    return stack(losses), (stack(accuracies) if classification else None)
+    return torch.stack(losses), (torch.stack(accuracies) if classification else None)
+
+
+class GraphedEvaluation(GraphedBatchCall):
+    """`evaluate`'s adapt + predict of one batch of episodes, captured once per input signature (the
+    batch's shapes, the steps and the inner lr, the learner's mode) and replayed per batch: pass it to
+    ``evaluate(..., graphs=)``. Keep one across evaluations (the trainer's validations) to reuse its
+    graphs; they read the learner's parameters where they are, so training in between is seen.
+
+    backend: a `maml_fast.cuda_graph.CaptureBackend` (default: CUDA graphs, own memory pool;
+    `EmulatedGraphBackend` for CPU tests). warmup: eager batches of a signature before its capture.
+    check_host_syncs: as `GraphedMetaStep`'s, but "eager" by default: ``learner.adapt`` (evaluating
+    other step counts than the learner's ``eval_inner_steps``) checks its inputs on the host, so such
+    a signature runs eagerly, with a warning, instead of failing. enabled=False: all eager.
+    """
+
+    _what = "the evaluation's adapt + predict"
+
+    def __init__(self, learner: torch.nn.Module, *, backend: CaptureBackend | None = None, warmup: int = 2,
+                 max_graphs: int = 4, check_host_syncs: str = "eager", enabled: bool = True):
+        device = next(learner.parameters()).device
+        super().__init__(learner, device, enabled=enabled, backend=backend, warmup=warmup, max_graphs=max_graphs,
+                         check_host_syncs=check_host_syncs, key=None)
+        self._call: tuple = ()
+
+    def per_task_metrics(self, batch: TaskBatch, steps: int, inner_lr: float | None):
+        """`_per_task_metrics` of `batch`, graphed: copies of the graph's outputs (the next replay
+        overwrites them)."""
+        # (a float inner lr is baked into the graph: it joins the signature)
+        self._call = (steps, inner_lr, getattr(self.learner, "inner_lr", None))
+        loss, accuracy = self._run(batch)
+        return loss.clone(), None if accuracy is None else accuracy.clone()
+
+    def _signature_extra(self):
+        return self._call
+
+    def _body(self, batch: TaskBatch):
+        return _per_task_metrics(self.learner, batch, *self._call[:2])
 
 
 def evaluate(learner, source, num_episodes: int = 600, steps: int | None = None, seed: int = 0,
-             batch_size: int | None = None, inner_lr: float | None = None) -> EvaluationResult:
+             batch_size: int | None = None, inner_lr: float | None = None,
+             graphs: GraphedEvaluation | None = None) -> EvaluationResult:
     """Adapt `learner` to `num_episodes` fixed episodes of `source` (``source.fixed_episodes``) and
     return the query loss/accuracy statistics for 0..`steps` inner steps (default: the learner's
     ``eval_inner_steps``). `inner_lr` overrides the learner's (fixed) inner step size for the
-    evaluation (the reference code's update_lr at test vs train_update_lr). The learner's training
-    mode and inner lr are restored afterwards; no meta-parameter changes."""
+    evaluation (the reference code's update_lr at test vs train_update_lr). `graphs`: a
+    `GraphedEvaluation` of this learner, to run each batch as a replayed graph (same numbers). The
+    learner's training mode and inner lr are restored afterwards; no meta-parameter changes."""
     check_int("num_episodes", num_episodes, 1)
     steps = check_int("steps", learner.eval_inner_steps if steps is None else steps)
+    if graphs is not None and (not isinstance(graphs, GraphedEvaluation) or graphs.learner is not learner):
+        got = "one of another learner" if isinstance(graphs, GraphedEvaluation) else type(graphs).__name__
+        raise ValueError(f"graphs must be a GraphedEvaluation of this learner (GraphedEvaluation(learner)), got {got}")
+    per_task_metrics = (lambda batch: _per_task_metrics(learner, batch, steps, inner_lr)) if graphs is None else \
+        (lambda batch: graphs.per_task_metrics(batch, steps, inner_lr))
     was_training = learner.training
     losses, accuracies = [], []
     try:
         learner.eval()
         for batch in source.fixed_episodes(num_episodes, seed=seed, meta_batch_size=batch_size):
-            loss, accuracy = _per_task_metrics(learner, batch, steps, inner_lr)
+            loss, accuracy = per_task_metrics(batch)
             losses.append(loss)
             if accuracy is not None:
                 accuracies.append(accuracy)
     finally:
         learner.train(was_training)
-    loss = torch.cat(losses, 1).T.numpy()  # [episodes, steps + 1]
+    on_host = lambda parts: torch.cat(parts, 1).double().cpu().T.numpy()  # noqa: E731  [episodes, steps + 1]
+    loss = on_host(losses)
     loss_stats = [s.tolist() for s in mean_std_ci95(loss)]
     result = EvaluationResult(loss.shape[0], list(range(steps + 1)), *loss_stats,
                               info={"seed": seed, "inner_lr": learner.inner_lr if inner_lr is None else inner_lr})
     if accuracies:
-        accuracy_stats = mean_std_ci95(torch.cat(accuracies, 1).T.numpy())
+        accuracy_stats = mean_std_ci95(on_host(accuracies))
         result.accuracy_mean, result.accuracy_std, result.accuracy_ci95 = (s.tolist() for s in accuracy_stats)
     return result
 

@@ -73,6 +73,29 @@ CUDA_GRAPH_MODES = ("auto", "on", "off")
 GRAPHED_BY_DEFAULT_TORCH_VERSIONS: tuple[str, ...] = ()
 
 
+def graph_mode(mode: str, device: torch.device, *, graph_backend=None, distributed: bool = False) -> tuple[bool, str]:
+    """``--cuda-graph`` / ``cuda_graph=`` resolved for `device`: (run graphed?, why: the banner's words).
+    The training step and the evaluation follow the same mode."""
+    check_choice("cuda_graph", mode, CUDA_GRAPH_MODES)
+    cuda = device.type == "cuda"
+    if mode == "on":
+        if not cuda and graph_backend is None:
+            raise ValueError(f"cuda_graph='on' (--cuda-graph on) captures CUDA graphs but the learner is on "
+                             f"{device}: use cuda_graph='off' or 'auto' (eager)")
+        if distributed:
+            raise ValueError("cuda_graph='on' (--cuda-graph on) does not support several processes yet: "
+                             "use cuda_graph='off' or 'auto'")
+        return True, "CUDA graphs (--cuda-graph on)"
+    if mode == "off":
+        return False, "eager (--cuda-graph off)"
+    if not cuda:
+        return False, f"eager (--cuda-graph auto: no CUDA graphs on {device.type})"
+    if torch.__version__ in GRAPHED_BY_DEFAULT_TORCH_VERSIONS and not distributed:
+        return True, f"CUDA graphs (--cuda-graph auto: proven on torch {torch.__version__})"
+    return False, ("eager (--cuda-graph auto: the graphed step has not passed the GPU check with torch "
+                   f"{torch.__version__} yet; --cuda-graph on opts in)")
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when the meta-loss or meta-gradient stays NaN/inf for too many consecutive steps."""
 
@@ -159,8 +182,11 @@ class Trainer:
             only, single process; pretraining steps run eagerly), "off" eagerly, "auto" (default) eagerly
             until a GPU run of benchmarks/gpu_check.sh has passed the graphed step with this torch version
             (`GRAPHED_BY_DEFAULT_TORCH_VERSIONS`, none yet). ``graph_reason`` says which and why (the
-            CLI's banner). graph_backend: a `maml_fast.cuda_graph.CaptureBackend` for ``"on"`` (tests:
-            `EmulatedGraphBackend` on the CPU); default CUDA graphs.
+            CLI's banner). Graphed, a source that draws in place (`EpisodeSampler`, `SinusoidTasks`:
+            ``sample(out=)``) writes each meta-batch straight into the graph's static inputs, and
+            validation runs graphed too (`maml_fast.evaluation.GraphedEvaluation`). graph_backend: a
+            `maml_fast.cuda_graph.CaptureBackend` for ``"on"`` (tests: `EmulatedGraphBackend` on the CPU);
+            default CUDA graphs.
     """
 
     def __init__(self, learner, source, *, iterations: int, pretrain_iterations: int = 0, meta_lr: float = 1e-3,
@@ -172,7 +198,6 @@ class Trainer:
                  val_every: int = 0, val_episodes: int = 100, val_seed: int = 0, cuda_graph: str = "auto",
                  graph_backend=None):
         check_int("iterations", iterations)
-        check_choice("cuda_graph", cuda_graph, CUDA_GRAPH_MODES)
         check_int("pretrain_iterations", pretrain_iterations)
         check_int("log_every", log_every, 1)
         check_int("checkpoint_every", checkpoint_every, 1)
@@ -203,13 +228,17 @@ class Trainer:
         self.val_source, self.val_every, self.val_episodes, self.val_seed = val_source, val_every, val_episodes, val_seed
         self.device = params[0].device
         self.params = params
-        self.cuda_graph, self.graph_reason = self._graph_mode(cuda_graph, graph_backend)
+        self.cuda_graph, self.graph_reason = graph_mode(cuda_graph, self.device, graph_backend=graph_backend,
+                                                        distributed=self.dist.active)
         self.optimizer = self._make_optimizer(params)
-        self.graphed_step = None
+        self.graphed_step = self.graphed_eval = None
         if self.cuda_graph:
             from .cuda_graph import GraphedMetaStep
+            from .evaluation import GraphedEvaluation
             self.graphed_step = GraphedMetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
                                                 backend=graph_backend)
+            # (validation: by default CUDA graphs in a memory pool of their own, apart from the step's)
+            self.graphed_eval = GraphedEvaluation(learner, backend=graph_backend)
             self.meta_step = self.graphed_step._step  # one step, one set of counters
         else:
             self.meta_step = MetaStep(learner, self.optimizer, clip_value=clip_value, clip_norm=clip_norm,
@@ -225,6 +254,7 @@ class Trainer:
         # (`EpisodeSampler`: 0..ways-1 in every episode) is checked once per batch signature (shapes,
         # dtypes: a wrong number of ways shows there); any other source's batches every step.
         self._labels_by_construction = bool(getattr(source, "labels_by_construction", False))
+        self._draws_in_place = callable(getattr(source, "empty_batch", None))  # (`SeededTaskSource`: sample(out=))
         self._checked_signatures: set = set()
         self._reset_accumulators()
         self._writer = None
@@ -246,26 +276,6 @@ class Trainer:
                     f"rank {self.dist.rank} starts at iteration {self.iteration} but another rank at "
                     f"{int(bounds[0].item()) if bounds[0].item() != self.iteration else int(-bounds[1].item())}: "
                     "resuming a multi-node run needs the logdir on a filesystem every node sees")
-
-    def _graph_mode(self, mode: str, graph_backend) -> tuple[bool, str]:
-        """(run the graphed step?, why: the banner's words)."""
-        cuda = self.device.type == "cuda"
-        if mode == "on":
-            if not cuda and graph_backend is None:
-                raise ValueError(f"cuda_graph='on' (--cuda-graph on) captures CUDA graphs but the learner is on "
-                                 f"{self.device}: use cuda_graph='off' or 'auto' (eager)")
-            if self.dist.active:
-                raise ValueError("cuda_graph='on' (--cuda-graph on) does not support several processes yet: "
-                                 "use cuda_graph='off' or 'auto'")
-            return True, "CUDA graph of the whole meta-step (--cuda-graph on)"
-        if mode == "off":
-            return False, "eager (--cuda-graph off)"
-        if not cuda:
-            return False, f"eager (--cuda-graph auto: no CUDA graphs on {self.device.type})"
-        if torch.__version__ in GRAPHED_BY_DEFAULT_TORCH_VERSIONS and not self.dist.active:
-            return True, f"CUDA graph of the whole meta-step (--cuda-graph auto: proven on torch {torch.__version__})"
-        return False, ("eager (--cuda-graph auto: the graphed step has not passed the GPU check with torch "
-                       f"{torch.__version__} yet; --cuda-graph on opts in)")
 
     # ------------------------------------------------------------------------------ optimizer
     def _make_optimizer(self, params):
@@ -308,9 +318,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
+    def _sample(self) -> TaskBatch:
+        """The next meta-batch. Graphed, from a source that draws in place (``sample(out=)``): written
+        straight into the graph's static inputs (no copy, no allocation); the first one of a graph is
+        drawn fresh and copied there once."""
+        static = None if self.graphed_step is None else self.graphed_step.static_inputs()
+        if static is not None and self._draws_in_place:
+            return self.source.sample(out=static)
+        return self.source.sample()
+
     def _step(self) -> None:
         phase = self._phase(self.iteration)
-        batch, options = self._step_arguments(self.source.sample(), phase)
+        batch, options = self._step_arguments(self._sample(), phase)
         signature = (phase, *((tuple(t.shape), t.dtype, t.device)
                               for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
         check = not self._labels_by_construction or signature not in self._checked_signatures
@@ -436,7 +455,8 @@ class Trainer:
         from .evaluation import evaluate
         def validate_on_main():
             if self.val_source is not None:
-                result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed)
+                result = evaluate(self.learner, self.val_source, self.val_episodes, seed=self.val_seed,
+                                  graphs=self.graphed_eval)
                 self._write_record({"kind": "val", "iteration": self.iteration, **result.to_dict()})
 
         # (the other ranks wait; an error on rank 0 stops them all)

@@ -202,8 +202,8 @@ def test_config_validation():
 
 
 def test_cuda_graph_flag(tmp_path, capsys):
-    """--cuda-graph: 'on' is refused on the CPU with a message naming the flag; 'auto' trains eagerly and
-    the banner says why."""
+    """--cuda-graph (train and eval): 'on' is refused on the CPU with a message naming the flag; 'auto'
+    trains and evaluates eagerly and the banner says why."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--preset", "sinusoid", "--iterations", "1", "--no-progress", "--no-eval",
                   "--logdir", str(tmp_path / "on"), "--cuda-graph", "on"])
@@ -211,3 +211,8 @@ def test_cuda_graph_flag(tmp_path, capsys):
     code, out = run_cli(capsys, "train", "--preset", "sinusoid", "--iterations", "1", "--no-progress", "--no-eval",
                         "--logdir", str(tmp_path / "auto"))
     assert code in (0, None) and "meta-step: eager (--cuda-graph auto" in out.out + out.err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--logdir", str(tmp_path / "auto"), "--eval-episodes", "4", "--cuda-graph", "on"])
+    assert exit_info.value.code != 0 and "--cuda-graph on" in capsys.readouterr().err
+    code, out = run_cli(capsys, "eval", "--logdir", str(tmp_path / "auto"), "--eval-episodes", "4")
+    assert code in (0, None) and "adapt + predict: eager (--cuda-graph auto" in out.out

@@ -160,6 +160,39 @@ def test_static_inputs_are_reused_in_place():
             assert getattr(static, field).data_ptr() != getattr(batch, field).data_ptr()
 
 
+def test_a_batch_drawn_into_the_static_inputs_is_not_copied():
+    """A caller that writes each batch into `static_inputs()` in place (the trainer's sampler) passes
+    that batch: no copy into the static inputs, and the replays read the new values there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    (learner, optimizer), (eager_learner, eager_optimizer) = toy_pair()
+    step = GraphedMetaStep(learner, optimizer, backend=EmulatedGraphBackend(), warmup=1)
+    eager = GraphedMetaStep(eager_learner, eager_optimizer, enabled=False)
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    step(toy_batch(0)), eager(toy_batch(0))  # a new signature: copied into new static inputs once
+    static = step.static_inputs()
+    pointers = {getattr(static, f).data_ptr() for f in fields}
+
+    class StaticCopies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default and args[0].data_ptr() in pointers:
+                StaticCopies.count += 1
+            return func(*args, **(kwargs or {}))
+
+    for i in range(1, 5):  # the capture, then replays
+        batch = toy_batch(i)
+        for f in fields:  # (what a sampler's sample(out=static) does)
+            getattr(static, f).copy_(getattr(batch, f))
+        with StaticCopies():
+            out = step(static)
+        torch.testing.assert_close(out["meta_loss"], eager(batch)["meta_loss"], rtol=0, atol=0)
+    assert StaticCopies.count == 0 and step.static_inputs() is static
+    assert (step.stats.captures, step.stats.replays) == (1, 4)
+    assert_same_state(learner, optimizer, eager_learner, eager_optimizer)
+
+
 def test_recapture_exactly_when_the_signature_changes():
     (learner, optimizer), _ = toy_pair()
     backend = FakeBackend()

@@ -44,8 +44,11 @@ def labelled_dataset(num_classes: int, examples_per_class: int) -> SimpleNamespa
     return SimpleNamespace(images=torch.stack([classes, examples], dim=-1), num_classes=num_classes)
 
 
+FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
 def assert_same_batch(a: TaskBatch, b: TaskBatch) -> None:
-    for name in ("support_x", "support_y", "query_x", "query_y"):
+    for name in FIELDS:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -316,10 +319,11 @@ def test_sampler_on_miniimagenet_sample():
     assert batch.query_x.dtype == torch.float64
 
 
-def test_sampler_tasks_are_balanced_disjoint_and_consistent():
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh", "in_place"])
+def test_sampler_tasks_are_balanced_disjoint_and_consistent(in_place):
     ways, shots, queries, tasks = 4, 3, 5, 64
     sampler = EpisodeSampler(labelled_dataset(10, 9), ways, shots, queries, tasks, seed=3)
-    batch = sampler.sample()
+    batch = sampler.sample(out=sampler.empty_batch()) if in_place else sampler.sample()
     support, query = batch.support_x.long(), batch.query_x.long()  # [T, n, 2]: (class, example)
     for labels, count in ((batch.support_y, shots), (batch.query_y, queries)):
         assert (torch.stack([(labels == c).sum(1) for c in range(ways)], 1) == count).all()
@@ -364,6 +368,48 @@ def test_sampler_seeding_resume_and_fixed_episodes():
     assert not torch.equal(next(first.fixed_episodes(12, seed=6)).support_x, episodes[0].support_x)
     with pytest.raises(ValueError, match="state"):
         resumed.load_state_dict({"seed": 0})
+
+
+def test_sampler_draws_in_place_without_host_reads():
+    """``sample(out=)`` (the graphed trainer's static inputs): the same episodes as ``sample()`` for the
+    same seed, written into the same tensors every time, with no host read or tensor made from host
+    data (`find_host_syncs` in its CPU mode); likewise for sinusoid tasks."""
+    from maml_fast.cuda_graph import find_host_syncs
+
+    uint8_images = SimpleNamespace(images=torch.randint(0, 256, (9, 5, 1, 4, 4), dtype=torch.uint8))
+    for make in (lambda: EpisodeSampler(labelled_dataset(12, 6), ways=3, shots=2, queries=2, meta_batch_size=5, seed=4),
+                 lambda: EpisodeSampler(uint8_images, ways=4, shots=1, queries=3, meta_batch_size=3, seed=1,
+                                        dtype=torch.float64),
+                 lambda: SinusoidTasks(4, 6, seed=2, meta_batch_size=3)):
+        in_place, fresh = make(), make()
+        out = in_place.empty_batch()
+        pointers = [getattr(out, name).data_ptr() for name in FIELDS]
+        for _ in range(3):
+            assert find_host_syncs(in_place.sample, out=out, device_type="cpu") == []
+            assert [getattr(out, name).data_ptr() for name in FIELDS] == pointers
+            assert_same_batch(out, fresh.sample())
+        assert in_place.sample(out=out) is out
+        fresh.sample()
+        assert torch.equal(in_place.state_dict()["generator"], fresh.state_dict()["generator"])  # one stream
+
+
+def test_sampler_out_must_match_what_it_draws():
+    sampler = EpisodeSampler(labelled_dataset(6, 5), ways=3, shots=1, queries=2, meta_batch_size=4)
+    out = sampler.empty_batch()
+    assert out.num_tasks == 4 and sampler.empty_batch(2).num_tasks == 2
+    with pytest.raises(TypeError, match="out must be a maml_fast.TaskBatch"):
+        sampler.sample(out=out.support_x)
+    with pytest.raises(ValueError, match="meta_batch_size=2 but out holds 4 tasks"):
+        sampler.sample(2, out=out)
+    wrong = [TaskBatch(out.support_x.double(), out.support_y, out.query_x.double(), out.query_y, check_values=False),
+             TaskBatch(out.support_x, out.support_y, out.query_x[:, :5], out.query_y[:, :5], check_values=False),
+             TaskBatch(torch.empty(4, 3, 4)[..., ::2], out.support_y, out.query_x, out.query_y,
+                       check_values=False)]
+    for batch, name in zip(wrong, ("support_x", "query_x", "support_x")):
+        with pytest.raises(ValueError, match=f"out.{name} must be a contiguous"):
+            sampler.sample(out=batch)
+    with pytest.raises(ValueError, match="meta_batch_size"):
+        SinusoidTasks(2, 2).empty_batch()
 
 
 def test_sampler_bad_arguments():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -362,6 +363,65 @@ def test_evaluate_matches_the_reference(branch, monkeypatch):
     assert "after 2 steps: accuracy" in result.summary()
 
 
+@pytest.mark.parametrize("branch", ["learner_forward", "adapt_predict"])
+def test_graphed_evaluation_equals_the_eager_one(branch):
+    """Issue 15, item 3: evaluation's batches as captured adapt + predict (the CPU graph emulator: recorded
+    ops replayed without Python), one capture per input signature, replayed per batch, across three
+    evaluations: the same result as the eager evaluation, number for number. 18 episodes in batches of 4
+    give two signatures (4 tasks, and 2 for the last batch). adapt() checks its inputs on the host: that
+    branch's signatures are found out on their checked warm-up and run eagerly, with a warning."""
+    from maml_fast.cuda_graph import EmulatedGraphBackend, HostSyncDetector
+    from maml_fast.evaluation import GraphedEvaluation
+
+    learner, _ = episode_setup()
+    learner.step_metrics = branch == "learner_forward"
+    held_out = EpisodeSampler(tiny_images(seed=5), ways=3, shots=1, queries=2, meta_batch_size=4, seed=1,
+                              dtype=torch.float64)
+    eager = evaluate(learner, held_out, num_episodes=18, steps=2, seed=3)
+    assert len(set(eager.accuracy_mean)) > 1 and len(set(eager.loss_mean)) == 3  # adaptation changes them
+    graphs = GraphedEvaluation(learner, backend=EmulatedGraphBackend(),
+                               check_host_syncs="raise" if branch == "learner_forward" else "eager")
+    for i in range(3):
+        if branch == "learner_forward":
+            with HostSyncDetector(device_type="cpu") as detector:
+                graphed = evaluate(learner, held_out, num_episodes=18, steps=2, seed=3, graphs=graphs)
+            # host reads: the label checks of a signature's first warm-up (so in the first evaluation only),
+            # and the one transfer of the loss and accuracy tables at the end
+            reads = [("check_labels" if "check_labels" in sync.where else sync.op) for sync in detector.found]
+            assert reads.count("Tensor.numpy") == 2
+            assert set(reads) == {"Tensor.numpy"} | ({"check_labels"} if i == 0 else set())
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                graphed = evaluate(learner, held_out, num_episodes=18, steps=2, seed=3, graphs=graphs)
+            assert any("adapt + predict synchronises with the host" in str(w.message) and "runs eagerly"
+                       in str(w.message) for w in caught) == (i < 2)  # (once per signature)
+        assert graphed.to_dict() == eager.to_dict()
+    stats = graphs.stats
+    if branch == "learner_forward":
+        # 4 tasks: warm-up, warm-up, capture (+ replay), 9 replays; 2 tasks: warm-up, warm-up, capture (+ replay)
+        assert (stats.warmup_steps, stats.captures, stats.replays, stats.eager_steps) == (4, 2, 11, 0)
+    else:
+        assert stats.captures == 0 and stats.eager_steps == 15 - 4 and stats.warmup_steps == 4
+    assert learner.training
+
+
+def test_graphed_evaluation_bad_arguments():
+    from maml_fast.cuda_graph import EmulatedGraphBackend
+    from maml_fast.evaluation import GraphedEvaluation
+
+    learner, source = episode_setup()
+    other, _ = episode_setup()
+    with pytest.raises(ValueError, match="graphs must be a GraphedEvaluation of this learner"):
+        evaluate(learner, source, num_episodes=2, graphs=GraphedEvaluation(other, backend=EmulatedGraphBackend()))
+    with pytest.raises(ValueError, match="graphs must be"):
+        evaluate(learner, source, num_episodes=2, graphs=object())
+    with pytest.raises(ValueError, match="enabled=True captures CUDA graphs but the parameters are on cpu"):
+        GraphedEvaluation(learner)
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedEvaluation(learner, backend=EmulatedGraphBackend(), warmup=0)
+
+
 def test_evaluate_regression_and_result_json(tmp_path):
     learner, source = sinusoid_setup()
     result = evaluate(learner, source, num_episodes=7, inner_lr=0.0)
@@ -474,6 +534,49 @@ def test_graphed_trainer_matches_the_eager_one(tmp_path):
     for a, b in zip(eager.learner.parameters(), graphed.learner.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     assert any(not torch.equal(a, c) for a, c in zip(graphed.learner.parameters(), initial.parameters()))
+
+
+def test_graphed_trainer_draws_into_the_graph_and_repeats_the_eager_losses(tmp_path):
+    """Issue 15, item 3: an eager and a graphed (emulated) trainer of the same seed log the same loss at
+    every iteration (float64, to 1e-12), the graphed one drawing every meta-batch after its first
+    straight into the graph's static inputs (``sample(out=)``: no copy), and the same validations, the
+    graphed one validating through `GraphedEvaluation`. meta_lr = 2**-10 is exact in float32, so the
+    graphed step's float32 device lr equals the eager one's Python float."""
+    val_source = EpisodeSampler(tiny_images(seed=5), ways=3, shots=1, queries=2, meta_batch_size=4, seed=1,
+                                dtype=torch.float64)
+    options = dict(log_every=1, checkpoint_every=100, meta_lr=2.0 ** -10, val_source=val_source, val_every=2,
+                   val_episodes=10)
+    eager = trainer_for(episode_setup, tmp_path / "eager", 8, cuda_graph="off", **options)
+    eager.train()
+    graphed = _graphed_trainer(tmp_path / "graphed", 8, **options)
+    into_static = []
+    sample = graphed.source.sample
+
+    def watched_sample(*args, out=None, **kwargs):
+        into_static.append(out is not None and out is graphed.graphed_step.static_inputs())
+        return sample(*args, out=out, **kwargs)
+
+    graphed.source.sample = watched_sample
+    graphed.train()
+    assert into_static == [False] + [True] * 7
+    stats = graphed.graphed_step.stats
+    assert (stats.warmup_steps, stats.captures, stats.replays) == (3, 1, 5)
+    logs = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("eager", "graphed")]
+    records = [[r for r in log if r["kind"] == "train"] for log in logs]
+    assert [r["iteration"] for r in records[0]] == [r["iteration"] for r in records[1]] == list(range(1, 9))
+    validations = [[r for r in log if r["kind"] == "val"] for log in logs]
+    assert [r["iteration"] for r in validations[0]] == [r["iteration"] for r in validations[1]] == [2, 4, 6, 8]
+    for a, b in zip(*validations):
+        for key in ("accuracy_mean", "accuracy_ci95", "loss_mean", "loss_ci95"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-12, atol=1e-12, err_msg=key)
+    assert graphed.graphed_eval.stats.replays > 0  # (10 episodes in batches of 4, 4 times: 2 signatures)
+    for key in ("meta_loss", "grad_norm", "query_loss", "query_accuracy", "support_loss"):
+        np.testing.assert_allclose(np.array([r[key] for r in records[1]], dtype=float),
+                                   np.array([r[key] for r in records[0]], dtype=float), rtol=1e-12, atol=1e-12,
+                                   err_msg=key)
+    assert len({r["meta_loss"] for r in records[0]}) == 8  # the losses do change (the comparison is not vacuous)
+    for a, b in zip(eager.learner.parameters(), graphed.learner.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_graphed_trainer_resumes_exactly(tmp_path):

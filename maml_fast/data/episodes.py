@@ -8,6 +8,11 @@ episodes come out floating.
 
 Task sources (`EpisodeSampler`, `SinusoidTasks`) share one interface, so a trainer can use either:
 ``sample()``, ``fixed_episodes(num_episodes, seed)``, ``state_dict()`` / ``load_state_dict()``.
+
+``sample(out=batch)`` draws the next meta-batch into `batch`'s tensors in place (fixed shapes, torch
+ops on the source's device and its device generator, no host read): the trainer's graphed step keeps
+one such batch as the captured graph's static inputs, so a replay reads each new episode where the
+sampler wrote it, with no per-step copy or allocation.
 """
 from __future__ import annotations
 
@@ -16,16 +21,17 @@ from typing import Iterator
 import torch
 
 from maml_fast.checks import check_int
-from maml_fast.task_batch import TaskBatch
+from maml_fast.task_batch import _FIELDS, TaskBatch
 
 
-def images_as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Images as `dtype`: uint8 is read as intensity ``value / 255`` (so [0, 1]); floating is cast."""
-    if images.dtype == torch.uint8:
-        return images.to(dtype).div_(255)
-    if images.is_floating_point():
-        return images.to(dtype)
-    raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+def images_as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Images as `dtype`: uint8 is read as intensity ``value / 255`` (so [0, 1]); floating is cast.
+    With `out` (of `images`' shape), the result is written there (its dtype wins)."""
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+    out = images.to(dtype) if out is None else out.copy_(images)  # (uint8: a copy, so div_ is safe)
+    return out.div_(255) if images.dtype == torch.uint8 else out
 
 
 class ClassImageDataset:
@@ -46,9 +52,11 @@ class SeededTaskSource:
     """Shared part of the task sources: a seeded generator on the device, resumable and repeatable.
 
     A subclass draws the random numbers of `num_tasks` tasks as a tuple of tensors whose first dim is
-    the task (`_draw`) and turns any task slice of them into a `TaskBatch` (`_build`); drawing all
-    tasks first lets `fixed_episodes` give episode i the same content whatever the batch size.
-    The random stream depends on the seed and on the device type (CPU and CUDA generators differ).
+    the task (`_draw`), says the shapes and dtypes of a meta-batch (`_layout`) and writes any task
+    slice of its draws into a `TaskBatch` of that layout in place (`_build`); drawing all tasks first
+    lets `fixed_episodes` give episode i the same content whatever the batch size. A fresh batch is
+    an `empty_batch` filled by `_build`, so drawing into a caller's batch (``sample(out=)``) is the
+    same code. The random stream depends on the seed and on the device type (CPU and CUDA generators differ).
     """
 
     def __init__(self, device: torch.device | str | None, seed: int, meta_batch_size: int | None) -> None:
@@ -63,7 +71,11 @@ class SeededTaskSource:
     def _draw(self, generator: torch.Generator, num_tasks: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def _build(self, *draws: torch.Tensor) -> TaskBatch:
+    def _layout(self, num_tasks: int) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+        """(shape, dtype) of support_x, support_y, query_x and query_y for `num_tasks` tasks."""
+        raise NotImplementedError
+
+    def _build(self, *draws: torch.Tensor, out: TaskBatch) -> TaskBatch:
         raise NotImplementedError
 
     def _batch_size(self, meta_batch_size: int | None) -> int:
@@ -73,9 +85,38 @@ class SeededTaskSource:
             raise ValueError("meta_batch_size is not set: pass it here or to the constructor")
         return self.meta_batch_size
 
-    def sample(self, meta_batch_size: int | None = None) -> TaskBatch:
-        """The next meta-batch from the training stream (the constructor's meta_batch_size by default)."""
-        return self._build(*self._draw(self._generator, self._batch_size(meta_batch_size)))
+    def empty_batch(self, meta_batch_size: int | None = None) -> TaskBatch:
+        """Uninitialised buffers of one meta-batch (the constructor's meta_batch_size by default) on
+        the source's device, for ``sample(out=)``."""
+        layout = self._layout(self._batch_size(meta_batch_size))
+        # (no value check: the contents are garbage until a sample writes them, finite by construction)
+        return TaskBatch(*(torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in layout),
+                         check_values=False)
+
+    def sample(self, meta_batch_size: int | None = None, *, out: TaskBatch | None = None) -> TaskBatch:
+        """The next meta-batch from the training stream (the constructor's meta_batch_size by default).
+        With `out` (e.g. from `empty_batch`: this source's shapes and dtypes, contiguous, on its
+        device) it is written into out's tensors in place and `out` is returned: torch ops on the
+        device only, no host read or host-to-device copy (capture-safe)."""
+        if out is None:
+            num_tasks = self._batch_size(meta_batch_size)
+            return self._build(*self._draw(self._generator, num_tasks), out=self.empty_batch(num_tasks))
+        self._check_out(out, meta_batch_size)
+        return self._build(*self._draw(self._generator, out.num_tasks), out=out)
+
+    def _check_out(self, out: TaskBatch, meta_batch_size: int | None) -> None:
+        if not isinstance(out, TaskBatch):
+            raise TypeError(f"out must be a maml_fast.TaskBatch (e.g. from empty_batch()), got {type(out).__name__}")
+        if meta_batch_size is not None and check_int("meta_batch_size", meta_batch_size, 1) != out.num_tasks:
+            raise ValueError(f"meta_batch_size={meta_batch_size} but out holds {out.num_tasks} tasks")
+        for name, (shape, dtype) in zip(_FIELDS, self._layout(out.num_tasks)):
+            tensor = getattr(out, name)
+            same_device = tensor.device.type == self.device.type and self.device.index in (None, tensor.device.index)
+            contiguous = tensor.is_contiguous()
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype or not same_device or not contiguous:
+                raise ValueError(f"out.{name} must be a contiguous {dtype} tensor of shape {shape} on {self.device} "
+                                 f"(what this source draws), got {'' if contiguous else 'a non-contiguous '}"
+                                 f"{tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}")
 
     def fixed_episodes(self, num_episodes: int, seed: int = 0, meta_batch_size: int | None = None) -> Iterator[TaskBatch]:
         """The same `num_episodes` tasks on every call (e.g. 600 for the paper's evaluation), in
@@ -87,7 +128,8 @@ class SeededTaskSource:
         generator.manual_seed(seed)
         draws = self._draw(generator, num_episodes)
         for start in range(0, num_episodes, batch_size):
-            yield self._build(*(draw[start : start + batch_size] for draw in draws))
+            part = [draw[start : start + batch_size] for draw in draws]
+            yield self._build(*part, out=self.empty_batch(part[0].shape[0]))
 
     def state_dict(self) -> dict:
         """The training stream's position: `load_state_dict` of it makes the next `sample` repeat."""
@@ -173,20 +215,18 @@ class EpisodeSampler(SeededTaskSource, ClassImageDataset):
         examples = random_subsets(num_tasks * self.ways, self.examples_per_class, self.shots + self.queries)
         return classes, examples.view(num_tasks, self.ways, self.shots + self.queries)
 
-    def _build(self, classes: torch.Tensor, examples: torch.Tensor) -> TaskBatch:
-        num_tasks = classes.shape[0]
+    def _layout(self, num_tasks: int) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+        example_shape, support, query = tuple(self.images.shape[2:]), self.ways * self.shots, self.ways * self.queries
+        return (((num_tasks, support, *example_shape), self.dtype), ((num_tasks, support), torch.int64),
+                ((num_tasks, query, *example_shape), self.dtype), ((num_tasks, query), torch.int64))
+
+    def _build(self, classes: torch.Tensor, examples: torch.Tensor, *, out: TaskBatch) -> TaskBatch:
         example_shape = self.images.shape[2:]
-        # One gather for the whole meta-batch, as rows of the flattened images (index_select is much
-        # faster than 2-d advanced indexing on CPU).
-        rows = (classes.unsqueeze(-1) * self.examples_per_class + examples).view(-1)
-        picked = self._image_rows.index_select(0, rows)
-        picked = images_as_float(picked, self.dtype).view(num_tasks, self.ways, self.shots + self.queries, *example_shape)
-        support_x = picked[:, :, : self.shots].reshape(num_tasks, self.ways * self.shots, *example_shape)
-        query_x = picked[:, :, self.shots :].reshape(num_tasks, self.ways * self.queries, *example_shape)
-        return TaskBatch(
-            support_x,
-            self._support_labels.repeat(num_tasks, 1),
-            query_x,
-            self._query_labels.repeat(num_tasks, 1),
-            check_values=False,  # pixels come from stored images: finite by construction
-        )
+        rows = classes.unsqueeze(-1) * self.examples_per_class + examples  # [T, ways, shots + queries]
+        # One gather per set for the whole meta-batch, as rows of the flattened images (index_select is
+        # much faster than 2-d advanced indexing on CPU), in the sets' order: task, label, example.
+        for x, picked in ((out.support_x, rows[:, :, : self.shots]), (out.query_x, rows[:, :, self.shots :])):
+            images_as_float(self._image_rows.index_select(0, picked.reshape(-1)), out=x.view(-1, *example_shape))
+        out.support_y.copy_(self._support_labels.expand_as(out.support_y))
+        out.query_y.copy_(self._query_labels.expand_as(out.query_y))
+        return out
