@@ -501,3 +501,24 @@ def test_channels_last_outputs(kernels):
     for out, ref in ((y, y_ref), (gx, gx_ref)):
         assert out.is_contiguous(memory_format=cl)
         torch.testing.assert_close(out, ref, **TOL[torch.float64])
+
+
+def test_error_vs_float64_per_precision(kernels):
+    """Each primitive's error against float64 of the same float32 data, fp32 and bf16 inputs, at the
+    Omniglot conv4 layer-2 geometry (64 -> 64 channels, 14x14, stride 2; T=2, batch 5). Printed (run
+    with -s; benchmarks/RESULTS.md); bounded at about 5x what was measured under the interpreter: fp32
+    1.2e-7..1.5e-7, bf16 4.1e-3 (norm-wise; the input and output rounding to bf16). TF32 is
+    measured on a GPU only (benchmarks/test_conv_primitives.py): the interpreter's tl.dot ignores
+    input_precision."""
+    geo = conv_ops.ConvGeometry(2, (2, 2), (1, 1), (14, 14), (3, 3))
+    x, w, g = (rand(*shape, dtype=torch.float32) for shape in ((5, 128, 14, 14), (2, 64, 64, 3, 3), (5, 128, 7, 7)))
+    reference = _reference_primitives(x.double(), w.double(), g.double(), geo)
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        xs, ws, gs = x.to(dtype), w.to(dtype), g.to(dtype)
+        outputs = (kernels.conv2d_forward(xs, ws, geo.stride, geo.padding),
+                   kernels.conv2d_input_grad(gs, ws, geo.input_hw, geo.stride, geo.padding),
+                   kernels.conv2d_weight_grad(xs, gs, geo.kernel_hw, geo.tasks, geo.stride, geo.padding))
+        for primitive, out, ref in zip(("forward", "input_grad", "weight_grad"), outputs, reference):
+            error = float((out.double() - ref).norm() / ref.norm())
+            print(f"{dtype} {primitive}: relative error vs float64 {error:.2e}")
+            assert error < bound, (dtype, primitive, error)
