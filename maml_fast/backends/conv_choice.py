@@ -78,7 +78,8 @@ def using(devices: dict):
 def implementation(primitive: str, t: torch.Tensor, in_channels: int, out_channels: int, geo) -> str:
     """"triton" or "cudnn" for `primitive` on activation-like `t` (x, or grad_out for the input grad:
     batch, dtype and device) of a layer with these channels per task and geometry."""
-    winners = (_committed() if _override is None else _override).get(device_name(t.device))
+    table = _committed() if _override is None else _override
+    winners = table.get(device_name(t.device)) if table else None
     if not winners:   # the common case: nothing measured on this device
         return "cudnn"
     entry = winners.get(primitive, {}).get(precision_key(t.dtype), {}).get(
