@@ -124,6 +124,7 @@ setup(
             "data/assets/*.txt",
             "data/assets/*.md",
             "data/assets/*.py",
+            "backends/conv_choices.json",   # the measured conv winners (maml_fast.backends.conv_choice)
         ]
     },
     python_requires=">=3.10",

@@ -29,19 +29,24 @@ products, close to fp32 accuracy; IEEE fp32 has no tensor-core path and runs on 
 Triton's ``tl.dot`` is used for every dtype (fp64: DMMA on sm_80+); ``MAML_FAST_TRITON_FP64_DOT=0``
 replaces the fp64 ``tl.dot`` by a broadcast-multiply-sum (for a Triton build whose fp64 dot fails).
 
-Block sizes come from `block_config` (a per-shape heuristic, no autotuning). Set ``POISON_OUTPUTS =
+Tile sizes: on a GPU (fp16/bf16/fp32) ``triton.autotune`` picks each launch's from a short list per
+kernel (`AUTOTUNE_CONFIGS`), keyed on the problem sizes; fp64, the interpreter and the forward with
+BatchNorm statistics (whose workspace depends on the tile) take `block_config`'s heuristic. Set ``POISON_OUTPUTS =
 True`` (or the environment variable ``MAML_FAST_TRITON_POISON=1``) to allocate outputs filled with NaN,
 so a test sees any element a kernel fails to write.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from maml_fast.precision import conv_fp32_precision
 
 POISON_OUTPUTS = os.environ.get("MAML_FAST_TRITON_POISON", "0") == "1"
 # Whether this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -53,9 +58,19 @@ _INT32_MAX = 2**31 - 1
 # The kernels use only builtins of triton.language (no tl.cdiv / tl.zeros, which are themselves
 # @triton.jit functions): they then also run in the interpreter when triton was imported before
 # TRITON_INTERPRET=1 was set. The fp64 fallback's tl.sum is the exception.
+# The interpreter's tl.dot multiplies bf16 operands as their raw 16-bit patterns (numpy has no bf16):
+# there they are widened first. A bf16 x bf16 product is exact in fp32, so this is the GPU's bf16 MMA
+# with fp32 accumulation up to the order of the sums.
+_WIDEN_BF16 = tl.constexpr(INTERPRETED)
+
+
 @triton.jit
 def _mma(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b, with tl.dot or (USE_DOT=False) a broadcast-multiply-sum in acc's dtype."""
+    if _WIDEN_BF16:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
     if USE_DOT:
         # out_dtype: Triton 3.6 rejects a float64 accumulator with dot's float32 default.
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
@@ -308,30 +323,52 @@ def split_k_heuristic(tiles: int, tasks: int, k: int, block_k: int, device: torc
     return max(1, min(wanted, most, 64))
 
 
+# Tile configurations triton.autotune times on a GPU, per kernel: a few around `block_config`'s choice for
+# conv4's layers (N = 32 or 64 output channels, K = 9..576 for fwd/dgrad; M = 32/64, N = 9..576 for wgrad).
+_FWD_CONFIGS = (BlockConfig(128, 64, 32, 8, 3), BlockConfig(128, 32, 32, 4, 3), BlockConfig(64, 64, 32, 4, 3),
+                BlockConfig(64, 32, 64, 4, 3), BlockConfig(256, 32, 32, 8, 3), BlockConfig(128, 64, 16, 4, 4))
+AUTOTUNE_CONFIGS = {
+    "fwd": _FWD_CONFIGS,
+    "dgrad": _FWD_CONFIGS,
+    "wgrad": (BlockConfig(32, 64, 64, 4, 3), BlockConfig(64, 64, 64, 4, 3), BlockConfig(32, 128, 64, 4, 3),
+              BlockConfig(64, 128, 32, 8, 3), BlockConfig(32, 32, 128, 4, 3)),
+}
+_KERNELS = {"fwd": _conv_fwd_kernel, "dgrad": _conv_dgrad_kernel, "wgrad": _conv_wgrad_kernel}
+_GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "PRECISION"]
+_AUTOTUNE_KEYS = {   # problem sizes, the activation's channel stride (its layout) and the geometry
+    "fwd": ["B", "C", "H", "W", "O", "OH", "OW", "sxc", "HAS_BIAS", "RELU", *_GEOMETRY],
+    "dgrad": ["B", "C", "H", "W", "O", "OH", "OW", "sgc", *_GEOMETRY],
+    "wgrad": ["B", "C", "H", "W", "O", "OH", "OW", "K_PER_SPLIT", "sxc", "sgc", *_GEOMETRY],
+}
+
+
+def _autotuned(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a launch lets triton.autotune pick its tiles: compiled kernels on a GPU (the interpreter
+    cannot time them) and fp16/bf16/fp32 (fp64 keeps its small DMMA tiles)."""
+    return device.type == "cuda" and not INTERPRETED and dtype != torch.float64
+
+
+@functools.cache
+def _autotuner(kind: str):
+    """The kernel of `kind` under triton.autotune, made on the first GPU launch (timing is short: one
+    tuning per key; a meta-step has a few dozen keys)."""
+    configs = [triton.Config(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k),
+                             num_warps=c.num_warps, num_stages=c.num_stages) for c in AUTOTUNE_CONFIGS[kind]]
+    bench = functools.partial(triton.testing.do_bench, warmup=10, rep=40)
+    return triton.autotune(configs, key=_AUTOTUNE_KEYS[kind], do_bench=bench)(_KERNELS[kind])
+
+
+def _launch(kind: str, cfg: BlockConfig | None, grid, *args, **constexprs):
+    """Launch the kernel of `kind` with tiles `cfg`, or (None) through its autotuner. `grid` maps the
+    block sizes (``meta["BLOCK_M"]``, ...) to the launch grid."""
+    if cfg is None:
+        _autotuner(kind)[grid](*args, **constexprs)
+        return
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    _KERNELS[kind][grid(meta)](*args, **constexprs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 # ----------------------------------------------------------------------------------- precision
-def _fp32_precision() -> str:
-    """'tf32' when PyTorch lets cuDNN convolutions use TF32, else 'ieee' (exact fp32 products)."""
-    for path in (("cudnn", "conv"), ("cudnn",), ()):
-        obj = torch.backends
-        try:
-            for attr in path:
-                obj = getattr(obj, attr)
-            value = getattr(obj, "fp32_precision")
-        except (AttributeError, RuntimeError):
-            break
-        if value == "tf32":
-            return "tf32"
-        if value == "ieee":
-            return "ieee"
-        # "none": inherit from the parent setting
-    else:
-        return "ieee"
-    try:
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    except RuntimeError:
-        return "ieee"
-
-
 def _kernel_flags(dtype: torch.dtype, device: torch.device):
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"Triton conv kernels support float16/bfloat16/float32/float64, got {dtype}")
@@ -342,7 +379,7 @@ def _kernel_flags(dtype: torch.dtype, device: torch.device):
         forced = os.environ.get("MAML_FAST_TRITON_FP32_PRECISION", "")
         if forced and forced not in ("ieee", "tf32", "tf32x3"):
             raise ValueError(f"MAML_FAST_TRITON_FP32_PRECISION must be ieee, tf32 or tf32x3, got {forced!r}")
-        precision = forced or _fp32_precision()
+        precision = forced or conv_fp32_precision()
     return acc, use_dot, precision
 
 
@@ -359,11 +396,10 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int, dtype: torch.dtype, devi
         raise ValueError(f"{name} spans {span} elements; the Triton conv kernels index with 32-bit offsets")
 
 
-def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+def _empty(shape, like: torch.Tensor, dtype=None, memory_format=torch.contiguous_format) -> torch.Tensor:
+    out = torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device,
+                      memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
 def _device_guard(device: torch.device):
@@ -385,16 +421,17 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
                    bias: torch.Tensor | None = None, relu: bool = False,
-                   config: BlockConfig | None = None) -> torch.Tensor:
+                   config: BlockConfig | None = None, memory_format=torch.contiguous_format) -> torch.Tensor:
     """y ``[B, T*O, OH, OW]`` = per-task conv of x ``[B, T*C, H, W]`` with weight ``[T, O, C, kh, kw]``,
-    with bias ``[T, O]`` and (``relu=True``) a ReLU fused into the epilogue."""
-    y, _ = _launch_forward(x, weight, stride, padding, bias, relu, False, config)
+    with bias ``[T, O]`` and (``relu=True``) a ReLU fused into the epilogue. y is allocated in
+    `memory_format`; `config` fixes the tiles (default: autotuned on a GPU, else `block_config`)."""
+    y, _ = _launch_forward(x, weight, stride, padding, bias, relu, False, config, memory_format)
     return y
 
 
 def conv2d_forward_with_stats(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0,
                               bias: torch.Tensor | None = None, relu: bool = False,
-                              config: BlockConfig | None = None):
+                              config: BlockConfig | None = None, memory_format=torch.contiguous_format):
     """``(y, mean, var)``: `conv2d_forward`'s y and, from the same kernel's epilogue, its per-channel
     mean and biased variance over batch and pixels, ``[T*O]`` each (BatchNorm's batch statistics).
 
@@ -403,7 +440,7 @@ def conv2d_forward_with_stats(x: torch.Tensor, weight: torch.Tensor, stride=1, p
     M2 = Σ_t M2_t + Σ_t n_t (mean_t - mean)². Deterministic, no atomics, no E[y²] - E[y]²
     cancellation. In fp64 for fp64 inputs, else fp32 (also the statistics' dtype), from the
     accumulator before y is rounded to its dtype."""
-    y, stats = _launch_forward(x, weight, stride, padding, bias, relu, True, config)
+    y, stats = _launch_forward(x, weight, stride, padding, bias, relu, True, config, memory_format)
     return (y, *stats)
 
 
@@ -418,7 +455,7 @@ def _combine_tile_statistics(partial: torch.Tensor, rows: int, block_m: int):
     return mean, (tile_m2.sum(0) + (counts * spread * spread).sum(0)) / rows
 
 
-def _launch_forward(x, weight, stride, padding, bias, relu: bool, with_stats: bool, config):
+def _launch_forward(x, weight, stride, padding, bias, relu: bool, with_stats: bool, config, memory_format):
     """(y, (mean, var) or None)."""
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     _check_tensor("weight", weight, 5, weight.dtype, weight.device)
@@ -435,37 +472,38 @@ def _launch_forward(x, weight, stride, padding, bias, relu: bool, with_stats: bo
     oh, ow = _out_size(height, kh, sh, ph), _out_size(width, kw, sw, pw)
     if oh < 1 or ow < 1:
         raise ValueError(f"input {height}x{width} is too small for kernel {kh}x{kw}, padding {(ph, pw)}")
-    y = _empty((batch, tasks * out_ch, oh, ow), x)
+    y = _empty((batch, tasks * out_ch, oh, ow), x, memory_format=memory_format)
     m, n, k = batch * oh * ow, out_ch, in_ch * kh * kw
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if y.numel() == 0:   # statistics of nothing are NaN, as torch's mean of an empty tensor
         undefined = torch.full((tasks * out_ch,), float("nan"), dtype=stats_dtype, device=x.device)
         return y, ((undefined, undefined.clone()) if with_stats else None)
     _check_tensor("y", y, 4, y.dtype, y.device)
-    cfg = config or block_config("fwd", m, n, k, x.dtype)
-    tiles_m = triton.cdiv(m, cfg.block_m)
-    grid = (tiles_m * triton.cdiv(n, cfg.block_n), tasks)
+    # The statistics' workspace has one row per M tile, so that launch fixes its tiles before it runs.
+    cfg = config
+    if cfg is None and (with_stats or not _autotuned(x.dtype, x.device)):
+        cfg = block_config("fwd", m, n, k, x.dtype)
+    tiles_m = triton.cdiv(m, cfg.block_m) if with_stats else 0
     bias_arg = bias if bias is not None else y
     bias_strides = bias.stride() if bias is not None else (0, 0)
     partial = _empty((2, tiles_m, tasks * out_ch), x, dtype=stats_dtype) if with_stats else None
     with _device_guard(x.device):
-        _conv_fwd_kernel[grid](
+        _launch(
+            "fwd", cfg, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), tasks),
             x, weight, bias_arg, y, partial if with_stats else y,
             batch, in_ch, height, width, out_ch, oh, ow,
             *x.stride(), *weight.stride(), *bias_strides, *y.stride(),
             *(partial.stride() if with_stats else (0, 0, 0)),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=bias is not None, RELU=relu, STATS=with_stats,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y, (_combine_tile_statistics(partial, m, cfg.block_m) if with_stats else None)
 
 
 def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_hw, stride=1, padding=0,
-                      config: BlockConfig | None = None) -> torch.Tensor:
-    """gx ``[B, T*C, H, W]`` (H, W = ``input_hw``): the transposed per-task conv of grad_out
-    ``[B, T*O, OH, OW]`` with weight ``[T, O, C, kh, kw]``."""
+                      config: BlockConfig | None = None, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """gx ``[B, T*C, H, W]`` (H, W = ``input_hw``, allocated in `memory_format`): the transposed per-task
+    conv of grad_out ``[B, T*O, OH, OW]`` with weight ``[T, O, C, kh, kw]``."""
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     height, width = _pair(input_hw)
     _check_tensor("weight", weight, 5, weight.dtype, weight.device)
@@ -477,24 +515,25 @@ def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, input_hw, st
     if tuple(grad_out.shape[1:]) != (tasks * out_ch, oh, ow):
         raise ValueError(f"grad_out must have shape [B, {tasks * out_ch}, {oh}, {ow}] for input {height}x{width}, "
                          f"got {tuple(grad_out.shape)}")
-    gx = _empty((batch, tasks * in_ch, height, width), grad_out)
+    gx = _empty((batch, tasks * in_ch, height, width), grad_out, memory_format=memory_format)
     if gx.numel() == 0:
         return gx
     _check_tensor("grad_input", gx, 4, gx.dtype, gx.device)
     kr, ks = triton.cdiv(kh, sh), triton.cdiv(kw, sw)
     m = batch * triton.cdiv(height, sh) * triton.cdiv(width, sw)   # the largest phase
     n, k = in_ch, out_ch * kr * ks
-    cfg = config or block_config("dgrad", m, n, k, grad_out.dtype)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), tasks, sh * sw)
+    cfg = config
+    if cfg is None and not _autotuned(grad_out.dtype, grad_out.device):
+        cfg = block_config("dgrad", m, n, k, grad_out.dtype)
     with _device_guard(grad_out.device):
-        _conv_dgrad_kernel[grid](
+        _launch(
+            "dgrad", cfg,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), tasks, sh * sw),
             grad_out, weight, gx,
             batch, in_ch, height, width, out_ch, oh, ow,
             *grad_out.stride(), *weight.stride(), *gx.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, KR=kr, KS=ks,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return gx
 
@@ -519,11 +558,17 @@ def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_hw, tasks
     shape = (tasks, out_ch, in_ch, kh, kw)
     if k == 0:
         return torch.zeros(shape, dtype=x.dtype, device=x.device)
-    cfg = config or block_config("wgrad", m, n, k, x.dtype)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    splits = split_k if split_k is not None else split_k_heuristic(tiles, tasks, k, cfg.block_k, x.device)
-    splits = max(1, min(int(splits), triton.cdiv(k, cfg.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    cfg = config
+    if cfg is None and not _autotuned(x.dtype, x.device):
+        cfg = block_config("wgrad", m, n, k, x.dtype)
+    # The split count sizes the workspace, so it is fixed before an autotuner picks the tiles: from the
+    # heuristic's tiles, with slices a multiple of every listed BLOCK_K.
+    guide = cfg or block_config("wgrad", m, n, k, x.dtype)
+    align = guide.block_k if cfg else max(c.block_k for c in AUTOTUNE_CONFIGS["wgrad"])
+    tiles = triton.cdiv(m, guide.block_m) * triton.cdiv(n, guide.block_n)
+    splits = split_k if split_k is not None else split_k_heuristic(tiles, tasks, k, guide.block_k, x.device)
+    splits = max(1, min(int(splits), triton.cdiv(k, align)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), align) * align
     splits = triton.cdiv(k, k_per_split)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if splits == 1:
@@ -531,16 +576,15 @@ def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_hw, tasks
         target = out.view(1, tasks, out_ch, n)
     else:
         target = _empty((splits, tasks, out_ch, n), x, dtype=acc_dtype)
-    grid = (tiles, tasks, splits)
     with _device_guard(x.device):
-        _conv_wgrad_kernel[grid](
+        _launch(
+            "wgrad", cfg,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), tasks, splits),
             x, grad_out, target,
             batch, in_ch, height, width, out_ch, oh, ow, k_per_split,
             *x.stride(), *grad_out.stride(), *target.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_DTYPE=acc, USE_DOT=use_dot, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if splits == 1:
         return out

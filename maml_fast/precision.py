@@ -102,6 +102,28 @@ def _set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def conv_fp32_precision() -> str:
+    """'tf32' when PyTorch lets cuDNN convolutions use TF32, else 'ieee' (exact fp32 products): the switch
+    `tf32` sets, which the Triton conv kernels follow as cuDNN does."""
+    for path in (("cudnn", "conv"), ("cudnn",), ()):
+        obj = torch.backends
+        try:
+            for attr in path:
+                obj = getattr(obj, attr)
+            value = getattr(obj, "fp32_precision")
+        except (AttributeError, RuntimeError):
+            break
+        if value in ("tf32", "ieee"):
+            return value
+        # "none": inherit from the parent setting
+    else:
+        return "ieee"
+    try:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    except RuntimeError:
+        return "ieee"
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
     """TF32 on (or off) for cuBLAS matmuls and cuDNN convolutions inside the block; every setting is

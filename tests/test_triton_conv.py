@@ -440,3 +440,85 @@ def test_import_loads_no_kernel_and_touches_no_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ bf16, tiles, output layout
+# bf16 inputs, fp32 accumulation, bf16 outputs: against float64 of the same (rounded) inputs, the error is
+# the output's rounding (2^-9 relative) plus fp32 sums. Under the interpreter the bf16 operands are
+# widened before tl.dot (see kernels/conv2d.py's _mma): exact products, as on the GPU's bf16 MMA.
+TOL[torch.bfloat16] = dict(rtol=8e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_primitives_match_float64(kernels, name):
+    geo, s = _geometry(CASES[name])
+    x, w, g = (rand(*s[k]).to(torch.bfloat16) for k in ("x", "w", "y"))
+    y_ref, gx_ref, gw_ref = _reference_primitives(x.double(), w.double(), g.double(), geo)
+    tol = TOL[torch.bfloat16]
+    y = kernels.conv2d_forward(x, w, geo.stride, geo.padding)
+    gx = kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding)
+    for out, ref in ((y, y_ref), (gx, gx_ref)):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref, **tol)
+    for split in (1, 3):   # bf16 output written directly, and the fp32 split-K workspace reduced
+        gw = kernels.conv2d_weight_grad(x, g, geo.kernel_hw, geo.tasks, geo.stride, geo.padding, split_k=split)
+        assert gw.dtype == torch.bfloat16
+        torch.testing.assert_close(gw.double(), gw_ref, **tol)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dgrad", "wgrad"])
+def test_every_autotune_config_is_correct(kernels, kind):
+    """Each tile configuration triton.autotune may pick on a GPU gives the reference result (fp32; the
+    interpreter runs it as an explicit config)."""
+    geo, s = _geometry(CASES["stride2_odd_primes"])
+    x, w, g = rand(*s["x"], dtype=torch.float32), rand(*s["w"], dtype=torch.float32), rand(*s["y"], dtype=torch.float32)
+    expected = dict(zip(("fwd", "dgrad", "wgrad"), _reference_primitives(x, w, g, geo)))[kind]
+    for cfg in kernels.AUTOTUNE_CONFIGS[kind]:
+        if kind == "fwd":
+            out = kernels.conv2d_forward(x, w, geo.stride, geo.padding, config=cfg)
+        elif kind == "dgrad":
+            out = kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding, config=cfg)
+        else:
+            out = kernels.conv2d_weight_grad(x, g, geo.kernel_hw, geo.tasks, geo.stride, geo.padding, config=cfg,
+                                             split_k=2)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32], msg=lambda m, cfg=cfg: f"{cfg}: {m}")
+
+
+def test_autotuning_is_for_compiled_gpu_launches_only(kernels):
+    assert not kernels._autotuned(torch.float32, torch.device("cpu"))
+    assert not kernels._autotuned(torch.float64, torch.device("cuda"))
+    assert kernels._autotuned(torch.bfloat16, torch.device("cuda")) == (not kernels.INTERPRETED)
+
+
+def test_channels_last_outputs(kernels):
+    """memory_format= allocates y and gx channels-last (the "fused" backend's layout); same values."""
+    geo, s = _geometry(CASES["many_channels_pad2"])
+    x, w, g = rand(*s["x"]), rand(*s["w"]), rand(*s["y"])
+    y_ref, gx_ref, _ = _reference_primitives(x, w, g, geo)
+    cl = torch.channels_last
+    y = kernels.conv2d_forward(x, w, geo.stride, geo.padding, memory_format=cl)
+    gx = kernels.conv2d_input_grad(g, w, geo.input_hw, geo.stride, geo.padding, memory_format=cl)
+    for out, ref in ((y, y_ref), (gx, gx_ref)):
+        assert out.is_contiguous(memory_format=cl)
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+
+
+def test_error_vs_float64_per_precision(kernels):
+    """Each primitive's error against float64 of the same float32 data, fp32 and bf16 inputs, at the
+    Omniglot conv4 layer-2 geometry (64 -> 64 channels, 14x14, stride 2; T=2, batch 5). Printed (run
+    with -s; benchmarks/RESULTS.md); bounded at about 5x what was measured under the interpreter: fp32
+    1.2e-7..1.5e-7, bf16 4.1e-3 (norm-wise; the input and output rounding to bf16). TF32 is
+    measured on a GPU only (benchmarks/test_conv_primitives.py): the interpreter's tl.dot ignores
+    input_precision."""
+    geo = conv_ops.ConvGeometry(2, (2, 2), (1, 1), (14, 14), (3, 3))
+    x, w, g = (rand(*shape, dtype=torch.float32) for shape in ((5, 128, 14, 14), (2, 64, 64, 3, 3), (5, 128, 7, 7)))
+    reference = _reference_primitives(x.double(), w.double(), g.double(), geo)
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        xs, ws, gs = x.to(dtype), w.to(dtype), g.to(dtype)
+        outputs = (kernels.conv2d_forward(xs, ws, geo.stride, geo.padding),
+                   kernels.conv2d_input_grad(gs, ws, geo.input_hw, geo.stride, geo.padding),
+                   kernels.conv2d_weight_grad(xs, gs, geo.kernel_hw, geo.tasks, geo.stride, geo.padding))
+        for primitive, out, ref in zip(("forward", "input_grad", "weight_grad"), outputs, reference):
+            error = float((out.double() - ref).norm() / ref.norm())
+            print(f"{dtype} {primitive}: relative error vs float64 {error:.2e}")
+            assert error < bound, (dtype, primitive, error)

@@ -15,7 +15,8 @@ What it runs, beyond the "torch" backend's program:
   the BatchNorm input is a free ``[rows, channels]`` view) and the bias added by the convolution; the
   first layer's forward and weight gradient on the direct ops ``maml_fast::direct_conv2d{,_weight_grad}``
   (`maml_fast.ops.direct_conv`) for the shapes and devices where they were measured faster
-  (`uses_direct_conv`; benchmarks/RESULTS.md).
+  (`uses_direct_conv`; benchmarks/RESULTS.md); on a GPU, each primitive on the Triton kernels where
+  `conv_choice`'s measured table says they were faster there (none measured yet: cuDNN everywhere).
 
 ``"auto"`` prefers it on the CPU, where it was measured faster than "torch" (benchmarks/RESULTS.md). On a
 GPU "auto" stays on "torch" until the CUDA kernels' test run has passed there.
@@ -31,7 +32,9 @@ from ..ops import conv2d as conv_ops
 from ..ops import direct_conv as direct_ops
 from ..ops.fast_weight_update import fast_weight_update
 from ..ops.losses import FUSED_LOSSES
+from . import conv_choice
 from .base import ProgramBackend
+from .triton import TritonConvPrimitives
 
 #: Per primitive, the most input channels per task for which the direct ops run a convolution (a first
 #: layer's input gradient is not needed by MAML), and the device types where they do: the shape
@@ -50,22 +53,34 @@ def uses_direct_conv(primitive: str, x: torch.Tensor, in_channels: int) -> bool:
 
 class ChannelsLastConvPrimitives(conv_ops.TorchConvPrimitives):
     """PyTorch's grouped convolutions with channels-last activations on every device (the torch
-    primitives keep them channels-last on the CPU only), the bias fused into the forward, and the
-    direct ops for layers with few input channels (`uses_direct_conv`)."""
+    primitives keep them channels-last on the CPU only), the bias fused into the forward, the direct ops
+    for layers with few input channels (`uses_direct_conv`), and the Triton kernels (channels-last
+    outputs) for the primitives and shapes where they were measured faster on this GPU (`conv_choice`)."""
 
     fuses_bias = True
+    triton = TritonConvPrimitives(torch.channels_last)
 
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x, weight, geo: conv_ops.ConvGeometry, bias=None):
+        if conv_choice.implementation("forward", x, weight.shape[2], weight.shape[1], geo) == "triton":
+            return self.triton.forward(x, weight, geo, bias=bias)
         if uses_direct_conv("forward", x, weight.shape[2]):
             return direct_ops.direct_conv2d(x, weight, bias, geo.stride, geo.padding)
         return super().forward(x, weight, geo, bias=bias)
 
+    def input_grad(self, grad_out, weight, geo: conv_ops.ConvGeometry):
+        if conv_choice.implementation("input_grad", grad_out, weight.shape[2], weight.shape[1], geo) == "triton":
+            return self.triton.input_grad(grad_out, weight, geo)
+        return super().input_grad(grad_out, weight, geo)
+
     def weight_grad(self, x, grad_out, geo: conv_ops.ConvGeometry):
-        if uses_direct_conv("weight_grad", x, x.shape[1] // geo.tasks):
+        in_channels, out_channels = x.shape[1] // geo.tasks, grad_out.shape[1] // geo.tasks
+        if conv_choice.implementation("weight_grad", x, in_channels, out_channels, geo) == "triton":
+            return self.triton.weight_grad(x, grad_out, geo)
+        if uses_direct_conv("weight_grad", x, in_channels):
             return direct_ops.direct_conv2d_weight_grad(x, grad_out, geo.tasks, geo.kernel_hw, geo.stride,
                                                         geo.padding)
         return super().weight_grad(x, grad_out, geo)

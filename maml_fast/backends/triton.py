@@ -75,18 +75,25 @@ def load_linear_kernels():
 
 class TritonConvPrimitives:
     """The three conv primitives of `maml_fast.ops.conv2d` on Triton, with the bias/ReLU/BatchNorm
-    statistics epilogue; loads the kernels lazily."""
+    statistics epilogue; loads the kernels lazily. Activations (y, gx) are allocated in `memory_format`
+    (the "fused" backend's channels-last where it runs a primitive here)."""
 
     fuses_epilogue = True
 
+    def __init__(self, memory_format=torch.contiguous_format):
+        self.memory_format = memory_format
+
     def forward(self, x, weight, geo, bias=None, relu=False):
-        return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
+        return load_kernels().conv2d_forward(x, weight, geo.stride, geo.padding, bias=bias, relu=relu,
+                                             memory_format=self.memory_format)
 
     def forward_with_stats(self, x, weight, geo, bias=None, relu=False):
-        return load_kernels().conv2d_forward_with_stats(x, weight, geo.stride, geo.padding, bias=bias, relu=relu)
+        return load_kernels().conv2d_forward_with_stats(x, weight, geo.stride, geo.padding, bias=bias, relu=relu,
+                                                        memory_format=self.memory_format)
 
     def input_grad(self, grad_out, weight, geo):
-        return load_kernels().conv2d_input_grad(grad_out, weight, geo.input_hw, geo.stride, geo.padding)
+        return load_kernels().conv2d_input_grad(grad_out, weight, geo.input_hw, geo.stride, geo.padding,
+                                                memory_format=self.memory_format)
 
     def weight_grad(self, x, grad_out, geo):
         return load_kernels().conv2d_weight_grad(x, grad_out, geo.kernel_hw, geo.tasks, geo.stride, geo.padding)
