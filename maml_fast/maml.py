@@ -174,7 +174,8 @@ class MAML(nn.Module):
               inner_lr: float | None = None) -> FastWeights:
         """Per-task fast weights after ``steps`` inner steps (default: the eval step count), detached."""
         steps = check_int("steps", self.eval_inner_steps if steps is None else steps)
-        batch = TaskBatch(support_x, support_y, support_x, support_y)
+        # (the value scan reads the device: off with the other host checks, e.g. in a graph's capture)
+        batch = TaskBatch(support_x, support_y, support_x, support_y, check_values=self.host_checks)
         loop = self._inner_loop(support_y, None, steps, inner_lr, second_order=False, meta_grad=False)
         adapted = []
         for group in loop.execution.task_groups(batch.num_tasks):

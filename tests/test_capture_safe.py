@@ -114,3 +114,18 @@ def test_multi_step_loss_annealing_is_captured_once(dtype, one_thread):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     # iterations 0-5 anneal (2 warm-ups, a capture, 3 replays), 6-9 do not (2 warm-ups, a capture, 1 replay)
     assert (graphed.stats.warmup_steps, graphed.stats.captures, graphed.stats.replays) == (4, 2, 6)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_adapt_and_predict_read_nothing_without_host_checks(steps, one_thread):
+    """`adapt` (any step count) + `predict` with the host checks off read no device value (a graph can
+    capture them); with them on, the checks still run and a bad value still gets a clear error."""
+    learner, _ = learner_and_optimizer("fused", 1, torch.float64, {})
+    batch = image_batch(0, torch.float64)
+    with mf.meta_step.host_checks(learner, False), HostSyncDetector(device_type="cpu") as detector:
+        learner.predict(learner.adapt(batch.support_x, batch.support_y, steps=steps), batch.query_x)
+    assert detector.found == [], "\n".join(map(str, detector.found))
+    bad_x = batch.support_x.clone()
+    bad_x[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="support_x"):
+        learner.adapt(bad_x, batch.support_y, steps=steps)
