@@ -20,6 +20,7 @@ import torch
 from .backends import Execution
 from .checkpointing import checkpointed_inner_step
 from .maml_plus_plus import PerStepBatchNormStatistics, inner_lr_at
+from .ops.task_broadcast import broadcast_over_tasks
 from .task_batch import check_labels
 
 METRIC_KEYS = ("support_loss", "support_accuracy", "query_loss", "query_accuracy")
@@ -63,7 +64,7 @@ class ParameterLayout:
                   running_statistics: bool = False) -> dict[str, torch.Tensor]:
         """Every network parameter as ``[T, ...]`` for inner step `step` (and, with
         `running_statistics`, the BatchNorm layers' per-step running statistics)."""
-        params = {n: t.expand(tasks, *t.shape) for n, t in zip(self.frozen, meta.frozen)}
+        params = dict(zip(self.frozen, broadcast_over_tasks(meta.frozen, tasks)))
         for n, per_step in zip(self.per_step_bn, meta.per_step_bn):
             params[n] = per_step[min(step, per_step.shape[0] - 1)].expand(tasks, *per_step.shape[1:])
         params.update(zip(self.adapted, fast))
@@ -114,7 +115,8 @@ class InnerStep:
         loss, accuracy = loop.loss(output, self.support_y)
         # The reference code differentiates sum(CE)/K_shots = N_ways x the mean (see MAML's inner_loss).
         scale = output.shape[-1] if loop.reference_inner_loss and not self.support_y.is_floating_point() else 1.0
-        grads = torch.autograd.grad(loss.sum() * scale, fast, create_graph=create_graph)
+        total = loss.sum() if scale == 1.0 else loss.sum() * scale
+        grads = torch.autograd.grad(total, fast, create_graph=create_graph)
         if loop.layout.inner_lr_mode == "fixed":
             lrs = [fast[0].new_full((), loop.inner_lr)] * len(fast)
         else:
@@ -157,7 +159,7 @@ class InnerLoop:
         ``query_loss``/``query_accuracy`` ``[K+1, T]`` and ``objective`` ``[T]`` with a query set."""
         tasks = support_x.shape[0]
         record: dict[str, list] = {key: [] for key in METRIC_KEYS}
-        objective = 0.0
+        objective, unmeasured = 0.0, None  # (unmeasured: the NaN placeholder of a query metric not computed)
         for k in range(self.steps + 1):
             if query_x is not None:
                 # weights[k-1] weighs the query loss after k steps; with no steps the loss is at θ.
@@ -167,13 +169,16 @@ class InnerLoop:
                     params = self.layout.params_at(fast, self.meta, k, tasks, self.running_statistics)
                     with torch.set_grad_enabled(weighed and torch.is_grad_enabled()):
                         loss, accuracy = self.loss(self.execution.forward(params, query_x), query_y)
-                    if weighed:
-                        objective = objective + weight * loss
+                    if weighed:  # (no ops for the plain MAML objective, the last query loss alone)
+                        weighted = loss if isinstance(weight, float) and weight == 1.0 else weight * loss
+                        objective = weighted if isinstance(objective, float) and objective == 0.0 else objective + weighted
                     record["query_loss"].append(loss.detach())
                     record["query_accuracy"].append(accuracy)
                 else:
-                    record["query_loss"].append(support_x.new_full((tasks,), math.nan))
-                    record["query_accuracy"].append(support_x.new_full((tasks,), math.nan))
+                    if unmeasured is None:
+                        unmeasured = support_x.new_full((tasks,), math.nan)
+                    record["query_loss"].append(unmeasured)
+                    record["query_accuracy"].append(unmeasured)
                 if self.record_statistics:
                     self.layout.bn_statistics.record(self.layout.params_at(fast, self.meta, k, tasks), support_x, k)
             if k == self.steps:

@@ -19,6 +19,7 @@ from .inner_loop import CheckedLoss, InnerLoop, MetaTensors, ParameterLayout
 from .maml_plus_plus import (INNER_LR_MODES, PerStepBatchNormStatistics, annealed_loss_weights, learned_inner_lrs,
                              per_step_batch_norm_weights)
 from .ops.losses import LOSSES
+from .ops.task_broadcast import broadcast_over_tasks
 from .task_batch import TaskBatch
 
 INNER_LOSS_CONVENTIONS = ("mean", "reference")
@@ -160,7 +161,7 @@ class MAML(nn.Module):
             fast = self._initial_fast_weights(group.stop - group.start, meta_grad)
             parts.append(loop.run(fast, batch.support_x[group], batch.support_y[group], batch.query_x[group],
                                   batch.query_y[group], weights)[1])
-        result = {key: torch.cat([part[key] for part in parts], dim=-1) for key in parts[0]}
+        result = parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts], dim=-1) for key in parts[0]}
         if self.training:
             if self.layout.bn_statistics is not None:
                 self.layout.bn_statistics.update()
@@ -284,7 +285,7 @@ class MAML(nn.Module):
         """θ expanded over the tasks; when only adapting, detached copies that take an inner gradient."""
         theta = dict(self.model.named_parameters())
         if meta_grad:
-            return [theta[n].expand(tasks, *theta[n].shape) for n in self.adapted_names]
+            return broadcast_over_tasks([theta[n] for n in self.adapted_names], tasks)
         return [theta[n].detach().expand(tasks, *theta[n].shape).clone().requires_grad_() for n in self.adapted_names]
 
     def _meta_tensors(self) -> MetaTensors:

@@ -24,7 +24,7 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
     """Raise ValueError naming `name` if a class label lies outside [0, num_classes)."""
     if labels.numel() == 0:
         return
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # (one reduction, one read)
     if low < 0 or high >= num_classes:
         raise ValueError(
             f"{name} holds labels in [{low}, {high}] but the model predicts {num_classes} classes: "

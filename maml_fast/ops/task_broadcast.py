@@ -1,0 +1,70 @@
+"""θ broadcast over the tasks of a group, and its adjoint, the sum over the tasks, for a list of tensors
+at once:
+
+    broadcast_over_tasks(params, T)[i] = params[i].expand(T, *params[i].shape)   (views, no copy)
+    its backward:  d params[i] = Σ_t d out[i][t]                                  (`sum_over_tasks`)
+
+Autograd's own backward of ``expand`` reduces each tensor on its own (one reduction per parameter,
+per inner loop). Here the gradients are laid end to end in their memory order (one concatenation)
+and reduced once. `sum_over_tasks` is made of differentiable ops, so a second-order backward
+differentiates it exactly (its own backward is the broadcast again: views).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def broadcast_over_tasks_reference(params: Sequence[torch.Tensor], tasks: int) -> list[torch.Tensor]:
+    return [p.expand(tasks, *p.shape) for p in params]
+
+
+def _memory_order(tensor: torch.Tensor) -> list[int]:
+    """The dims of `tensor`, the first kept first, the others from the largest stride to the smallest:
+    the permutation under which a dense tensor is contiguous."""
+    return [0, *sorted(range(1, tensor.dim()), key=lambda d: (-tensor.stride(d), d))]
+
+
+def sum_over_tasks(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[g.sum(0) for g in grads]`` by one concatenation and one reduction (each result keeps its
+    gradient's memory order); differentiable to any order."""
+    if len(grads) < 2 or len({(g.dtype, g.device) for g in grads}) > 1:
+        return [g.sum(0) for g in grads]
+    orders = [_memory_order(g) for g in grads]
+    rows = [g.permute(order).reshape(g.shape[0], -1) for g, order in zip(grads, orders)]  # views when dense
+    totals = torch.cat(rows, dim=1).sum(0).split([row.shape[1] for row in rows])
+    sums = []
+    for total, grad, order in zip(totals, grads, orders):
+        inner = order[1:]
+        restore = sorted(range(len(inner)), key=lambda i: inner[i])
+        sums.append(total.view([grad.shape[d] for d in inner]).permute(restore))
+    return sums
+
+
+class _BroadcastOverTasks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tasks: int, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets no reduction
+        return tuple(broadcast_over_tasks_reference(params, tasks))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        wanted = [i for i, grad in enumerate(grads) if grad is not None and ctx.needs_input_grad[1 + i]]
+        d_params: list[torch.Tensor | None] = [None] * len(grads)
+        for i, total in zip(wanted, sum_over_tasks([grads[i] for i in wanted])):
+            d_params[i] = total
+        return (None, *d_params)
+
+
+def broadcast_over_tasks(params: Sequence[torch.Tensor], tasks: int) -> list[torch.Tensor]:
+    """Each of `params` expanded to ``[tasks, *shape]`` (stride 0 over the tasks, no copy), with one
+    reduction for all of their gradients; differentiable to any order."""
+    if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
+        raise ValueError(f"tasks must be a positive int, got {tasks!r}")
+    for i, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(param).__name__}")
+    if not params:
+        return []
+    return list(_BroadcastOverTasks.apply(tasks, *params))

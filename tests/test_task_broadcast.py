@@ -1,0 +1,84 @@
+"""maml_fast/ops/task_broadcast.py: θ broadcast over the tasks with one reduction for all gradients.
+float64, fresh random inputs, awkward shapes (0-dim, 1, primes), gradients in other memory orders,
+gradcheck and gradgradcheck, and the reduction against autograd's own backward of ``expand``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maml_fast.ops.task_broadcast import broadcast_over_tasks, broadcast_over_tasks_reference, sum_over_tasks
+
+SHAPES = [(), (1,), (7,), (5, 3), (2, 3, 1, 5)]
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(torch.seed())
+
+
+def _params(generator, shapes=SHAPES):
+    return [torch.randn(s, generator=generator, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 8])
+def test_forward_is_the_expand_and_the_backward_its_sum(tasks, generator):
+    params = _params(generator)
+    outputs = broadcast_over_tasks(params, tasks)
+    for out, ref in zip(outputs, broadcast_over_tasks_reference(params, tasks)):
+        assert out.shape == ref.shape and torch.equal(out, ref)
+    grads = [torch.randn(o.shape, generator=generator, dtype=torch.float64) for o in outputs]
+    got = torch.autograd.grad(outputs, params, grads)
+    want = torch.autograd.grad(broadcast_over_tasks_reference(params, tasks), params, grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_gradients_in_any_memory_order(generator):
+    """Channels-last, transposed and expanded gradients are summed right, each result in its own order."""
+    grads = [torch.randn(4, 6, 5, 3, 3, generator=generator, dtype=torch.float64).permute(0, 1, 4, 2, 3),
+             torch.randn(4, 7, 2, generator=generator, dtype=torch.float64).transpose(1, 2),
+             torch.randn(1, 5, generator=generator, dtype=torch.float64).expand(4, 5),
+             torch.randn(4, generator=generator, dtype=torch.float64)]
+    for got, grad in zip(sum_over_tasks(grads), grads):
+        assert got.shape == grad.shape[1:]
+        torch.testing.assert_close(got, grad.sum(0), rtol=1e-14, atol=1e-14)
+
+
+def test_unused_outputs_and_parameters_without_grad(generator):
+    params = _params(generator, [(3,), (2, 2)]) + [torch.randn(4, dtype=torch.float64)]
+    outputs = broadcast_over_tasks(params, 5)
+    grad_w, = torch.autograd.grad(outputs[1].sum(), [params[1]])
+    torch.testing.assert_close(grad_w, torch.full((2, 2), 5.0, dtype=torch.float64))
+    assert torch.autograd.grad(outputs[2].sum(), params[0], allow_unused=True) == (None,)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_gradcheck_and_gradgradcheck(tasks, generator):
+    params = _params(generator, [(), (3,), (2, 3)])
+    fn = lambda *p: tuple(broadcast_over_tasks(p, tasks))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params)
+    assert torch.autograd.gradgradcheck(fn, params)
+
+
+def test_second_order_through_an_inner_step(generator):
+    """A MAML-like step: the meta-gradient through broadcast_over_tasks equals the one through expand."""
+    x = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64)
+
+    def meta_gradient(broadcast):
+        w, b = _params(torch.Generator().manual_seed(0), [(5, 2), (2,)])
+        fast = broadcast([w, b], 3)
+        loss = torch.tanh(x @ fast[0] + fast[1][:, None]).pow(2).sum()
+        g = torch.autograd.grad(loss, fast, create_graph=True)
+        adapted = [p - 0.1 * d for p, d in zip(fast, g)]
+        query = torch.tanh(x @ adapted[0] + adapted[1][:, None]).sum()
+        return torch.autograd.grad(query, [w, b])
+
+    for a, b in zip(meta_gradient(broadcast_over_tasks), meta_gradient(broadcast_over_tasks_reference)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="tasks must be a positive int"):
+        broadcast_over_tasks([torch.zeros(2)], 0)
+    with pytest.raises(TypeError, match=r"params\[1\] must be a torch.Tensor"):
+        broadcast_over_tasks([torch.zeros(2), 3.0], 2)
