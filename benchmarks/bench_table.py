@@ -7,8 +7,9 @@ write the raw numbers with the machine, torch version and commit as JSON.
 Peers (benchmarks/configs.py): the eager ones ("loop", "vmap", "functorch", "torch", "fused", "triton") time
 the trainer's MetaStep per call; the graphed ones ("vmap+graph", "torch+graph", "fused+graph",
 "triton+graph", CUDA only) time replays of the same step captured whole as one CUDA graph
-(`GraphedMetaStep`: the optimizer step included), the median of >= --replays replays after the warm-up and
-the capture. A peer that cannot run on the device is listed with the reason and not timed.
+(`GraphedMetaStep`: the optimizer step included; a call is the batch's copy into the graph's static inputs and
+one replay, as in training), the median of >= --replays replays after the warm-up and the capture. A peer
+that cannot run on the device is listed with the reason and not timed.
 """
 from __future__ import annotations
 

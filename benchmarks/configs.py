@@ -127,9 +127,9 @@ def meta_step(peer: str, config: MetaStepConfig, device="cpu", dtype=torch.float
 
     learner = make_learner(base_peer(peer), config.make_net(device, dtype), config)
     batch = config.make_batch(device, dtype)
-    if not is_graphed(peer):
-        return functools.partial(MetaStep(learner, torch.optim.Adam(learner.parameters(), lr=META_LR, fused=True)), batch)
-    # a CUDA graph replays the optimizer step too: its step count must live on the device (capturable)
-    capturable = {"capturable": True} if capture_backend is None else {}
+    # a CUDA graph replays the optimizer step too: its step count must then live on the device (capturable)
+    capturable = {"capturable": True} if is_graphed(peer) and capture_backend is None else {}
     optimizer = torch.optim.Adam(learner.parameters(), lr=META_LR, fused=True, **capturable)
-    return functools.partial(GraphedMetaStep(learner, optimizer, backend=capture_backend, warmup=GRAPH_WARMUP), batch)
+    if is_graphed(peer):
+        return functools.partial(GraphedMetaStep(learner, optimizer, backend=capture_backend, warmup=GRAPH_WARMUP), batch)
+    return functools.partial(MetaStep(learner, optimizer), batch)

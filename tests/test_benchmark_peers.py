@@ -23,7 +23,7 @@ from maml_fast.cuda_graph import EmulatedGraphBackend
 import reference_maml as ref
 from benchmarks.configs import (CONFIGS, GRAPH_WARMUP, GRAPHED_PEERS, PEERS, base_peer, make_learner, meta_step,
                                 unavailable_reason)
-from conftest import cpu_backend_param
+from conftest import cpu_backend_param, cuda_initialisations
 from test_exactness import TOL, rel_err
 
 # The conv4 configurations at test size (the ResNet-12 ones are checked against the loop in test_resnet12.py;
@@ -116,3 +116,10 @@ def test_graphed_peer_takes_the_eager_peers_steps(peer):
     stats = graphed.func.stats
     assert (stats.warmup_steps, stats.captures, stats.replays, stats.eager_steps) == (GRAPH_WARMUP, 1, 3, 0)
     assert "CUDA graphs need a CUDA device" in unavailable_reason(peer, "cpu")
+
+
+def test_the_benchmark_scripts_touch_no_cuda_on_import():
+    """Importing the table and the profiler and listing the CPU's peers initialise no CUDA (the GPU check
+    and the test collection import them)."""
+    assert cuda_initialisations("import benchmarks.bench_table, benchmarks.profile_step\n"
+                                "from benchmarks.configs import available_peers\navailable_peers('cpu')") == []
