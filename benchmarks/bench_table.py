@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .configs import (CONFIGS, GRAPH_WARMUP, GRAPHED_PEERS, PEERS, available_peers, base_peer, is_graphed, meta_step,
-                      unavailable_reason)
+from .configs import (CONFIGS, GRAPHED_PEERS, PEERS, available_peers, base_peer, is_graphed, meta_step,
+                      unavailable_reason, warmup_calls)
 
 
 def environment(device: str) -> dict:
@@ -61,7 +61,7 @@ def set_up(config, peers, device, sync) -> tuple[dict, dict[str, str]]:
     for peer in peers:
         try:
             step = meta_step(peer, config, device)
-            for _ in range(GRAPH_WARMUP + 2 if is_graphed(peer) else 1):
+            for _ in range(warmup_calls(peer)):
                 step()
             sync()
         except Exception as error:  # noqa: BLE001  (reported, see above)

@@ -86,6 +86,12 @@ def is_graphed(peer: str) -> bool:
     return peer.endswith(GRAPH_SUFFIX)
 
 
+def warmup_calls(peer: str) -> int:
+    """Untimed calls of a peer's step before timing it: one; a graphed peer's eager warm-ups, its capture
+    and one replay."""
+    return GRAPH_WARMUP + 2 if is_graphed(peer) else 1
+
+
 def unavailable_reason(peer: str, device) -> str | None:
     """Why `peer` cannot be timed on `device` (None when it can)."""
     from maml_fast.backends import unavailable_reasons

@@ -21,7 +21,7 @@ from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_table import environment
-from .configs import CONFIGS, GRAPH_WARMUP, base_peer, is_graphed, meta_step, unavailable_reason
+from .configs import CONFIGS, base_peer, is_graphed, meta_step, unavailable_reason, warmup_calls
 
 # A MiniImageNet-shaped step small enough for a CPU rehearsal (4 max-pools still leave a 1x1 map).
 DRY_RUN_SIZES = {"tasks": 2, "image_size": 20, "queries_per_class": 2}
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         print(f"profile_step: cannot run {peer!r} on {device}: {reason}", file=sys.stderr)
         return 2
     step = meta_step(peer, config, device)
-    for _ in range(GRAPH_WARMUP + 2 if is_graphed(peer) else 1):  # warm-up (graphed: capture and one replay)
+    for _ in range(warmup_calls(peer)):  # warm-up (graphed: capture and one replay)
         step()
     table, count, total_ms = kernel_table(step, device, args.rows)
     what = "kernels" if device == "cuda" else "CPU ops (dry run)"
