@@ -142,9 +142,10 @@ def main(argv=None):
             print(f"# {peer}: {stats}")
         for peer, error in failed.items():
             print(f"# {peer} failed in its set-up, not timed: {error}")
+        if args.out:  # after every configuration: a run stopped by a time limit keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
 
 
