@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("install", "bench_graphed", "op_error_probe", "profile", "paper", "tests", "sanitizer_memcheck",
           "sanitizer_racecheck", "conv_primitives", "bench_resnet12")
-RUN_ON_THE_CPU = ("bench_graphed", "op_error_probe", "profile", "paper", "tests")
+RUN_ON_THE_CPU = ("install", "bench_graphed", "op_error_probe", "profile", "paper", "tests")
 BUDGET_S = 240
 
 
@@ -37,5 +37,5 @@ def test_the_dry_run_runs_every_stage_or_says_why_not(tmp_path):
     assert "  paper RESULT" in status and "  probe crashed: 0" in status
     files = [path for path in out.rglob("*") if path.is_file()]
     assert len(files) <= 8 and all(re.fullmatch(r"[\w.-]+", path.name) for path in files), files
-    assert {"status.txt", "bench_graphed.json", "profile_miniimagenet.txt", "paper_omniglot_5w1s_eval.json",
+    assert {"status.txt", "build.log", "bench_graphed.json", "profile_miniimagenet.txt", "paper_omniglot_5w1s_eval.json",
             "tests.log"} <= {path.name for path in files}
