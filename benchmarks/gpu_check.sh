@@ -125,8 +125,8 @@ BENCH="import sys; from benchmarks.bench_table import main; main(sys.argv[1:])"
 stage install 80 "$OUT/build.log" $PY -m pip install -e . --no-build-isolation --no-deps $(
     [ "$DRY" = 1 ] && echo --dry-run)
 
-# 2. the headline: the graphed table (the loop and functorch peers only as the eager baselines' ends: functorch
-#    is left out for time, its meta-gradient through BatchNorm is not MAML's anyway, benchmarks/RESULTS.md)
+# 2. the headline: the graphed peers next to the eager ones (functorch is left out for time: its meta-gradient
+#    through BatchNorm is not MAML's anyway, benchmarks/RESULTS.md)
 CONFIGS="omniglot_5w1s omniglot_20w1s miniimagenet_5w1s"
 if [ "$DRY" = 1 ]; then  # the CPU's peers (the graphed ones are listed as not timed, with the reason)
     stage bench_graphed 60 "$OUT/bench_graphed.log" $PY -c "$BENCH" --configs $CONFIGS --tasks 1 --rounds 1 \
