@@ -2,13 +2,22 @@
 process (rounds interleaved across peers so drift on a shared machine hits all of them alike), and
 write the raw numbers with the machine, torch version and commit as JSON.
 
-    python -m benchmarks.bench_table [--configs omniglot_5w1s] [--rounds 7] [--out benchmarks/results/x.json]
+    python -m benchmarks.bench_table [--configs omniglot_5w1s] [--rounds 7] [--replays 50] [--out x.json]
+
+Peers (benchmarks/configs.py): the eager ones ("loop", "vmap", "functorch", "torch", "fused", "triton") time
+the trainer's MetaStep per call; the graphed ones ("vmap+graph", "torch+graph", "fused+graph",
+"triton+graph", CUDA only) time replays of the same step captured whole as one CUDA graph
+(`GraphedMetaStep`: the optimizer step included; a call is the batch's copy into the graph's static inputs and
+one replay, as in training), the median of >= --replays replays after the warm-up and the capture. A peer
+that cannot run on the device is listed with the reason and not timed.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -17,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .configs import CONFIGS, available_peers, meta_step
+from .configs import (CONFIGS, GRAPHED_PEERS, PEERS, available_peers, base_peer, is_graphed, meta_step,
+                      unavailable_reason, warmup_calls)
 
 
 def environment(device: str) -> dict:
@@ -41,20 +51,39 @@ def environment(device: str) -> dict:
     }
 
 
-def time_peers(config, peers, device, rounds, clock=time.perf_counter) -> dict[str, list[float]]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    steps = {peer: meta_step(peer, config, device) for peer in peers}
-    for step in steps.values():  # warm-up: allocator, oneDNN/cuDNN plans, lowering
-        step()
-        sync()
-    times = {peer: [] for peer in peers}
+def set_up(config, peers, device, sync) -> tuple[dict, dict[str, str]]:
+    """Each peer's step, warmed up: allocator, oneDNN/cuDNN plans, lowering, Triton compilation; a graphed
+    peer's eager warm-ups, its capture and one replay. A peer whose set-up fails (a graphed step that does
+    not capture: a host read found by GraphedMetaStep's check, an error of the CUDA capture; a kernel that
+    does not compile) is left out with the error, which the table reports: on a time-limited GPU run one
+    peer's failure must not cost the others' numbers."""
+    steps, failed = {}, {}
+    for peer in peers:
+        try:
+            step = meta_step(peer, config, device)
+            for _ in range(warmup_calls(peer)):
+                step()
+            sync()
+        except Exception as error:  # noqa: BLE001  (reported, see above)
+            failed[peer] = f"{type(error).__name__}: {error}"
+            continue
+        steps[peer] = step
+    return steps, failed
+
+
+def time_peers(steps: dict, rounds: int, replays: int, sync, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each step, rounds interleaved across peers; in each round an eager peer runs
+    once and a graphed peer ceil(replays / rounds) times, so that it gets >= `replays` samples."""
+    per_round = math.ceil(replays / rounds)
+    times = {peer: [] for peer in steps}
     for _ in range(rounds):
         for peer, step in steps.items():
-            sync()
-            start = clock()
-            step()
-            sync()
-            times[peer].append(clock() - start)
+            for _ in range(per_round if is_graphed(peer) else 1):
+                sync()
+                start = clock()
+                step()
+                sync()
+                times[peer].append(clock() - start)
     return times
 
 
@@ -62,7 +91,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["omniglot_5w1s", "miniimagenet_5w1s"], choices=list(CONFIGS))
     parser.add_argument("--peers", nargs="+", help="default: every peer available on the device")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps of each eager peer")
+    parser.add_argument("--replays", type=int, default=50, help="timed replays of each graphed peer (after warm-up)")
+    parser.add_argument("--tasks", type=int, help="override the configurations' meta-batch size (dry runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -74,25 +105,47 @@ def main(argv=None):
         parser.error("--cpu-time measures CPU runs only")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.peers = args.peers or available_peers(args.device)
+    unavailable = {peer: unavailable_reason(peer, args.device) for peer in PEERS + GRAPHED_PEERS}
+    if args.peers:
+        refused = {peer: unavailable_reason(peer, args.device) for peer in args.peers}
+        refused = [f"{peer}: {reason}" for peer, reason in refused.items() if reason]
+        if refused:
+            parser.error(f"cannot time on {args.device}: " + "; ".join(refused))
+    else:
+        args.peers = available_peers(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     results = {"environment": environment(args.device), "clock": "process CPU time" if args.cpu_time else "wall",
                "configs": {}}
     print(f"# {results['environment']}")
+    for peer, reason in unavailable.items():
+        if reason and peer not in args.peers:
+            print(f"# not timed: {peer}: {reason}")
     for name in args.configs:
-        times = time_peers(CONFIGS[name], args.peers, args.device, args.rounds,
+        config = CONFIGS[name] if args.tasks is None else dataclasses.replace(CONFIGS[name], tasks=args.tasks)
+        steps, failed = set_up(config, args.peers, args.device, sync)
+        times = time_peers(steps, args.rounds, args.replays, sync,
                            time.process_time if args.cpu_time else time.perf_counter)
         medians = {peer: statistics.median(t) for peer, t in times.items()}
-        results["configs"][name] = {"median_s": medians, "times_s": times}
-        print(f"\n## {name} (median of {args.rounds}, ms; ratio = peer time / this time)")
-        print("| backend | ms | vs loop | vs vmap | vs functorch |")
-        print("|---|---|---|---|---|")
+        graphs = {peer: dataclasses.asdict(step.func.stats) for peer, step in steps.items() if is_graphed(peer)}
+        results["configs"][name] = {"tasks": config.tasks, "median_s": medians, "times_s": times,
+                                    "graph_stats": graphs, "failed": failed}
+        print(f"\n## {name} (T={config.tasks}; median ms of {args.rounds} steps, graphed peers of >= {args.replays} "
+              "replays; ratio = peer time / this time)")
+        print("| backend | ms | vs loop | vs vmap | vs functorch | vs eager |")
+        print("|---|---|---|---|---|---|")
         for peer, median in medians.items():
-            ratios = [f"{medians[base] / median:.2f}x" if base in medians else "-" for base in ("loop", "vmap", "functorch")]
-            print(f"| {peer} | {median * 1e3:.1f} | " + " | ".join(ratios) + " |")
+            ratios = [f"{medians[base] / median:.2f}x" if base in medians else "-"
+                      for base in ("loop", "vmap", "functorch", base_peer(peer) if is_graphed(peer) else None)]
+            print(f"| {peer} | {median * 1e3:.2f} | " + " | ".join(ratios) + " |")
+        for peer, stats in graphs.items():
+            print(f"# {peer}: {stats}")
+        for peer, error in failed.items():
+            print(f"# {peer} failed in its set-up, not timed: {error}")
+        if args.out:  # after every configuration: a run stopped by a time limit keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out}")
 
 

@@ -7,7 +7,8 @@ from .configs import CONFIGS, PEERS, available_peers, meta_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The loop peer on MiniImageNet and ResNet-12 takes many seconds per step on a CPU: fewer rounds there.
-ROUNDS = {"omniglot_5w1s": 5, "miniimagenet_5w1s": 2, "resnet12_5w1s_32px": 1, "resnet12_narrow_5w1s_32px": 2}
+ROUNDS = {"omniglot_5w1s": 5, "omniglot_20w1s": 2, "miniimagenet_5w1s": 2, "resnet12_5w1s_32px": 1,
+          "resnet12_narrow_5w1s_32px": 2}
 
 
 @pytest.mark.parametrize("peer", PEERS)

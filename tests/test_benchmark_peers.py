@@ -7,7 +7,10 @@ with its reasons ("triton" runs under the test session's interpreter, tests/conf
 
 Except the functorch peer on those networks: its meta-gradient through BatchNorm is not MAML's (see
 `test_functorch_peer_meta_gradient_through_batch_norm_is_not_mamls`, which asserts that as it stands);
-without BatchNorm it is exact."""
+without BatchNorm it is exact.
+
+The graphed peers ("<backend>+graph") are timed on CUDA only; on the CPU their wiring runs through
+`EmulatedGraphBackend` and takes the eager peer's steps."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +19,11 @@ import pytest
 import torch
 
 import maml_fast as mf
+from maml_fast.cuda_graph import EmulatedGraphBackend
 import reference_maml as ref
-from benchmarks.configs import CONFIGS, PEERS, make_learner
-from conftest import cpu_backend_param
+from benchmarks.configs import (CONFIGS, GRAPH_WARMUP, GRAPHED_PEERS, PEERS, base_peer, make_learner, meta_step,
+                                unavailable_reason)
+from conftest import cpu_backend_param, cuda_initialisations
 from test_exactness import TOL, rel_err
 
 # The conv4 configurations at test size (the ResNet-12 ones are checked against the loop in test_resnet12.py;
@@ -85,3 +90,36 @@ def test_functorch_peer_meta_gradient_through_batch_norm_is_not_mamls(config_nam
     assert loss_error <= TOL
     assert max(errors.values()) > 1e-4, errors
     assert errors["0.bias"] > 1e-2, "the cancelled first conv bias got (almost) its zero meta-gradient"
+
+
+def _graphed_peer_param(peer):
+    # Triton's kernels are launched outside torch's dispatcher, so the emulator (which records and replays
+    # aten ops) cannot replay them; the CUDA run captures them for real.
+    if base_peer(peer) == "triton":
+        return pytest.param(peer, marks=pytest.mark.skip(reason="the CPU graph emulator records aten ops; Triton "
+                                                                "kernels launch outside the dispatcher"))
+    return pytest.param(peer, marks=cpu_backend_param(base_peer(peer)).marks)
+
+
+@pytest.mark.parametrize("peer", [_graphed_peer_param(peer) for peer in GRAPHED_PEERS])
+def test_graphed_peer_takes_the_eager_peers_steps(peer):
+    """A graphed peer's step (GraphedMetaStep: eager warm-ups, one capture, then replays), on the CPU
+    emulator, gives the same meta-loss as its eager peer's MetaStep step after step (float64, same net,
+    batch and Adam), and what is timed on CUDA is replays of one graph. Not timed here: the CPU refuses
+    the graphed peers with a reason."""
+    config = dataclasses.replace(CONFIGS["omniglot_5w1s"], **SMALL["omniglot_5w1s"])
+    eager = meta_step(base_peer(peer), config, dtype=torch.float64)
+    graphed = meta_step(peer, config, dtype=torch.float64, capture_backend=EmulatedGraphBackend())
+    for _ in range(GRAPH_WARMUP + 3):
+        expected = eager()["meta_loss"].clone()
+        assert rel_err(graphed()["meta_loss"], expected) <= 1e-12
+    stats = graphed.func.stats
+    assert (stats.warmup_steps, stats.captures, stats.replays, stats.eager_steps) == (GRAPH_WARMUP, 1, 3, 0)
+    assert "CUDA graphs need a CUDA device" in unavailable_reason(peer, "cpu")
+
+
+def test_the_benchmark_scripts_touch_no_cuda_on_import():
+    """Importing the table and the profiler and listing the CPU's peers initialise no CUDA (the GPU check
+    and the test collection import them)."""
+    assert cuda_initialisations("import benchmarks.bench_table, benchmarks.profile_step\n"
+                                "from benchmarks.configs import available_peers\navailable_peers('cpu')") == []

@@ -1,7 +1,7 @@
 """`GraphedMetaStep`: static inputs, warm-up, capture, replay, re-capture, the eager switch, the
 on-device non-finite skip and host-sync detection — on the CPU with a fake capture backend and with
 `EmulatedGraphBackend` (recorded aten ops replayed without Python), and on CUDA when there is one.
-(The eager vs graphed timing is a benchmark: benchmarks/cuda_graph_speed.py.)"""
+(The eager vs graphed timing is a benchmark: the graphed peers of benchmarks/bench_table.py.)"""
 from __future__ import annotations
 
 import types
