@@ -211,7 +211,8 @@ fi
 stage conv_primitives 60 "$OUT/bench_graphed.log" $PY -m pytest -q -rs benchmarks/test_conv_primitives.py \
     --benchmark-json="$WORK/conv_primitives.json" --benchmark-columns=min,median,mean,stddev,rounds \
     --benchmark-sort=name
-# summary: median time per REPEAT calls, triton / cuDNN, per layer and primitive
+# summary: median time per REPEAT calls and error against float64, cuDNN and Triton, per layer, primitive
+# and precision; then the measured winners as the fused backend's conv-choice table (to $OUT)
 $PY - "$WORK/conv_primitives.json" >> "$STATUS" 2>&1 <<'EOF'
 import json, sys
 try:
@@ -221,18 +222,22 @@ except (OSError, ValueError) as error:
     raise SystemExit
 rows = {}
 for bench in data["benchmarks"]:
-    impl = bench["params"]["impl"]
-    rows.setdefault(bench["group"], {})[impl] = bench["stats"]["median"] * 1e3 / bench["extra_info"]["repeat"]
-print("\n| layer-primitive | cuDNN ms | triton ms | triton/cuDNN |")
-print("|---|---|---|---|")
-for group, times in sorted(rows.items()):
-    torch_ms, triton_ms = times.get("torch"), times.get("triton")
-    ratio = f"{triton_ms / torch_ms:.2f}" if torch_ms and triton_ms else "-"
-    fmt = lambda v: f"{v:.4f}" if v is not None else "-"
-    print(f"| {group} | {fmt(torch_ms)} | {fmt(triton_ms)} | {ratio} |")
+    info = bench["extra_info"]
+    rows.setdefault(bench["group"], {})[bench["params"]["impl"]] = (
+        bench["stats"]["median"] * 1e3 / info["repeat"], info["relative_error_vs_float64"])
+fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+print("\n| layer-primitive-precision | cuDNN ms | triton ms | triton/cuDNN | cuDNN err vs fp64 | triton err vs fp64 |")
+print("|---|---|---|---|---|---|")
+for group, impls in sorted(rows.items()):
+    (cudnn_ms, cudnn_err), (triton_ms, triton_err) = impls.get("cudnn", (None, None)), impls.get("triton", (None, None))
+    ratio = f"{triton_ms / cudnn_ms:.2f}" if cudnn_ms and triton_ms else "-"
+    print(f"| {group} | {fmt(cudnn_ms, '.4f')} | {fmt(triton_ms, '.4f')} | {ratio} | {fmt(cudnn_err, '.1e')} | {fmt(triton_err, '.1e')} |")
 if data["benchmarks"]:
-    print("fp32 precision:", data["benchmarks"][0]["extra_info"].get("fp32_precision"))
+    print("device:", data["benchmarks"][0]["extra_info"]["device"])
 EOF
+if [ -s "$WORK/conv_primitives.json" ]; then
+    $PY -m maml_fast.backends.conv_choice "$WORK/conv_primitives.json" --table "$OUT/conv_choices.json" >> "$STATUS" 2>&1
+fi
 
 # ResNet-12 (full width, 32x32 images, T=8) in the same table, eager and graphed (dry run: the narrow one)
 if [ "$DRY" = 1 ]; then
