@@ -82,3 +82,14 @@ def test_bad_arguments():
         broadcast_over_tasks([torch.zeros(2)], 0)
     with pytest.raises(TypeError, match=r"params\[1\] must be a torch.Tensor"):
         broadcast_over_tasks([torch.zeros(2), 3.0], 2)
+
+
+def test_vectors_of_one_length_are_copied_per_task_together(generator):
+    """Vectors sharing a length come out contiguous per task (what the fused ops read without a copy);
+    a vector of its own length and the matrices stay expanded views."""
+    params = _params(generator, [(7,), (3,), (7,), (5, 3), (7,)])
+    outputs = broadcast_over_tasks(params, 4)
+    for out, param in zip(outputs, params):
+        torch.testing.assert_close(out, param.expand(4, *param.shape), rtol=0, atol=0)
+    assert all(outputs[i].is_contiguous() for i in (0, 2, 4))
+    assert outputs[1].stride(0) == 0 and outputs[3].stride(0) == 0

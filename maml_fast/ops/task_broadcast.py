@@ -1,7 +1,8 @@
 """θ broadcast over the tasks of a group, and its adjoint, the sum over the tasks, for a list of tensors
 at once:
 
-    broadcast_over_tasks(params, T)[i] = params[i].expand(T, *params[i].shape)   (views, no copy)
+    broadcast_over_tasks(params, T)[i] = params[i].expand(T, *params[i].shape)   (views, no copy; vectors
+                                                                                   of one length copied together)
     its backward:  d params[i] = Σ_t d out[i][t]                                  (`sum_over_tasks`)
 
 Autograd's own backward of ``expand`` reduces each tensor on its own (one reduction per parameter,
@@ -46,7 +47,18 @@ class _BroadcastOverTasks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tasks: int, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # an output the loss does not use gets no reduction
-        return tuple(broadcast_over_tasks_reference(params, tasks))
+        outputs = broadcast_over_tasks_reference(params, tasks)
+        # Vectors (biases, BatchNorm's affine: small) are read as contiguous [T*C] by the fused ops, which
+        # would copy each expanded one: those of one length are copied per task together, by one stack.
+        by_length: dict[int, list[int]] = {}
+        for i, param in enumerate(params):
+            if param.dim() == 1:
+                by_length.setdefault(param.shape[0], []).append(i)
+        for group in by_length.values():
+            if len(group) > 1:
+                for i, copy in zip(group, torch.stack([outputs[i] for i in group]).unbind()):
+                    outputs[i] = copy
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -58,8 +70,9 @@ class _BroadcastOverTasks(torch.autograd.Function):
 
 
 def broadcast_over_tasks(params: Sequence[torch.Tensor], tasks: int) -> list[torch.Tensor]:
-    """Each of `params` expanded to ``[tasks, *shape]`` (stride 0 over the tasks, no copy), with one
-    reduction for all of their gradients; differentiable to any order."""
+    """Each of `params` as ``[tasks, *shape]``: expanded (stride 0 over the tasks, no copy), or for
+    vectors sharing a length with another, copied per task (one op per length); one reduction for all
+    of their gradients; differentiable to any order."""
     if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
         raise ValueError(f"tasks must be a positive int, got {tasks!r}")
     for i, param in enumerate(params):
