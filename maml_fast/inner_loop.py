@@ -116,12 +116,21 @@ class InnerStep:
         # The reference code differentiates sum(CE)/K_shots = N_ways x the mean (see MAML's inner_loss).
         scale = output.shape[-1] if loop.reference_inner_loss and not self.support_y.is_floating_point() else 1.0
         total = loss.sum() if scale == 1.0 else loss.sum() * scale
-        grads = torch.autograd.grad(total, fast, create_graph=create_graph)
+        # (None: a weight the loss does not depend on, e.g. a conv bias that a BatchNorm cancels)
+        grads = torch.autograd.grad(total, fast, create_graph=create_graph, allow_unused=True)
+        moving = [i for i, grad in enumerate(grads) if grad is not None]
         if loop.layout.inner_lr_mode == "fixed":
             lrs = [fast[0].new_full((), loop.inner_lr)] * len(fast)
         else:
             lrs = [inner_lr_at(lr, loop.layout.inner_lr_mode, self.step) for lr in meta.inner_lrs]
-        return loop.update(fast, grads, lrs), loss, accuracy
+        # A weight with no gradient stays as it is, as a new view: the next step's gradient with respect
+        # to it then stops there, instead of waiting on the backward of the node that made it and its
+        # neighbours (θ's broadcast, or an update), which that gradient would run (and, first-order, free).
+        new_fast = [weight.view_as(weight) for weight in fast]
+        for i, updated in zip(moving, loop.update([fast[i] for i in moving], [grads[i] for i in moving],
+                                                  [lrs[i] for i in moving])):
+            new_fast[i] = updated
+        return new_fast, loss, accuracy
 
     def flat(self, tensors: list[torch.Tensor], num_fast: int, create_graph: bool):
         """The step on the flat list ``[*fast, *meta.flat()]`` (the checkpointed step's arguments)."""

@@ -47,24 +47,25 @@ def parameter(params: dict, prefix: str, name: str, module: nn.Module):
 
 
 class _BiasCancelledByBatchNorm(torch.autograd.Function):
-    """h unchanged, and an exactly zero gradient for `bias`: the conv bias that a BatchNorm with batch
-    statistics cancels (it subtracts the per-channel mean, bias included). Computed, that gradient is
-    rounding noise (~1e-15), which Adam would normalise into real steps that differ with the task
-    split; and the program saves the bias add and its gradient's reduction."""
+    """h unchanged, and no gradient (None: exactly zero) for `bias`: the conv bias that a BatchNorm with
+    batch statistics cancels (it subtracts the per-channel mean, bias included). Computed, that gradient
+    is rounding noise (~1e-15), which Adam would normalise into real steps that differ with the task
+    split; and the program saves the bias add and its gradient's reduction. The inner loop leaves a
+    weight with no gradient as it is, and the meta-gradient of its θ is an exact zero
+    (`maml_fast.ops.task_broadcast`)."""
 
     @staticmethod
     def forward(ctx, h, bias):
-        ctx.bias_shape = bias.shape
         return h.view_as(h)
 
     @staticmethod
     def backward(ctx, grad_h):
-        return grad_h, grad_h.new_zeros(ctx.bias_shape)
+        return grad_h, None
 
 
 def cancel_bias_before_batch_norm(h, bias):
-    """h, for a conv output whose bias a BatchNorm with batch statistics cancels: `bias` gets an exactly
-    zero gradient (`_BiasCancelledByBatchNorm`)."""
+    """h, for a conv output whose bias a BatchNorm with batch statistics cancels: `bias` gets no gradient
+    (`_BiasCancelledByBatchNorm`)."""
     return _BiasCancelledByBatchNorm.apply(h, bias)
 
 

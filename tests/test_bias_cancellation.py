@@ -51,3 +51,21 @@ def test_bias_without_a_following_batch_norm_is_kept(make_batch):
     for name in ("model.0.bias", "model.3.bias"):
         assert grads[name].abs().max() > 1e-6
         torch.testing.assert_close(grads[name], loop_grads[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", _backend_param("fused")])
+def test_cancelled_bias_does_not_adapt(backend, make_batch):
+    """With no inner gradient the cancelled biases stay θ through every inner step (no update work);
+    the other weights move."""
+    torch.manual_seed(4)
+    net = mf.models.conv4(1, 3, hidden=5).double()
+    learner = mf.MAML(net, inner_lr=0.3, inner_steps=3, backend=backend)
+    batch = make_batch(tasks=2, ways=3, shots=2, queries=3, example_shape=(1, 12, 12))
+    fast = learner.adapt(batch.support_x, batch.support_y)
+    theta = dict(learner.named_parameters())
+    for name, weights in fast.params.items():
+        initial = theta["model." + name].expand_as(weights)
+        if "model." + name in CONV_BIASES:
+            assert torch.equal(weights, initial), name
+        elif name.endswith("weight"):
+            assert not torch.equal(weights, initial), name

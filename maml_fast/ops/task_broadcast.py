@@ -12,6 +12,7 @@ differentiates it exactly (its own backward is the broadcast again: views).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,7 @@ class _BroadcastOverTasks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tasks: int, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # an output the loss does not use gets no reduction
+        ctx.shapes = [param.shape for param in params]
         outputs = broadcast_over_tasks_reference(params, tasks)
         # Vectors (biases, BatchNorm's affine: small) are read as contiguous [T*C] by the fused ops, which
         # would copy each expanded one: those of one length are copied per task together, by one stack.
@@ -62,10 +64,19 @@ class _BroadcastOverTasks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        wanted = [i for i, grad in enumerate(grads) if grad is not None and ctx.needs_input_grad[1 + i]]
+        needed = [i for i in range(len(grads)) if ctx.needs_input_grad[1 + i]]
+        present = [i for i in needed if grads[i] is not None]
         d_params: list[torch.Tensor | None] = [None] * len(grads)
-        for i, total in zip(wanted, sum_over_tasks([grads[i] for i in wanted])):
+        for i, total in zip(present, sum_over_tasks([grads[i] for i in present])):
             d_params[i] = total
+        # Outputs with no gradient (unused, or a cancelled conv bias) give their θ an exact zero, one
+        # allocation for all of them.
+        absent = [i for i in needed if grads[i] is None]
+        if absent and present:
+            shapes = [ctx.shapes[i] for i in absent]
+            zeros = grads[present[0]].new_zeros(sum(math.prod(shape) for shape in shapes))
+            for i, zero, shape in zip(absent, zeros.split([math.prod(shape) for shape in shapes]), shapes):
+                d_params[i] = zero.view(shape)
         return (None, *d_params)
 
 
