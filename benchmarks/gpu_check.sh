@@ -177,7 +177,7 @@ grep -E "^(trained|RESULT|maml-fast train)" "$OUT/paper_omniglot_5w1s.log" | sed
 GPU_TESTS=$(ls tests/test_batch_norm_relu.py tests/test_batch_norm_relu_pool.py tests/test_loss_ops.py \
     tests/test_direct_conv.py tests/test_fast_weight_update.py tests/test_op_autograd.py tests/test_triton_conv.py \
     tests/test_triton_fusion.py tests/test_triton_linear.py tests/test_extension.py tests/test_cuda_graph.py \
-    tests/test_precision.py 2>/dev/null)
+    tests/test_graphed_cuda.py tests/test_precision.py 2>/dev/null)
 if [ "$DRY" = 1 ]; then  # two modules collected, each in its own process (on the CPU they all run in CI)
     stage tests 60 "$OUT/tests.log" bash -c 'module_tests --collect-only "$@"' _ tests/test_fast_weight_update.py \
         tests/test_cuda_graph.py
