@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .presets import DATASOURCES, PRESETS, ExperimentConfig, effective_config, get_preset
+from .presets import DATASOURCES, NETWORKS, PRESETS, ExperimentConfig, effective_config, get_preset
 
 FLAG_TABLE = """\
 cbfinn/maml main.py flag        maml-fast equivalent
@@ -159,8 +159,8 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden", type=_positive_int, default=S,
                        help="conv filters (sinusoid: hidden units) [num_filters]")
     group.add_argument("--conv", action=argparse.BooleanOptionalAction, default=S, help="[conv]")
-    group.add_argument("--network", choices=("conv4", "resnet12"), default=S,
-                       help="image network: conv4 (the paper's) or resnet12 (64-160-320-640)")
+    group.add_argument("--network", choices=NETWORKS, default=S,
+                       help="image network: conv4 (the paper's), resnet12 (64-160-320-640) or wrn28_10 (Wide ResNet)")
     group.add_argument("--max-pool", action=argparse.BooleanOptionalAction, default=S, help="[max_pool]")
     group.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=S,
                        help="first-order MAML: no second derivatives [stop_grad]")

@@ -1,5 +1,6 @@
-"""The networks of the MAML paper (Finn et al., 2017), as plain `nn.Sequential` modules, and the
-ResNet-12 of MetaOptNet / learn2learn (`resnet12`), whose residual blocks lower through torch.fx.
+"""The networks of the MAML paper (Finn et al., 2017), as plain `nn.Sequential` modules, the
+ResNet-12 of MetaOptNet / learn2learn (`resnet12`) and the Wide ResNet of learn2learn's model zoo
+(`wide_resnet`, `wrn28_10`), whose residual blocks lower through torch.fx.
 
 BatchNorm layers are built with ``track_running_stats=False``: MAML normalises with each task's batch
 statistics (transductive), as the paper's code does. ``norm="layer"`` on conv features is
@@ -23,6 +24,17 @@ def _conv_norm(norm: str, channels: int) -> nn.Module:
     if norm == "layer":
         return nn.GroupNorm(1, channels)
     return nn.Identity()
+
+
+def _conv(in_channels: int, channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    """A residual network's conv: no bias (a BatchNorm follows it, or a residual sum into one), size kept
+    up to the stride."""
+    return nn.Conv2d(in_channels, channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+def _pooled_head(features: int, num_classes: int) -> list[nn.Module]:
+    """Global mean pool, flatten, linear classifier."""
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, num_classes)]
 
 
 def _feature_norm(norm: str, features: int) -> nn.Module:
@@ -55,7 +67,7 @@ def conv4(in_channels: int = 1, num_classes: int = 5, hidden: int = 64, downsamp
             layers.append(nn.MaxPool2d(2))
         channels = hidden
     if downsample == "stride":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes)]
+        layers += _pooled_head(hidden, num_classes)
     else:
         size = 84 if image_size is None else image_size
         check_int("image_size", size, 1)
@@ -130,16 +142,15 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, drop_prob: float, block_size: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.conv1 = _conv(in_channels, channels, 3)
+        self.bn1 = _conv_norm("batch", channels)
         self.relu1 = nn.LeakyReLU(0.1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.conv2 = _conv(channels, channels, 3)
+        self.bn2 = _conv_norm("batch", channels)
         self.relu2 = nn.LeakyReLU(0.1)
-        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(channels, track_running_stats=False)
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False),
-                                      nn.BatchNorm2d(channels, track_running_stats=False))
+        self.conv3 = _conv(channels, channels, 3)
+        self.bn3 = _conv_norm("batch", channels)
+        self.shortcut = nn.Sequential(_conv(in_channels, channels, 1), _conv_norm("batch", channels))
         self.relu3 = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2)
         self.drop = DropBlock(drop_prob, block_size) if drop_prob > 0 else nn.Identity()
@@ -166,4 +177,56 @@ def resnet12(in_channels: int = 3, num_classes: int = 5, channels: tuple[int, ..
     for width in channels:
         blocks.append(ResidualBlock(in_channels, width, drop_prob, block_size))
         in_channels = width
-    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_classes))
+    return nn.Sequential(*blocks, *_pooled_head(channels[-1], num_classes))
+
+
+class WideBlock(nn.Module):
+    """A Wide ResNet block (Zagoruyko & Komodakis, 2016, type B(3,3)), pre-activation: BatchNorm-ReLU,
+    3x3 conv (with the block's stride), BatchNorm-ReLU, dropout (or nothing), 3x3 conv, plus the input;
+    where the shape changes, the shortcut is a 1x1 conv of the first BatchNorm-ReLU's output."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = _conv_norm("batch", in_channels)
+        self.relu1 = nn.ReLU()
+        self.conv1 = _conv(in_channels, channels, 3, stride)
+        self.bn2 = _conv_norm("batch", channels)
+        self.relu2 = nn.ReLU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = _conv(channels, channels, 3)
+        same_shape = in_channels == channels and stride == 1
+        self.shortcut = None if same_shape else _conv(in_channels, channels, 1, stride)
+
+    def forward(self, x):
+        h = self.relu1(self.bn1(x))
+        out = self.conv2(self.drop(self.relu2(self.bn2(self.conv1(h)))))
+        return out + (x if self.shortcut is None else self.shortcut(h))
+
+
+def wide_resnet(in_channels: int = 3, num_classes: int = 5, depth: int = 28, widen: int = 10,
+                dropout: float = 0.0) -> nn.Sequential:
+    """Wide ResNet WRN-``depth``-``widen`` (Zagoruyko & Komodakis, 2016): a 3x3 conv of 16 channels, three
+    groups of (depth - 4) / 6 `WideBlock` s of 16k, 32k and 64k channels (k = ``widen``; the second and
+    third groups halve the image), BatchNorm-ReLU, a global mean pool and a linear head. ``dropout`` > 0
+    adds dropout between each block's convs. Any image size works (84 for MiniImageNet)."""
+    check_int("in_channels", in_channels, 1)
+    check_int("num_classes", num_classes, 1)
+    if check_int("depth", depth, 10) % 6 != 4:
+        raise ValueError(f"depth must be 6n + 4 (n >= 1 blocks per group), got {depth!r}")
+    check_int("widen", widen, 1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    layers: list[nn.Module] = [_conv(in_channels, 16, 3)]
+    channels = 16
+    for group, stride in enumerate((1, 2, 2)):
+        width = 16 * widen * 2 ** group
+        for block in range((depth - 4) // 6):
+            layers.append(WideBlock(channels, width, stride if block == 0 else 1, float(dropout)))
+            channels = width
+    layers += [_conv_norm("batch", channels), nn.ReLU(), *_pooled_head(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def wrn28_10(in_channels: int = 3, num_classes: int = 5, dropout: float = 0.0) -> nn.Sequential:
+    """WRN-28-10 (learn2learn's model zoo): `wide_resnet` with depth 28 and widen 10, 36.5M parameters."""
+    return wide_resnet(in_channels, num_classes, depth=28, widen=10, dropout=dropout)
