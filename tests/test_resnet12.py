@@ -44,16 +44,21 @@ def test_layout_matches_metaoptnet():
     assert 12.3e6 < sum(p.numel() for p in net.parameters()) < 12.5e6
 
 
-@pytest.mark.parametrize("backend", ["vmap", "torch", _backend("fused")])
-@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (1, True), (3, True)])
-def test_meta_gradient_matches_the_loop(backend, steps, first_order, make_batch):
-    batch = make_batch(3, 2, 1, 2, (1, 16, 16))
-    loss, grads, learner = _meta_gradient(backend, batch, steps, first_order)
+def assert_matches_the_loop(meta_gradient, backend, batch, *args):
+    """``meta_gradient(backend, batch, *args)`` -> (loss, {name: grad}, learner) runs task-batched (no vmap
+    fallback) and equals the loop backend's in float64, to 1e-9."""
+    loss, grads, learner = meta_gradient(backend, batch, *args)
     assert learner.fallback_reason is None
-    base_loss, base_grads, _ = _meta_gradient("loop", batch, steps, first_order)
+    base_loss, base_grads, _ = meta_gradient("loop", batch, *args)
     torch.testing.assert_close(loss, base_loss, rtol=1e-9, atol=0)
     for name, grad in base_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "torch", _backend("fused")])
+@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (1, True), (3, True)])
+def test_meta_gradient_matches_the_loop(backend, steps, first_order, make_batch):
+    assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
 
 
 def test_second_order_differs_from_first_order(make_batch):
