@@ -71,6 +71,13 @@ CONV_CASES = [
 ]
 
 
+# The torch primitives as one grouped call per primitive, and (every layer forced onto it) the per-task
+# formulation the CPU uses for wide layers.
+PER_TASK_CONV = conv_ops.TorchConvPrimitives()
+PER_TASK_CONV.per_task_min_channels = 1
+PRIMITIVES = {"grouped": conv_ops.TORCH_CONV, "per task": PER_TASK_CONV}
+
+
 def _conv_inputs(case, dtype=torch.float64, batch=2):
     tasks, cin, cout, h, w, k, stride, pad, bias = case
     x = rand(batch, tasks * cin, h, w, dtype=dtype)
@@ -79,12 +86,13 @@ def _conv_inputs(case, dtype=torch.float64, batch=2):
     return x, weight, b, stride, pad
 
 
+@pytest.mark.parametrize("primitives", PRIMITIVES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_matches_reference(case, dtype):
+def test_conv2d_matches_reference(case, dtype, primitives):
     x, weight, bias, stride, pad = _conv_inputs(case, dtype)
     inputs = (x, weight) if bias is None else (x, weight, bias)
-    op = lambda *a: conv_ops.conv2d(*a[:2], a[2] if len(a) > 2 else None, stride, pad)
+    op = lambda *a: conv_ops.conv2d(*a[:2], a[2] if len(a) > 2 else None, stride, pad, PRIMITIVES[primitives])
     ref = lambda *a: conv_ops.conv2d_reference(*a[:2], a[2] if len(a) > 2 else None, stride, pad)
     assert_same_function(op, ref, inputs, dtype)
 
@@ -96,13 +104,15 @@ def test_conv2d_channels_last_and_contiguous_inputs_agree():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("primitives", PRIMITIVES)
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[3], CONV_CASES[4]])
-def test_conv2d_gradcheck_gradgradcheck(case):
+def test_conv2d_gradcheck_gradgradcheck(case, primitives):
     x, weight, bias, stride, pad = _conv_inputs(case)
+    prims = PRIMITIVES[primitives]
     if bias is None:
-        check_grads(lambda x, w: conv_ops.conv2d(x, w, None, stride, pad), (x, weight))
+        check_grads(lambda x, w: conv_ops.conv2d(x, w, None, stride, pad, prims), (x, weight))
     else:
-        check_grads(lambda x, w, b: conv_ops.conv2d(x, w, b, stride, pad), (x, weight, bias))
+        check_grads(lambda x, w, b: conv_ops.conv2d(x, w, b, stride, pad, prims), (x, weight, bias))
 
 
 def _geometry(case, batch=2):
@@ -112,31 +122,42 @@ def _geometry(case, batch=2):
     return geo, (batch, tasks * cin, h, w), (tasks, cout, cin, *k), (batch, tasks * cout, *geo.output_hw())
 
 
+@pytest.mark.parametrize("primitives", PRIMITIVES)
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[4]])
-def test_conv_primitives_match_their_definitions(case):
+def test_conv_primitives_match_their_definitions(case, primitives):
     """forward = conv, input_grad = d<conv(x, w), g>/dx, weight_grad = d<conv(x, w), g>/dw."""
+    prims = PRIMITIVES[primitives]
     geo, xs, ws, ys = _geometry(case)
     x, w, g = rand(*xs), rand(*ws), rand(*ys)
     stride, pad = geo.stride, geo.padding
     y_ref = conv_ops.conv2d_reference(x, w, None, stride, pad)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w), g)
     tol = TOLERANCES[torch.float64]
-    torch.testing.assert_close(conv_ops.conv2d_forward(x, w, geo, conv_ops.TORCH_CONV), y_ref, **tol)
-    torch.testing.assert_close(conv_ops.conv2d_input_grad(g, w, geo, conv_ops.TORCH_CONV), gx_ref, **tol)
-    torch.testing.assert_close(conv_ops.conv2d_weight_grad(x, g, geo, conv_ops.TORCH_CONV), gw_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_forward(x, w, geo, prims), y_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_input_grad(g, w, geo, prims), gx_ref, **tol)
+    torch.testing.assert_close(conv_ops.conv2d_weight_grad(x, g, geo, prims), gw_ref, **tol)
 
 
+@pytest.mark.parametrize("primitives", PRIMITIVES)
 @pytest.mark.parametrize("primitive", ["forward", "input_grad", "weight_grad"])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4]])
-def test_conv_primitives_gradcheck_gradgradcheck(primitive, case):
+def test_conv_primitives_gradcheck_gradgradcheck(primitive, case, primitives):
     geo, xs, ws, ys = _geometry(case)
+    prims = PRIMITIVES[primitives]
     if primitive == "forward":
-        fn, inputs = (lambda x, w: conv_ops.conv2d_forward(x, w, geo, conv_ops.TORCH_CONV)), (rand(*xs), rand(*ws))
+        fn, inputs = (lambda x, w: conv_ops.conv2d_forward(x, w, geo, prims)), (rand(*xs), rand(*ws))
     elif primitive == "input_grad":
-        fn, inputs = (lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, conv_ops.TORCH_CONV)), (rand(*ys), rand(*ws))
+        fn, inputs = (lambda g, w: conv_ops.conv2d_input_grad(g, w, geo, prims)), (rand(*ys), rand(*ws))
     else:
-        fn, inputs = (lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, conv_ops.TORCH_CONV)), (rand(*xs), rand(*ys))
+        fn, inputs = (lambda x, g: conv_ops.conv2d_weight_grad(x, g, geo, prims)), (rand(*xs), rand(*ys))
     check_grads(fn, inputs)
+
+
+def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
+    cpu, meta = torch.empty(1), torch.empty(1, device="meta")
+    assert conv_ops.TORCH_CONV.per_task(cpu, 320, 320) and conv_ops.TORCH_CONV.per_task(cpu, 640, 640)
+    assert not conv_ops.TORCH_CONV.per_task(cpu, 160, 160) and not conv_ops.TORCH_CONV.per_task(cpu, 64, 64)
+    assert not conv_ops.TORCH_CONV.per_task(meta, 640, 640)  # (any other device: the grouped call)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]])

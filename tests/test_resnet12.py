@@ -61,6 +61,15 @@ def test_meta_gradient_matches_the_loop(backend, steps, first_order, make_batch)
     assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
 
 
+@pytest.mark.parametrize("backend", ["torch", _backend("fused")])
+def test_per_task_convolutions_give_the_loop_meta_gradient(backend, make_batch, monkeypatch):
+    """Every conv on the CPU's per-task formulation (the one its wide layers take): the same second-order
+    meta-gradient as the loop."""
+    from maml_fast.ops.conv2d import TorchConvPrimitives
+    monkeypatch.setattr(TorchConvPrimitives, "per_task_min_channels", 1)
+    assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), 2, False)
+
+
 def test_second_order_differs_from_first_order(make_batch):
     batch = make_batch(2, 2, 1, 2, (1, 16, 16))
     _, second, _ = _meta_gradient("torch", batch, 1, False)

@@ -49,9 +49,27 @@ class ConvGeometry:
         )
 
 
+def _by_task(call, tasks: int, per_task: bool, out_dim: int, operands):
+    """``call(*tensors, groups=tasks)`` on the grouped tensors, or (`per_task`) one ``groups=1`` call per
+    task on each operand's block t (an operand is ``(tensor, dim)``: its tasks are `tasks` equal blocks
+    along `dim`), the results concatenated along `out_dim`."""
+    if not per_task:
+        return call(*(tensor for tensor, _ in operands), groups=tasks)
+    blocks = [tensor.chunk(tasks, dim) for tensor, dim in operands]
+    return torch.cat([call(*(b[t] for b in blocks), groups=1) for t in range(tasks)], dim=out_dim)
+
+
 class TorchConvPrimitives:
-    """The three primitives as single grouped cuDNN/oneDNN calls (groups = T). Only activations are
-    made channels-last: oneDNN then picks its channels-last kernels and reorders the (small) weights itself."""
+    """The three primitives as single grouped cuDNN/oneDNN calls (groups = T), except on the CPU for wide
+    layers (`per_task`): one dense call per task there. Only activations are made channels-last: oneDNN
+    then picks its channels-last kernels and reorders the (small) weights itself."""
+
+    #: On the CPU, a layer whose channels per task multiply to at least this runs as one dense convolution
+    #: per task: oneDNN's grouped convolution is slower there (up to 2x at 640 channels; benchmarks/RESULTS.md).
+    per_task_min_channels = 256 * 256
+
+    def per_task(self, t: torch.Tensor, in_ch: int, out_ch: int) -> bool:
+        return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
 
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
@@ -72,30 +90,38 @@ class TorchConvPrimitives:
 
     def forward(self, x, weight, geo: ConvGeometry, bias=None):
         tasks, out_ch, in_ch, kh, kw = weight.shape
-        return F.conv2d(
-            self._layout(x), weight.reshape(tasks * out_ch, in_ch, kh, kw),
-            None if bias is None else bias.reshape(tasks * out_ch),
-            stride=geo.stride, padding=geo.padding, groups=tasks,
-        )
+        operands = [(self._layout(x), 1), (weight.reshape(tasks * out_ch, in_ch, kh, kw), 0)]
+        if bias is not None:
+            operands.append((bias.reshape(tasks * out_ch), 0))
+
+        def conv(x, w, b=None, *, groups):
+            return F.conv2d(x, w, b, stride=geo.stride, padding=geo.padding, groups=groups)
+        return _by_task(conv, tasks, self.per_task(x, in_ch, out_ch), 1, operands)
 
     def input_grad(self, grad_out, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch, kh, kw = weight.shape
-        return F.conv_transpose2d(
-            self._layout(grad_out), weight.reshape(tasks * out_ch, in_ch, kh, kw),
-            stride=geo.stride, padding=geo.padding, output_padding=geo.output_padding(), groups=tasks,
-        )
+
+        def dgrad(g, w, *, groups):
+            return F.conv_transpose2d(g, w, stride=geo.stride, padding=geo.padding,
+                                      output_padding=geo.output_padding(), groups=groups)
+        return _by_task(dgrad, tasks, self.per_task(grad_out, in_ch, out_ch), 1,
+                        [(self._layout(grad_out), 1), (weight.reshape(tasks * out_ch, in_ch, kh, kw), 0)])
 
     def weight_grad(self, x, grad_out, geo: ConvGeometry):
         tasks = geo.tasks
         out_ch = grad_out.shape[1] // tasks
         in_ch = x.shape[1] // tasks
         # Only the weight's shape and layout matter here: channels-last spares oneDNN a copy.
-        weight_shape = torch.empty((tasks * out_ch, in_ch) + geo.kernel_hw, dtype=x.dtype, device=x.device,
-                                   memory_format=torch.channels_last if x.device.type == "cpu" else torch.contiguous_format)
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            self._layout(grad_out), self._layout(x), weight_shape, None,
-            list(geo.stride), list(geo.padding), [1, 1], False, [0, 0], tasks, [False, True, False],
-        )
+        layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+
+        def wgrad(g, x, *, groups):
+            weight_shape = torch.empty((groups * out_ch, in_ch) + geo.kernel_hw, dtype=x.dtype, device=x.device,
+                                       memory_format=layout)
+            return torch.ops.aten.convolution_backward(
+                g, x, weight_shape, None, list(geo.stride), list(geo.padding), [1, 1], False, [0, 0], groups,
+                [False, True, False])[1]
+        grad_weight = _by_task(wgrad, tasks, self.per_task(x, in_ch, out_ch), 0,
+                               [(self._layout(grad_out), 1), (self._layout(x), 1)])
         return grad_weight.reshape(tasks, out_ch, in_ch, *geo.kernel_hw)
 
 
