@@ -8,6 +8,7 @@ forces the choice either way. The build compiles against the installed torch, so
 """
 import importlib.util
 import os
+import re
 import subprocess
 import tempfile
 from glob import glob
@@ -23,8 +24,12 @@ from setuptools import find_packages, setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 # Machine code for Ampere (8.0, also runs on 8.6/8.9) and Hopper (9.0), plus 9.0 PTX that newer
-# GPUs compile when the library loads.
-CUDA_ARCHS = ("8.0", "9.0+PTX")
+# GPUs compile when the library loads. MAML_FAST_CUDA_ARCHS (e.g. "9.0") narrows the list, as a GPU machine
+# building for its own device does: one nvcc pass per file instead of three.
+CUDA_ARCHS = tuple(os.environ.get("MAML_FAST_CUDA_ARCHS", "8.0 9.0+PTX").split())
+if not CUDA_ARCHS or not all(re.fullmatch(r"\d+\.\d+(\+PTX)?", arch) for arch in CUDA_ARCHS):
+    raise SystemExit("MAML_FAST_CUDA_ARCHS must list compute capabilities like '8.0 9.0+PTX', got "
+                     f"{os.environ.get('MAML_FAST_CUDA_ARCHS')!r}")
 
 
 def build_cuda_kernels() -> bool:

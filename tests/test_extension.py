@@ -1,6 +1,9 @@
 """The extension loader `maml_fast._extension`: load state, capability reasons, import robustness."""
 import importlib
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +102,13 @@ def test_import_survives_unloadable_library(monkeypatch, extension_module_restor
 def test_import_does_not_initialise_cuda():
     """Recorded in a fresh process (`conftest.cuda_initialisations`), so it can fail without a GPU too."""
     assert cuda_initialisations("import maml_fast._extension") == []
+
+
+@pytest.mark.parametrize("archs", ["bogus", "9", "9.0 sm_90", ""])
+def test_bad_cuda_archs_for_the_build_are_refused_by_name(archs):
+    """setup.py's MAML_FAST_CUDA_ARCHS (the GPU check builds for its own device only) is checked before
+    anything is built."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True,
+                            env=dict(os.environ, MAML_FAST_CUDA_ARCHS=archs), timeout=120)
+    assert result.returncode != 0 and "MAML_FAST_CUDA_ARCHS must list compute capabilities" in result.stderr
