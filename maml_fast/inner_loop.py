@@ -126,10 +126,9 @@ class InnerStep:
         # A weight with no gradient stays as it is, as a new view: the next step's gradient with respect
         # to it then stops there, instead of waiting on the backward of the node that made it and its
         # neighbours (θ's broadcast, or an update), which that gradient would run (and, first-order, free).
-        new_fast = [weight.view_as(weight) for weight in fast]
-        for i, updated in zip(moving, loop.update([fast[i] for i in moving], [grads[i] for i in moving],
-                                                  [lrs[i] for i in moving])):
-            new_fast[i] = updated
+        updated = dict(zip(moving, loop.update([fast[i] for i in moving], [grads[i] for i in moving],
+                                               [lrs[i] for i in moving])))
+        new_fast = [updated[i] if i in updated else weight.view_as(weight) for i, weight in enumerate(fast)]
         return new_fast, loss, accuracy
 
     def flat(self, tensors: list[torch.Tensor], num_fast: int, create_graph: bool):
