@@ -130,7 +130,7 @@ void cross_entropy_kernel(const CrossEntropyArgs<scalar_t>& a) {
       std::int64_t correct = 0;
       for (std::int64_t b = 0; b < e.rows; ++b) {
         const std::int64_t row = t * e.rows + b;
-        const RowStatistics<acc_t> stats = row_statistics(a.logits + row * e.width, a.labels[row], e.width);
+        const RowStatistics<acc_t> stats = row_statistics(a.logits + e.offset(row), a.labels[row], e.width);
         a.logsumexp[row] = stats.logsumexp;
         loss += stats.logsumexp - stats.label_logit;
         correct += stats.correct;
@@ -150,7 +150,7 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardArgs<scalar_t>& a) 
       const acc_t scale = static_cast<acc_t>(a.grad_loss[row / e.rows]) / static_cast<acc_t>(e.rows);
       const std::int64_t label = a.labels[row];
       for (std::int64_t n = 0; n < e.width; ++n) {
-        const std::int64_t i = row * e.width + n;
+        const std::int64_t i = e.offset(row) + n;
         a.grad_logits[i] = static_cast<scalar_t>(cross_entropy_grad<acc_t>(
             static_cast<acc_t>(a.logits[i]), a.logsumexp[row], n == label, scale));
       }
@@ -170,8 +170,8 @@ void cross_entropy_double_backward_kernel(const CrossEntropyDoubleBackwardArgs<s
       for (std::int64_t b = 0; b < e.rows; ++b) {
         const std::int64_t row = t * e.rows + b;
         grad_grad_loss += cross_entropy_double_backward_row<scalar_t>(
-            a.logits + row * e.width, a.grad_grad_logits + row * e.width, a.labels[row],
-            a.logsumexp[row], scale, e.width, a.grad_logits + row * e.width);
+            a.logits + e.offset(row), a.grad_grad_logits + e.offset(row), a.labels[row],
+            a.logsumexp[row], scale, e.width, a.grad_logits + e.offset(row));
       }
       a.grad_grad_loss[t] = static_cast<scalar_t>(grad_grad_loss * inv_rows);
     }

@@ -30,6 +30,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -73,8 +74,17 @@ void check_mse_backward_inputs(
 
 // The sizes every kernel indexes with: T tasks of `rows` rows of `width` values (cross-entropy:
 // rows = B examples of width = N classes; MSE: one row of width = M values).
+// The class scores of cross-entropy (logits, their gradients) may be any layout whose rows are
+// contiguous: row (t, b) starts at t * task_stride + b * row_stride (e.g. the [T, B, N] view of the
+// grouped layout [B, T*N], which the task-batched linear layer writes).
 struct Extent {
   std::int64_t tasks, rows, width;
+  std::int64_t task_stride, row_stride;
+
+  // Offset of row `row` = t * rows + b.
+  C10_HOST_DEVICE std::int64_t offset(std::int64_t row) const {
+    return (row / rows) * task_stride + (row % rows) * row_stride;
+  }
 };
 
 template <typename scalar_t>
@@ -122,11 +132,22 @@ struct MseArgs {
 };
 
 inline Extent cross_entropy_extent(const at::Tensor& logits) {
-  return {logits.size(0), logits.size(1), logits.size(2)};
+  return {logits.size(0), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1)};
 }
 
 inline Extent mse_extent(const at::Tensor& prediction) {
-  return {prediction.size(0), 1, prediction.size(1)};
+  return {prediction.size(0), 1, prediction.size(1), prediction.size(1), prediction.size(1)};
+}
+
+// logits as they are when their rows are contiguous and the tensor is dense (so that outputs made
+// by at::empty_like share its strides), else a contiguous copy.
+inline at::Tensor with_contiguous_rows(const at::Tensor& logits) {
+  return logits.stride(2) == 1 && logits.is_non_overlapping_and_dense() ? logits : logits.contiguous();
+}
+
+// `tensor` (of logits' shape) laid out exactly as `logits`: itself, or a copy.
+inline at::Tensor laid_out_as(const at::Tensor& tensor, const at::Tensor& logits) {
+  return tensor.strides() == logits.strides() ? tensor : at::empty_like(logits).copy_(tensor);
 }
 
 struct CrossEntropyOp {
@@ -134,7 +155,7 @@ struct CrossEntropyOp {
   at::Tensor loss, accuracy, logsumexp;    // outputs
 
   CrossEntropyOp(const at::Tensor& logits_in, const at::Tensor& labels_in)
-      : logits(logits_in.contiguous()),
+      : logits(with_contiguous_rows(logits_in)),
         labels(labels_in.contiguous()),
         loss(at::empty({logits.size(0)}, logits.options())),
         accuracy(at::empty({logits.size(0)}, logits.options())),
@@ -154,14 +175,14 @@ struct CrossEntropyOp {
   }
 };
 
-// The inputs both cross-entropy backward ops read, contiguous.
+// The inputs both cross-entropy backward ops read: contiguous, logits with contiguous rows.
 struct CrossEntropySaved {
   at::Tensor grad_loss, logits, labels, logsumexp;
 
   CrossEntropySaved(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
                     const at::Tensor& labels_in, const at::Tensor& logsumexp_in)
       : grad_loss(grad_loss_in.contiguous()),
-        logits(logits_in.contiguous()),
+        logits(with_contiguous_rows(logits_in)),
         labels(labels_in.contiguous()),
         logsumexp(logsumexp_in.contiguous()) {}
 
@@ -175,7 +196,7 @@ struct CrossEntropyBackwardOp : CrossEntropySaved {
   CrossEntropyBackwardOp(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
                          const at::Tensor& labels_in, const at::Tensor& logsumexp_in)
       : CrossEntropySaved(grad_loss_in, logits_in, labels_in, logsumexp_in),
-        grad_logits(at::empty(logits.sizes(), logits.options())) {}
+        grad_logits(at::empty_like(logits)) {}
 
   at::Tensor outputs() const { return grad_logits; }
 
@@ -189,16 +210,16 @@ struct CrossEntropyBackwardOp : CrossEntropySaved {
 };
 
 struct CrossEntropyDoubleBackwardOp : CrossEntropySaved {
-  at::Tensor grad_grad_logits;             // contiguous input
-  at::Tensor grad_grad_loss, grad_logits;  // outputs
+  at::Tensor grad_grad_logits;             // input, laid out as logits
+  at::Tensor grad_grad_loss, grad_logits;  // outputs (grad_logits laid out as logits)
 
   CrossEntropyDoubleBackwardOp(const at::Tensor& grad_grad_logits_in,
                                const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
                                const at::Tensor& labels_in, const at::Tensor& logsumexp_in)
       : CrossEntropySaved(grad_loss_in, logits_in, labels_in, logsumexp_in),
-        grad_grad_logits(grad_grad_logits_in.contiguous()),
+        grad_grad_logits(laid_out_as(grad_grad_logits_in, logits)),
         grad_grad_loss(at::empty({logits.size(0)}, logits.options())),
-        grad_logits(at::empty(logits.sizes(), logits.options())) {}
+        grad_logits(at::empty_like(logits)) {}
 
   std::tuple<at::Tensor, at::Tensor> outputs() const { return {grad_grad_loss, grad_logits}; }
 

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kTaskThreads) cross_entropy_kernel(const Cross
   for (std::int64_t b = threadIdx.x; b < e.rows; b += kTaskThreads) {
     const std::int64_t row = t * e.rows + b;
     const RowStatistics<acc_t> stats =
-        row_statistics<scalar_t, acc_t>(a.logits + row * e.width, a.labels[row], e.width);
+        row_statistics<scalar_t, acc_t>(a.logits + e.offset(row), a.labels[row], e.width);
     a.logsumexp[row] = stats.logsumexp;
     sums[0] += stats.logsumexp - stats.label_logit;
     sums[1] += stats.correct ? acc_t(1) : acc_t(0);
@@ -79,9 +79,11 @@ __global__ void __launch_bounds__(kElementThreads) cross_entropy_backward_kernel
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kElementThreads + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * kElementThreads) {
     const std::int64_t row = i / e.width;
+    const std::int64_t n = i - row * e.width;
+    const std::int64_t j = e.offset(row) + n;
     const acc_t scale = static_cast<acc_t>(a.grad_loss[row / e.rows]) / static_cast<acc_t>(e.rows);
-    a.grad_logits[i] = static_cast<scalar_t>(cross_entropy_grad<acc_t>(
-        static_cast<acc_t>(a.logits[i]), a.logsumexp[row], i - row * e.width == a.labels[row], scale));
+    a.grad_logits[j] = static_cast<scalar_t>(cross_entropy_grad<acc_t>(
+        static_cast<acc_t>(a.logits[j]), a.logsumexp[row], n == a.labels[row], scale));
   }
 }
 
@@ -96,8 +98,8 @@ __global__ void __launch_bounds__(kTaskThreads) cross_entropy_double_backward_ke
   for (std::int64_t b = threadIdx.x; b < e.rows; b += kTaskThreads) {
     const std::int64_t row = t * e.rows + b;
     sums[0] += cross_entropy_double_backward_row<scalar_t, acc_t>(
-        a.logits + row * e.width, a.grad_grad_logits + row * e.width, a.labels[row], a.logsumexp[row],
-        scale, e.width, a.grad_logits + row * e.width);
+        a.logits + e.offset(row), a.grad_grad_logits + e.offset(row), a.labels[row], a.logsumexp[row],
+        scale, e.width, a.grad_logits + e.offset(row));
   }
   block_sums(sums);
   if (threadIdx.x == 0) {

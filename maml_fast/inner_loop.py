@@ -108,8 +108,12 @@ class InnerStep:
     support_x: torch.Tensor
     support_y: torch.Tensor
 
-    def __call__(self, fast: list[torch.Tensor], meta: MetaTensors, create_graph: bool):
+    def __call__(self, fast: list[torch.Tensor], meta: MetaTensors, create_graph: bool,
+                 update_from: list[torch.Tensor] | None = None):
+        """`update_from`: the same values as `fast`, for the update to read (θ's second use, so that
+        its gradient reaches θ's broadcast apart from the network's); None: `fast` itself."""
         loop = self.loop
+        update_from = fast if update_from is None else update_from
         params = loop.layout.params_at(fast, meta, self.step, self.support_x.shape[0], loop.running_statistics)
         output = loop.execution.forward(params, self.support_x)
         loss, accuracy = loop.loss(output, self.support_y)
@@ -126,7 +130,7 @@ class InnerStep:
         # A weight with no gradient stays as it is, as a new view: the next step's gradient with respect
         # to it then stops there, instead of waiting on the backward of the node that made it and its
         # neighbours (θ's broadcast, or an update), which that gradient would run (and, first-order, free).
-        updated = dict(zip(moving, loop.update([fast[i] for i in moving], [grads[i] for i in moving],
+        updated = dict(zip(moving, loop.update([update_from[i] for i in moving], [grads[i] for i in moving],
                                                [lrs[i] for i in moving])))
         new_fast = [updated[i] if i in updated else weight.view_as(weight) for i, weight in enumerate(fast)]
         return new_fast, loss, accuracy
@@ -162,9 +166,10 @@ class InnerLoop:
     running_statistics: bool = False
 
     def run(self, fast: list[torch.Tensor], support_x, support_y, query_x=None, query_y=None,
-            weights=None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+            weights=None, update_from: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """(fast weights after K steps, records): ``support_loss``/``support_accuracy`` ``[K, T]``,
-        ``query_loss``/``query_accuracy`` ``[K+1, T]`` and ``objective`` ``[T]`` with a query set."""
+        ``query_loss``/``query_accuracy`` ``[K+1, T]`` (views of ``metric_rows``, all of them stacked
+        in this order) and ``objective`` ``[T]`` with a query set."""
         tasks = support_x.shape[0]
         record: dict[str, list] = {key: [] for key in METRIC_KEYS}
         objective, unmeasured = 0.0, None  # (unmeasured: the NaN placeholder of a query metric not computed)
@@ -196,11 +201,16 @@ class InnerLoop:
                 if self.checkpoint:
                     fast, loss, accuracy = checkpointed_inner_step(step, fast, self.meta.flat(), self.second_order)
                 else:
-                    fast, loss, accuracy = step(fast, self.meta, self.second_order)
+                    fast, loss, accuracy = step(fast, self.meta, self.second_order, update_from if k == 0 else None)
             record["support_loss"].append(loss.detach())
             record["support_accuracy"].append(accuracy)
         classification = not support_y.is_floating_point()
-        stacked = {k: torch.stack(v) for k, v in record.items() if v and (classification or "accuracy" not in k)}
+        keys = [k for k, v in record.items() if v and (classification or "accuracy" not in k)]
+        # One copy for every record: the keys are row ranges of one [rows, T] tensor (`metric_rows`).
+        stacked = {}
+        if keys:
+            rows = torch.stack([value for key in keys for value in record[key]])
+            stacked = {"metric_rows": rows, **dict(zip(keys, rows.split([len(record[k]) for k in keys])))}
         if query_x is not None:
             stacked["objective"] = objective
         return fast, stacked

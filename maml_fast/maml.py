@@ -158,18 +158,22 @@ class MAML(nn.Module):
         loop = self._inner_loop(batch.support_y, batch.query_y, steps, inner_lr, second_order and meta_grad, meta_grad)
         parts = []
         for group in loop.execution.task_groups(batch.num_tasks):
-            fast = self._initial_fast_weights(group.stop - group.start, meta_grad)
+            fast, update_from = self._initial_fast_weights(group.stop - group.start, meta_grad)
             parts.append(loop.run(fast, batch.support_x[group], batch.support_y[group], batch.query_x[group],
-                                  batch.query_y[group], weights)[1])
-        result = parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts], dim=-1) for key in parts[0]}
+                                  batch.query_y[group], weights, update_from)[1])
+        rows = parts[0]["metric_rows"] if len(parts) == 1 else torch.cat([p["metric_rows"] for p in parts], dim=-1)
+        objective = parts[0]["objective"] if len(parts) == 1 else torch.cat([p["objective"] for p in parts])
         if self.training:
             if self.layout.bn_statistics is not None:
                 self.layout.bn_statistics.update()
             self.meta_iteration += 1
             self._iteration += 1
-        per_task = {key: value for key, value in result.items() if key != "objective"}
-        metrics = {key: value.mean(-1) for key, value in per_task.items()}
-        return MAMLOutput(result["objective"].mean(), metrics, result["query_loss"][-1].detach(), per_task)
+        # (the metrics of all keys in one mean: each key's rows are a range of metric_rows)
+        keys = [key for key in parts[0] if key not in ("metric_rows", "objective")]
+        sizes = [parts[0][key].shape[0] for key in keys]
+        per_task = dict(zip(keys, rows.split(sizes)))
+        metrics = dict(zip(keys, rows.mean(-1).split(sizes)))
+        return MAMLOutput(objective.mean(), metrics, per_task["query_loss"][-1].detach(), per_task)
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
               inner_lr: float | None = None) -> FastWeights:
@@ -181,7 +185,7 @@ class MAML(nn.Module):
         adapted = []
         for group in loop.execution.task_groups(batch.num_tasks):
             tasks = group.stop - group.start
-            fast, _ = loop.run(self._initial_fast_weights(tasks, False), support_x[group], support_y[group])
+            fast, _ = loop.run(self._initial_fast_weights(tasks, False)[0], support_x[group], support_y[group])
             adapted.append(self.layout.params_at(fast, self._meta_tensors(), steps, tasks, loop.running_statistics))
         params = {n: torch.cat([a[n] for a in adapted]).detach() for n in adapted[0]}
         return FastWeights(params, steps, tuple(support_x.shape[2:]))
@@ -281,12 +285,13 @@ class MAML(nn.Module):
             raise TypeError(f"support_y must hold floating targets for mse, got dtype {labels.dtype}")
         return name
 
-    def _initial_fast_weights(self, tasks: int, meta_grad: bool) -> list[torch.Tensor]:
-        """θ expanded over the tasks; when only adapting, detached copies that take an inner gradient."""
+    def _initial_fast_weights(self, tasks: int, meta_grad: bool) -> tuple[list[torch.Tensor], list | None]:
+        """(θ expanded over the tasks, the views of θ the first update reads, `broadcast_over_tasks`'
+        second use); when only adapting, (detached copies that take an inner gradient, None)."""
         theta = dict(self.model.named_parameters())
         if meta_grad:
-            return broadcast_over_tasks([theta[n] for n in self.adapted_names], tasks)
-        return [theta[n].detach().expand(tasks, *theta[n].shape).clone().requires_grad_() for n in self.adapted_names]
+            return broadcast_over_tasks([theta[n] for n in self.adapted_names], tasks, uses=2)
+        return [theta[n].detach().expand(tasks, *theta[n].shape).clone().requires_grad_() for n in self.adapted_names], None
 
     def _meta_tensors(self) -> MetaTensors:
         theta = dict(self.model.named_parameters())

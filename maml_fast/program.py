@@ -147,10 +147,19 @@ def _lower_drop_block(module: DropBlock, prefix: str, backend):
     return (lambda x, params, tasks: module(x, tasks)), None
 
 
+def global_mean_pool(x: torch.Tensor) -> torch.Tensor:
+    """x.mean(dim=(2, 3), keepdim=True). A channels-last x is reduced through its [B, H, W, C] view, so
+    that the gradient comes out channels-last too, the layout the layer below reads, in one op (the
+    NCHW gradient of x.mean would be copied to it)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).mean(dim=(1, 2), keepdim=True).permute(0, 3, 1, 2)
+    return x.mean(dim=(2, 3), keepdim=True)
+
+
 def _lower_adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, prefix: str, backend):
     if module.output_size not in (1, (1, 1)):
         return _lower_stateless(module, prefix, backend)
-    return (lambda x, params, tasks: x.mean(dim=(2, 3), keepdim=True)), None
+    return (lambda x, params, tasks: global_mean_pool(x)), None
 
 
 def _lower_flatten(module: nn.Flatten, prefix: str, backend):

@@ -171,6 +171,49 @@ def test_outputs_are_fully_written(device, shape, generator, poisoned_empty):
         assert not out.isnan().any()
 
 
+def _sized_strides(t):
+    """t's strides along its dims of more than one element (the others' strides mean nothing)."""
+    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+
+
+def _laid_out(logits, layout):
+    """logits (same values) in `layout`: "grouped" (the [T, B, N] view of [B, T*N] a task-batched linear
+    layer writes), "padded" (rows contiguous, tensor not dense), "strided classes" (rows not contiguous)."""
+    tasks, batch, classes = logits.shape
+    if layout == "grouped":
+        out = logits.new_empty(batch, tasks, classes).transpose(0, 1)
+    elif layout == "padded":
+        out = logits.new_empty(tasks, batch, classes + 3)[..., :classes]
+    else:
+        out = logits.new_empty(tasks, classes, batch).transpose(1, 2)
+    return out.copy_(logits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["grouped", "padded", "strided classes"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (32, 5, 5), (3, 17, 2)], ids=["1x1x1", "7x3x5", "32x5x5", "3x17x2"])
+def test_cross_entropy_ops_take_logits_in_any_layout(device, layout, shape, generator, poisoned_empty):
+    """Rows read at their strides give the contiguous inputs' results exactly; a dense layout with
+    contiguous rows (the grouped one) gets its gradients in the same layout, any other contiguous ones."""
+    logits, labels, grad_loss, grad_grad_logits = ce_inputs(shape, generator, torch.float32, device)
+    strided = _laid_out(logits, layout)
+    for grad_grad in (grad_grad_logits, _laid_out(grad_grad_logits, layout)):
+        expected = run_ce_ops(logits, labels, grad_loss, grad_grad)
+        actual = run_ce_ops(strided, labels, grad_loss, grad_grad)
+        flat = lambda group: [t for item in group for t in (item if isinstance(item, tuple) else (item,))]  # noqa: E731
+        for a, b in zip(flat(actual), flat(expected)):
+            assert torch.equal(a, b)
+        expected_layout = strided if layout == "grouped" else strided.contiguous()
+        for grad in (actual[1], actual[2][1]):
+            assert _sized_strides(grad) == _sized_strides(expected_layout)
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            fake_logits = torch.empty_strided(strided.shape, strided.stride(), device=device)
+            fake_grad = torch.ops.maml_fast.cross_entropy_per_task_backward(
+                torch.empty(shape[0], device=device), fake_logits, torch.zeros(shape[:2], dtype=torch.int64, device=device),
+                torch.empty(shape[:2], device=device))
+        assert _sized_strides(fake_grad) == _sized_strides(actual[1])
+
+
 @needs_cpu_ops
 @pytest.mark.parametrize("threads", [1, 3])
 def test_results_do_not_depend_on_threads(threads, generator):
@@ -198,8 +241,10 @@ def test_results_do_not_depend_on_threads(threads, generator):
 # ---------------------------------------------------------------------------------- autograd
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 3), (3, 2, 5), (2, 3, 13)], ids=["1x1x1", "1x1x3", "3x2x5", "2x3x13"])
-def test_cross_entropy_gradcheck_and_gradgradcheck(device, shape, generator):
+@pytest.mark.parametrize("layout", ["contiguous", "grouped"])
+def test_cross_entropy_gradcheck_and_gradgradcheck(device, shape, layout, generator):
     logits, labels, grad_loss, _ = ce_inputs(shape, generator, device=device)
+    logits = logits if layout == "contiguous" else _laid_out(logits, layout)
     logits.requires_grad_()
     grad_loss.requires_grad_()
     loss_fn = lambda logits: losses.fused_cross_entropy_per_task(logits, labels)[0]  # noqa: E731

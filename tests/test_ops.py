@@ -189,13 +189,17 @@ LINEAR_CASES = [(1, 3, 2, True), (5, 2, 3, True), (3, 7, 5, False)]  # tasks, in
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_linear_matches_reference_and_gradchecks(case, dtype):
+@pytest.mark.parametrize("matmul", [None, linear_ops.TorchBatchedMatmul()], ids=["autograd", "torch-batch-major"])
+def test_linear_matches_reference_and_gradchecks(case, dtype, matmul):
     tasks, fin, fout, bias = case
     x, w = rand(3, tasks * fin, dtype=dtype), rand(tasks, fout, fin, dtype=dtype)
     inputs = (x, w, rand(tasks, fout, dtype=dtype)) if bias else (x, w)
-    op = lambda *a: linear_ops.linear(*a[:2], a[2] if len(a) > 2 else None)
+    op = lambda *a: linear_ops.linear(*a[:2], a[2] if len(a) > 2 else None, matmul)
     ref = lambda *a: linear_ops.linear_reference(*a[:2], a[2] if len(a) > 2 else None)
     assert_same_function(op, ref, inputs, dtype)
+    if matmul is not None:  # the product lands in the grouped layout: the output is a view of it, no copy
+        y = op(*inputs)
+        assert y.is_contiguous() and y._base is not None and y._base.data_ptr() == y.data_ptr()
     if dtype == torch.float64:
         check_grads(op, inputs)
 

@@ -82,6 +82,8 @@ def test_bad_arguments():
         broadcast_over_tasks([torch.zeros(2)], 0)
     with pytest.raises(TypeError, match=r"params\[1\] must be a torch.Tensor"):
         broadcast_over_tasks([torch.zeros(2), 3.0], 2)
+    with pytest.raises(ValueError, match="uses must be 1 or 2"):
+        broadcast_over_tasks([torch.zeros(2)], 2, uses=3)
 
 
 def test_vectors_of_one_length_are_copied_per_task_together(generator):
@@ -93,3 +95,45 @@ def test_vectors_of_one_length_are_copied_per_task_together(generator):
         torch.testing.assert_close(out, param.expand(4, *param.shape), rtol=0, atol=0)
     assert all(outputs[i].is_contiguous() for i in (0, 2, 4))
     assert outputs[1].stride(0) == 0 and outputs[3].stride(0) == 0
+
+
+def test_pairs_are_summed_in_the_one_reduction(generator):
+    """sum_over_tasks with pairs: g.sum(0) + pair.sum(0) whether the pair shares the gradient's memory
+    order (the one reduction) or not (added apart), pairs absent, and singles mixed in."""
+    grads = [torch.randn(4, 6, 5, 3, 3, generator=generator, dtype=torch.float64).permute(0, 1, 4, 2, 3),
+             torch.randn(4, 7, 2, generator=generator, dtype=torch.float64),
+             torch.randn(4, 3, generator=generator, dtype=torch.float64),
+             torch.randn(4, generator=generator, dtype=torch.float64)]
+    pairs = [torch.randn(4, 6, 5, 3, 3, generator=generator, dtype=torch.float64).permute(0, 1, 4, 2, 3),
+             torch.randn(4, 2, 7, generator=generator, dtype=torch.float64).transpose(1, 2),  # another order
+             None,
+             torch.randn(4, generator=generator, dtype=torch.float64)]
+    for selected in ([0, 1, 2, 3], [0, 3]):
+        got = sum_over_tasks([grads[i] for i in selected], [pairs[i] for i in selected])
+        for total, i in zip(got, selected):
+            want = grads[i].sum(0) + (0 if pairs[i] is None else pairs[i].sum(0))
+            torch.testing.assert_close(total, want, rtol=1e-14, atol=1e-14)
+            assert total.stride() == torch.empty_like(grads[i][0]).stride()  # (the gradient's memory order)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_second_use_shares_the_reduction(tasks, generator):
+    """uses=2: two lists of the same values; the gradients through either, both or neither give the
+    expand's; gradcheck and gradgradcheck; one use's gradient alone still reaches θ."""
+    params = _params(generator, [(), (3,), (2, 3), (3,)])
+    first, second = broadcast_over_tasks(params, tasks, uses=2)
+    for a, b, param in zip(first, second, params):
+        assert torch.equal(a, param.expand(tasks, *param.shape)) and torch.equal(b, a) and (b.stride(0) == 0 or tasks == 1)
+    weights = [torch.randn(o.shape, generator=generator, dtype=torch.float64) for o in first]
+    loss = sum((w * a).sum() + (w * w * b).sum() for w, a, b in zip(weights, first, second[:2] + first[2:]))
+    got = torch.autograd.grad(loss, params)
+    for g, w in zip(got, weights):  # (the last two read both terms through the first use)
+        torch.testing.assert_close(g, w.sum(0) + (w * w).sum(0), rtol=1e-13, atol=1e-13)
+    only_second, = torch.autograd.grad(second[2].sum(), params[2])
+    torch.testing.assert_close(only_second, torch.full((2, 3), float(tasks), dtype=torch.float64))
+
+    def fn(*p):
+        first, second = broadcast_over_tasks(p, tasks, uses=2)
+        return tuple(a * a + b for a, b in zip(first, second))
+    assert torch.autograd.gradcheck(fn, params)
+    assert torch.autograd.gradgradcheck(fn, params)

@@ -168,9 +168,9 @@ def test_bad_operands_fail_with_the_argument_name(linear_kernels):
 
 def test_registration(kernels):
     assert isinstance(get_backend("triton").matmul, triton_backend.TritonBatchedMatmul)
-    others = {name: backend.matmul for name, backend in BACKENDS.items()
+    others = {name: type(backend.matmul) for name, backend in BACKENDS.items()
               if isinstance(backend, ProgramBackend) and name != "triton"}
-    assert others and all(matmul is None for matmul in others.values()), f"other backends keep torch.bmm: {others}"
+    assert others == {"torch": type(None), "fused": linear_ops.TorchBatchedMatmul}, f"other backends keep torch.bmm: {others}"
 
 
 _COMPILE_CHECK = """

@@ -11,6 +11,8 @@ What it runs, beyond the "torch" backend's program:
 - the per-task cross-entropy (with accuracy) and MSE: ``maml_fast::cross_entropy_per_task`` /
   ``mse_per_task`` (`maml_fast.ops.losses.FUSED_LOSSES`);
 - the fast-weight update of all parameters in one ``maml_fast::fast_weight_update`` call;
+- linear layers: torch.bmm / baddbmm writing the product straight into the grouped layout, in every
+  derivative order (`maml_fast.ops.linear.TorchBatchedMatmul`);
 - convolutions: PyTorch's grouped convolutions with channels-last activations on every device (so that
   the BatchNorm input is a free ``[rows, channels]`` view) and the bias added by the convolution; the
   first layer's forward and weight gradient on the direct ops ``maml_fast::direct_conv2d{,_weight_grad}``
@@ -31,6 +33,7 @@ from ..ops import batch_norm_relu_pool as bn_relu_pool_ops
 from ..ops import conv2d as conv_ops
 from ..ops import direct_conv as direct_ops
 from ..ops.fast_weight_update import fast_weight_update
+from ..ops.linear import TorchBatchedMatmul
 from ..ops.losses import FUSED_LOSSES
 from . import conv_choice
 from .base import ProgramBackend
@@ -63,6 +66,13 @@ class ChannelsLastConvPrimitives(conv_ops.TorchConvPrimitives):
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
+
+    def prepare_weight(self, weight):
+        # The direct ops read any weight layout (as [T, C, kh, kw, O], that of their own weight gradient,
+        # so the fast weights the update makes from it need no copy): oneDNN's layout would be a copy.
+        if uses_direct_conv("forward", weight, weight.shape[2]):
+            return weight
+        return super().prepare_weight(weight)
 
     def forward(self, x, weight, geo: conv_ops.ConvGeometry, bias=None):
         if conv_choice.implementation("forward", x, weight.shape[2], weight.shape[1], geo) == "triton":
@@ -125,6 +135,7 @@ class FusedBackend(ProgramBackend):
     summary = "the task-batched program on the compiled C++ (CPU) and CUDA C++ (GPU) ops of maml_fast._C"
     auto_rank = {"cpu": 10}
     conv = ChannelsLastConvPrimitives()
+    matmul = TorchBatchedMatmul()
     fusion_rules = (fuse_batch_norm_relu,)
     losses = FUSED_LOSSES
 

@@ -16,7 +16,9 @@ defined with x = logits, y = labels, g = grad_loss:
     mse_per_task(p [T, M], y [T, M]) -> loss_t = mean_m (p - y)^2
     backward:         grad_p = 2 g_t / M (p - y),   grad_y = -grad_p
 
-Each op reads its rows once (the cross-entropy forward finds max, sum of exp, the label's logit and
+Logits may be any dense layout whose rows (the N classes of an example) are contiguous, e.g. the
+``[T, B, N]`` view of the grouped layout ``[B, T*N]``; the gradients with respect to logits come out
+in the same layout (other layouts are copied to contiguous first). Each op reads its rows once (the cross-entropy forward finds max, sum of exp, the label's logit and
 the first-maximum argmax in one pass over a row); lse is kept in the accumulation dtype (float32 for
 float32/float16/bfloat16 logits, float64 for float64) and every sum accumulates in it.
 
@@ -137,10 +139,13 @@ class _CrossEntropy(torch.autograd.Function):
         loss, accuracy, logsumexp = torch.ops.maml_fast.cross_entropy_per_task(logits, labels)
         ctx.save_for_backward(logits, labels, logsumexp)
         ctx.mark_non_differentiable(accuracy)
+        ctx.set_materialize_grads(False)  # (accuracy's gradient would be a tensor of zeros)
         return loss, accuracy
 
     @staticmethod
     def backward(ctx, grad_loss, grad_accuracy):
+        if grad_loss is None:
+            return None, None
         logits, labels, logsumexp = ctx.saved_tensors
         return _CrossEntropyBackward.apply(grad_loss, logits, labels, logsumexp), None
 
@@ -285,13 +290,19 @@ if _OPS.registered:
         return (logits.new_empty((tasks,)), logits.new_empty((tasks,)),
                 logits.new_empty((tasks, batch), dtype=acc_dtype(logits.dtype)))
 
+    def _grad_logits_fake(logits):
+        """The ops' gradient with respect to logits: laid out as logits when its rows are contiguous and
+        it is dense (csrc/losses.h, with_contiguous_rows), else contiguous."""
+        like = torch.empty_like(logits)  # (its strides are logits' exactly when logits is dense)
+        return like if logits.stride(2) == 1 and like.stride() == logits.stride() else logits.new_empty(logits.shape)
+
     @torch.library.register_fake("maml_fast::cross_entropy_per_task_backward")
     def _cross_entropy_per_task_backward_fake(grad_loss, logits, labels, logsumexp):
-        return logits.new_empty(logits.shape)
+        return _grad_logits_fake(logits)
 
     @torch.library.register_fake("maml_fast::cross_entropy_per_task_double_backward")
     def _cross_entropy_per_task_double_backward_fake(grad_grad_logits, grad_loss, logits, labels, logsumexp):
-        return logits.new_empty((logits.shape[0],)), logits.new_empty(logits.shape)
+        return logits.new_empty((logits.shape[0],)), _grad_logits_fake(logits)
 
     @torch.library.register_fake("maml_fast::mse_per_task")
     def _mse_per_task_fake(prediction, target):
