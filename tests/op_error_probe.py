@@ -230,6 +230,38 @@ def _cases() -> list[Case]:
     case(op, "float32 grad_loss", "grad_loss", "TypeError",
          lambda torch, d: (t(torch, d, 2).float(), t(torch, d, 2, 3), t(torch, d, 2, 3)))
 
+    # pooled_linear(x [B, T*C, H, W], weight [T, O, C], bias [T, O]?) and its backward ops
+    def head(x=None, weight=None, bias=None):
+        def build(torch, d):
+            return (t(torch, d, 2, 6, 2, 2) if x is None else x(torch, d),
+                    t(torch, d, 2, 4, 3) if weight is None else weight(torch, d),
+                    t(torch, d, 2, 4) if bias is None else bias(torch, d))
+        return build
+
+    op = "pooled_linear"
+    case(op, "integer x", "x", "TypeError", head(x=lambda torch, d: torch.ones(2, 6, 2, 2, dtype=torch.int64, device=d)))
+    case(op, "2-D x", "x", "ValueError", head(x=lambda torch, d: t(torch, d, 2, 6)))
+    case(op, "channels not tasks*in", "x", "ValueError", head(x=lambda torch, d: t(torch, d, 2, 5, 2, 2)))
+    case(op, "2-D weight", "weight", "ValueError", head(weight=lambda torch, d: t(torch, d, 4, 3)))
+    case(op, "float32 weight", "weight", "TypeError", head(weight=lambda torch, d: t(torch, d, 2, 4, 3).float()))
+    case(op, "wrong bias shape", "bias", "ValueError", head(bias=lambda torch, d: t(torch, d, 2, 3)))
+    case(op, "float32 bias", "bias", "TypeError", head(bias=lambda torch, d: t(torch, d, 2, 4).float()))
+
+    op = "pooled_linear_backward"
+    case(op, "wrong grad_y shape", "grad_y", "ValueError",
+         lambda torch, d: (t(torch, d, 2, 7), t(torch, d, 2, 6, 2, 2), t(torch, d, 2, 4, 3)))
+    case(op, "float32 grad_y", "grad_y", "TypeError",
+         lambda torch, d: (t(torch, d, 2, 8).float(), t(torch, d, 2, 6, 2, 2), t(torch, d, 2, 4, 3)))
+
+    op = "pooled_linear_double_backward"
+    saved = lambda torch, d: (t(torch, d, 2, 8), t(torch, d, 2, 6, 2, 2), t(torch, d, 2, 4, 3))  # noqa: E731
+    case(op, "wrong grad_grad_x shape", "grad_grad_x", "ValueError",
+         lambda torch, d: (t(torch, d, 2, 6, 1, 2), None, None, *saved(torch, d)))
+    case(op, "float32 grad_grad_weight", "grad_grad_weight", "TypeError",
+         lambda torch, d: (None, t(torch, d, 2, 4, 3).float(), None, *saved(torch, d)))
+    case(op, "wrong grad_grad_bias shape", "grad_grad_bias", "ValueError",
+         lambda torch, d: (None, None, t(torch, d, 4), *saved(torch, d)))
+
     # direct_conv2d(x [B, T*C, H, W], weight [T, O, C, kh, kw], bias [T, O]?, stride, padding)
     def conv(x=None, weight=None, bias=None, stride=(1, 1), padding=(0, 0)):
         def build(torch, d):

@@ -17,7 +17,7 @@ from maml_fast.backends.fused import FUSED
 from maml_fast.ops import batch_norm_relu as bnr
 from maml_fast.ops import batch_norm_relu_pool as pool
 from maml_fast.ops import conv2d as conv_ops
-from maml_fast.ops import direct_conv, fast_weight_update, losses
+from maml_fast.ops import direct_conv, fast_weight_update, losses, pooled_linear
 
 pytestmark = pytest.mark.skipif(not bnr.is_available("cpu"), reason="; ".join(bnr.unavailable_reasons("cpu")))
 ops = torch.ops.maml_fast
@@ -95,7 +95,18 @@ def cases(dtype):
     grads = [leaf(3, 4, dtype=dtype, generator=g), leaf(3, 2, 2, dtype=dtype, generator=g)]
     lrs = [leaf(dtype=dtype, generator=g), leaf(2, 2, dtype=dtype, generator=g)]
 
+    hx, hw, hb = leaf(2, 6, 2, 1, dtype=dtype, generator=g), leaf(2, 4, 3, dtype=dtype, generator=g), \
+        leaf(2, 4, dtype=dtype, generator=g)
+    hgy, hggx, hggw, hggb = leaf(2, 8, dtype=dtype, generator=g), leaf(2, 6, 2, 1, dtype=dtype, generator=g), \
+        leaf(2, 4, 3, dtype=dtype, generator=g), leaf(2, 4, dtype=dtype, generator=g)
+
     return {
+        "pooled_linear": (ops.pooled_linear.default, ops.pooled_linear, (hx, hw, hb), (hx, hw, hb)),
+        "pooled_linear_backward": (ops.pooled_linear_backward.default, ops.pooled_linear_backward, (hgy, hx, hw),
+                                   (hgy, hx, hw)),
+        "pooled_linear_double_backward": (ops.pooled_linear_double_backward.default,
+                                          ops.pooled_linear_double_backward, (hggx, hggw, hggb, hgy, hx, hw),
+                                          (hggx, hggw, hggb, hgy, hx, hw)),
         "batch_norm_relu": (ops.batch_norm_relu.default, lambda x, w, b: ops.batch_norm_relu(x, w, b, EPS),
                             (x, w, b), (x, w, b, EPS)),
         "batch_norm_relu_backward": (ops.batch_norm_relu_backward.default, bn_backward, (gy, x, w, b),
@@ -135,7 +146,7 @@ NAMES = list(cases(torch.float64))
 
 def test_every_op_is_covered():
     defined = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
-    assert set(NAMES) == defined and len(NAMES) == 14
+    assert set(NAMES) == defined and len(NAMES) == 17
 
 
 # ------------------------------------------------------------------------------------ opcheck
@@ -186,6 +197,7 @@ WRAPPERS = {
     "cross_entropy_per_task": (lambda logits: losses.fused_cross_entropy_per_task(logits, LABELS)[0],
                                lambda logits: losses.cross_entropy_per_task(logits, LABELS)[0]),
     "mse_per_task": (losses.fused_mse_per_task, lambda p, t: losses.mse_per_task(p, t)[0]),
+    "pooled_linear": (pooled_linear.pooled_linear, pooled_linear.pooled_linear_reference),
     "direct_conv2d": (_fused_conv, lambda x, w, b: conv_ops.conv2d_reference(x, w, b, (2, 1), (1, 0))),
     "fast_weight_update": (
         lambda p0, p1, g0, g1, l0, l1: fast_weight_update.fast_weight_update([p0, p1], [g0, g1], [l0, l1])[0],

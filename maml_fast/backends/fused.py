@@ -12,7 +12,9 @@ What it runs, beyond the "torch" backend's program:
   ``mse_per_task`` (`maml_fast.ops.losses.FUSED_LOSSES`);
 - the fast-weight update of all parameters in one ``maml_fast::fast_weight_update`` call;
 - linear layers: torch.bmm / baddbmm writing the product straight into the grouped layout, in every
-  derivative order (`maml_fast.ops.linear.TorchBatchedMatmul`);
+  derivative order (`maml_fast.ops.linear.TorchBatchedMatmul`); the classifier head
+  ``AdaptiveAvgPool2d(1) -> Flatten -> Linear``: one ``maml_fast::pooled_linear`` op with compiled
+  backward and double backward (`maml_fast.ops.pooled_linear`, `fuse_pooled_linear`, its fusion rule);
 - convolutions: PyTorch's grouped convolutions with channels-last activations on every device (so that
   the BatchNorm input is a free ``[rows, channels]`` view) and the bias added by the convolution; the
   first layer's forward and weight gradient on the direct ops ``maml_fast::direct_conv2d{,_weight_grad}``
@@ -33,6 +35,8 @@ from ..ops import batch_norm_relu_pool as bn_relu_pool_ops
 from ..ops import conv2d as conv_ops
 from ..ops import direct_conv as direct_ops
 from ..ops.fast_weight_update import fast_weight_update
+from ..ops import linear as linear_ops
+from ..ops import pooled_linear as pooled_linear_ops
 from ..ops.linear import TorchBatchedMatmul
 from ..ops.losses import FUSED_LOSSES
 from . import conv_choice
@@ -129,6 +133,30 @@ def fuse_batch_norm_relu(children, prefix: str, backend):
     return run, 3 if max_pool else 2
 
 
+def fuse_pooled_linear(children, prefix: str, backend):
+    """This backend's fusion rule for the classifier head ``AdaptiveAvgPool2d(1) -> Flatten() -> Linear``
+    (siblings in one nn.Sequential): one ``maml_fast::pooled_linear`` op with its compiled derivatives
+    (`maml_fast.ops.pooled_linear`), or the three layers where the op does not fit the inputs."""
+    from .. import program
+
+    kinds = [type(module) for _, module in children[:3]]
+    if kinds != [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]:
+        return None
+    pool, flatten = children[0][1], children[1][1]
+    if pool.output_size not in (1, (1, 1)) or (flatten.start_dim, flatten.end_dim) != (1, -1):
+        return None
+    name, head = children[2]
+    weight_name, bias_name = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
+
+    def run(x, params, tasks):
+        weight, bias = params[weight_name], params.get(bias_name) if head.bias is not None else None
+        if x.dim() == 4 and pooled_linear_ops.fits(x, weight, bias):
+            return pooled_linear_ops.pooled_linear(x, weight, bias)
+        features = program.global_mean_pool(x).reshape(x.shape[0], -1)
+        return linear_ops.linear(features, weight, bias, backend.matmul)
+    return run, 3
+
+
 class FusedBackend(ProgramBackend):
     name = "fused"
     aliases = ("cuda",)
@@ -136,7 +164,7 @@ class FusedBackend(ProgramBackend):
     auto_rank = {"cpu": 10}
     conv = ChannelsLastConvPrimitives()
     matmul = TorchBatchedMatmul()
-    fusion_rules = (fuse_batch_norm_relu,)
+    fusion_rules = (fuse_batch_norm_relu, fuse_pooled_linear)
     losses = FUSED_LOSSES
 
     def unavailable_reasons(self, device):
@@ -149,4 +177,5 @@ class FusedBackend(ProgramBackend):
 FUSED = FusedBackend()
 
 __all__ = ["FUSED", "FusedBackend", "ChannelsLastConvPrimitives", "uses_direct_conv", "fuse_batch_norm_relu",
+           "fuse_pooled_linear",
            "DIRECT_CONV_MAX_IN_CHANNELS", "DIRECT_CONV_DEVICE_TYPES"]
