@@ -185,6 +185,11 @@ CASES = {
     "checkpoint_anil_first_order": (mf.ANIL, dict(inner_lr=0.4, inner_steps=2, first_order=True,
                                                   checkpoint_inner_steps=True), "conv4_stride_layer", (2, 2, 2, 2),
                                     dict(rule="head", second_order=False)),
+    # (conv4 with stride: the pooled head, one op on "fused", in ANIL's head-only and FOMAML's first-order steps)
+    "anil_pooled_head": (mf.ANIL, dict(inner_lr=0.5, inner_steps=2), "conv4_stride_batch", (3, 2, 3, 2),
+                         dict(rule="head")),
+    "fomaml_pooled_head": (mf.MAML, dict(inner_lr=0.4, inner_steps=2, first_order=True), "conv4_stride_batch",
+                           (2, 1, 2, 2), dict(second_order=False)),
     "zero_inner_steps": (mf.MAML, dict(inner_lr=0.4, inner_steps=0), "fc_layer", (2, 1, 2, 2), {}),
     "eval_inner_steps": (mf.MAML, dict(inner_lr=0.3, inner_steps=1, eval_inner_steps=3), "conv4_stride_none",
                          (2, 1, 2, 2), dict(calls=2, train_then_eval=True)),
