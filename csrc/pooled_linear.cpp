@@ -234,7 +234,7 @@ void double_backward_cpu_kernel(const Args<scalar_t>& a) {
 
 at::Tensor pooled_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_inputs(kForwardName, x, weight, bias);
-  const ForwardOp op(x, weight, bias);
+  const Op op = forward_op(x, weight, bias);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_cpu", [&] {
       forward_cpu_kernel<scalar_t>(op.args<scalar_t>());
@@ -246,13 +246,13 @@ at::Tensor pooled_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight) {
   check_backward_inputs(kBackwardName, grad_y, x, weight);
-  const BackwardOp op(grad_y, x, weight);
+  const Op op = backward_op(grad_y, x, weight);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_backward_cpu", [&] {
       backward_cpu_kernel<scalar_t>(op.args<scalar_t>());
     });
   }
-  return op.outputs();
+  return {op.grad_x, op.grad_weight, op.grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_double_backward_cpu(
@@ -260,13 +260,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_double_backward_cpu
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& weight) {
   check_double_backward_inputs(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
-  const DoubleBackwardOp op(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
+  const Op op = double_backward_op(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_double_backward_cpu", [&] {
       double_backward_cpu_kernel<scalar_t>(op.args<scalar_t>());
     });
   }
-  return op.outputs();
+  return {op.y, op.grad_x, op.grad_weight};
 }
 
 }  // namespace

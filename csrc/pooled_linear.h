@@ -99,87 +99,57 @@ inline Extent extent_of(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side preparation: the outputs of each op and its kernel arguments.
+// Host-side preparation: an op's tensors (inputs as given, outputs allocated; the others undefined)
+// and the kernel arguments, made by `forward_op`, `backward_op` and `double_backward_op`.
 
-struct ForwardOp {
-  at::Tensor x, weight, bias, y;
+struct Op {
+  at::Tensor x, weight, bias, grad_y, grad_grad_x, grad_grad_weight, grad_grad_bias;  // inputs
+  at::Tensor y, grad_x, grad_weight, grad_bias;                                       // outputs
 
-  ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in)
-      : x(x_in), weight(weight_in), bias(given(bias_in)),
-        y(at::empty({x_in.size(0), weight_in.size(0) * weight_in.size(1)}, x_in.options())) {}
-
-  bool has_work() const { return y.numel() > 0; }
-
-  template <typename scalar_t>
-  Args<scalar_t> args() const {
-    Args<scalar_t> a{};
-    a.x = view_of<const scalar_t>(x);
-    a.weight = view_of<const scalar_t>(weight);
-    a.bias = view_of<const scalar_t>(bias);
-    a.y = view_of<scalar_t>(y);
-    a.size = extent_of(x, weight);
-    return a;
-  }
-};
-
-struct BackwardOp {
-  at::Tensor grad_y, x, weight;
-  at::Tensor grad_x, grad_weight, grad_bias;
-
-  BackwardOp(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in)
-      : grad_y(grad_y_in), x(x_in), weight(weight_in), grad_x(empty_laid_out_as(x_in)),
-        grad_weight(at::empty(weight_in.sizes(), weight_in.options())),
-        grad_bias(at::empty({weight_in.size(0), weight_in.size(1)}, weight_in.options())) {}
-
-  bool has_work() const { return x.numel() > 0 || weight.numel() > 0; }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {grad_x, grad_weight, grad_bias}; }
+  // (empty batches and feature sizes still have outputs to write: zero sums, or the bias)
+  bool has_work() const { return weight.size(0) > 0; }
 
   template <typename scalar_t>
   Args<scalar_t> args() const {
-    Args<scalar_t> a{};
-    a.x = view_of<const scalar_t>(x);
-    a.weight = view_of<const scalar_t>(weight);
-    a.grad_y = view_of<const scalar_t>(grad_y);
-    a.grad_x = view_of<scalar_t>(grad_x);
-    a.grad_weight = view_of<scalar_t>(grad_weight);
-    a.grad_bias = view_of<scalar_t>(grad_bias);
-    a.size = extent_of(x, weight);
-    return a;
+    return {view_of<const scalar_t>(x), view_of<const scalar_t>(weight), view_of<const scalar_t>(bias),
+            view_of<const scalar_t>(grad_y), view_of<const scalar_t>(grad_grad_x),
+            view_of<const scalar_t>(grad_grad_weight), view_of<const scalar_t>(grad_grad_bias),
+            view_of<scalar_t>(y), view_of<scalar_t>(grad_x), view_of<scalar_t>(grad_weight),
+            view_of<scalar_t>(grad_bias), extent_of(x, weight)};
   }
 };
 
-struct DoubleBackwardOp {
-  at::Tensor grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight;
-  at::Tensor grad_grad_y, grad_x, grad_weight;  // outputs
+// y [B, T*O].
+inline Op forward_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  Op op;
+  op.x = x, op.weight = weight, op.bias = given(bias);
+  op.y = at::empty({x.size(0), weight.size(0) * weight.size(1)}, x.options());
+  return op;
+}
 
-  DoubleBackwardOp(const std::optional<at::Tensor>& ggx, const std::optional<at::Tensor>& ggw,
-                   const std::optional<at::Tensor>& ggb, const at::Tensor& grad_y_in, const at::Tensor& x_in,
-                   const at::Tensor& weight_in)
-      : grad_grad_x(given(ggx)), grad_grad_weight(given(ggw)), grad_grad_bias(given(ggb)),
-        grad_y(grad_y_in), x(x_in), weight(weight_in),
-        grad_grad_y(at::empty(grad_y_in.sizes(), grad_y_in.options())),
-        grad_x(empty_laid_out_as(x_in)),
-        grad_weight(at::empty(weight_in.sizes(), weight_in.options())) {}
+// (grad_x laid out as x, grad_weight, grad_bias).
+inline Op backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight) {
+  Op op;
+  op.grad_y = grad_y, op.x = x, op.weight = weight;
+  op.grad_x = empty_laid_out_as(x);
+  op.grad_weight = at::empty(weight.sizes(), weight.options());
+  op.grad_bias = at::empty({weight.size(0), weight.size(1)}, weight.options());
+  return op;
+}
 
-  bool has_work() const { return x.numel() > 0 || weight.numel() > 0 || grad_y.numel() > 0; }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {grad_grad_y, grad_x, grad_weight}; }
-
-  template <typename scalar_t>
-  Args<scalar_t> args() const {
-    Args<scalar_t> a{};
-    a.x = view_of<const scalar_t>(x);
-    a.weight = view_of<const scalar_t>(weight);
-    a.grad_y = view_of<const scalar_t>(grad_y);
-    a.grad_grad_x = view_of<const scalar_t>(grad_grad_x);
-    a.grad_grad_weight = view_of<const scalar_t>(grad_grad_weight);
-    a.grad_grad_bias = view_of<const scalar_t>(grad_grad_bias);
-    a.y = view_of<scalar_t>(grad_grad_y);
-    a.grad_x = view_of<scalar_t>(grad_x);
-    a.grad_weight = view_of<scalar_t>(grad_weight);
-    a.size = extent_of(x, weight);
-    return a;
-  }
-};
+// (d grad_y in y's place, d x in grad_x's, d weight in grad_weight's).
+inline Op double_backward_op(const std::optional<at::Tensor>& grad_grad_x,
+                             const std::optional<at::Tensor>& grad_grad_weight,
+                             const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y,
+                             const at::Tensor& x, const at::Tensor& weight) {
+  Op op;
+  op.grad_grad_x = given(grad_grad_x), op.grad_grad_weight = given(grad_grad_weight);
+  op.grad_grad_bias = given(grad_grad_bias), op.grad_y = grad_y, op.x = x, op.weight = weight;
+  op.y = at::empty(grad_y.sizes(), grad_y.options());
+  op.grad_x = empty_laid_out_as(x);
+  op.grad_weight = at::empty(weight.sizes(), weight.options());
+  return op;
+}
 
 }  // namespace pooled_linear
 }  // namespace maml_fast

@@ -148,7 +148,7 @@ dim3 task_grid(const Extent& e) {
 at::Tensor pooled_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_inputs(kForwardName, x, weight, bias);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const ForwardOp op(x, weight, bias);
+  const Op op = forward_op(x, weight, bias);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_cuda", [&] {
       const auto a = op.args<scalar_t>();
@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight) {
   check_backward_inputs(kBackwardName, grad_y, x, weight);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const BackwardOp op(grad_y, x, weight);
+  const Op op = backward_op(grad_y, x, weight);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_backward_cuda", [&] {
       const auto a = op.args<scalar_t>();
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return op.outputs();
+  return {op.grad_x, op.grad_weight, op.grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_double_backward_cuda(
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_double_backward_cud
     const at::Tensor& weight) {
   check_double_backward_inputs(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const DoubleBackwardOp op(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
+  const Op op = double_backward_op(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight);
   if (op.has_work()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_linear_double_backward_cuda", [&] {
       const auto a = op.args<scalar_t>();
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_linear_double_backward_cud
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return op.outputs();
+  return {op.y, op.grad_x, op.grad_weight};
 }
 
 }  // namespace

@@ -54,6 +54,8 @@ def _reference_derivatives(x, weight, bias, grad_y, ggx, ggw, ggb):
 def _assert_close(actual, expected, dtype, name):
     actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert actual.shape == expected.shape, name
+    if expected.numel() == 0:
+        return
     scale = max(1.0, expected.abs().max().item())
     error = (actual - expected).abs().max().item()
     assert error <= TOLERANCE[dtype] * scale, f"{name}: {error:.3g}"
@@ -81,6 +83,21 @@ def test_ops_match_reference(device, dtype, shape, layout, poisoned_empty):
         _assert_close(out, ref, dtype, name)
     # x's gradients come out laid out as x (channels-last stays channels-last: no copy for the layer below)
     assert first[0].stride() == x.stride() and second[1].stride() == x.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 2, 3, 4, 2, 2), (3, 2, 0, 4, 2, 2), (3, 2, 3, 0, 2, 2)],
+                         ids=["no examples", "no features", "no outputs"])
+def test_empty_sizes_write_every_output(device, shape, poisoned_empty):
+    """Zero examples, features or outputs: the outputs are the empty sums (zeros) or the bias."""
+    x, weight, bias = _inputs(shape, device=device)
+    grad_y, ggx, ggw, ggb = _grads(shape, x, weight, torch.float64, device)
+    ref_y, ref_first, ref_second = _reference_derivatives(x, weight, bias, grad_y, ggx, ggw, ggb)
+    outputs = [torch.ops.maml_fast.pooled_linear(x, weight, bias),
+               *torch.ops.maml_fast.pooled_linear_backward(grad_y, x, weight),
+               *torch.ops.maml_fast.pooled_linear_double_backward(ggx, ggw, ggb, grad_y, x, weight)]
+    for out, ref in zip(outputs, [ref_y, *ref_first, *ref_second]):
+        _assert_close(out, ref, torch.float64, "output")
 
 
 @pytest.mark.parametrize("device", DEVICES)

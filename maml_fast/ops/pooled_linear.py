@@ -178,26 +178,16 @@ if _OPS.registered:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs)
 
-    def _pooled_linear_setup(ctx, inputs, output):
-        x, weight, bias = inputs
+    def _pooled_linear_setup(ctx, inputs, output):  # (as `_PooledLinear.forward` saves: its backward serves)
+        x, weight, _ = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-
-    def _pooled_linear_backward_of_forward(ctx, grad_y):
-        if grad_y is None:
-            return None, None, None
-        x, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _PooledLinearBackward.apply(grad_y, x, weight)
-        needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if ctx.has_bias and needs[2] else None)
 
     def _double_backward_backward(ctx, *grads):
         inputs = ctx.saved_tensors
         return tuple(_autograd.vjp_of(_double_backward_composite, inputs, ctx.needs_input_grad, grads))
 
-    torch.library.register_autograd("maml_fast::pooled_linear", _pooled_linear_backward_of_forward,
+    torch.library.register_autograd("maml_fast::pooled_linear", _PooledLinear.backward,
                                     setup_context=_pooled_linear_setup)
     torch.library.register_autograd("maml_fast::pooled_linear_backward", _PooledLinearBackward.backward,
                                     setup_context=_save_inputs)
