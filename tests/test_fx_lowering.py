@@ -13,7 +13,7 @@ from torch import nn
 
 import maml_fast as mf
 from maml_fast import backends
-from maml_fast.program import lower
+from maml_fast.program import global_mean_pool, lower
 
 
 class TwoPaths(nn.Module):
@@ -142,3 +142,17 @@ def test_what_cannot_lower_is_named(module, expected):
     program, reason = lower(module, backends.get_backend("torch"))
     assert program is None
     assert reason is not None and re.search(expected, reason), reason
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
+def test_global_mean_pool_keeps_the_layout_in_its_gradient(channels_last):
+    """AdaptiveAvgPool2d(1)'s lowering: x.mean over the map, with the gradient in x's own layout (a
+    channels-last activation gets a channels-last gradient, the layer below's layout, without a copy);
+    gradcheck and gradgradcheck."""
+    x = torch.randn(3, 6, 5, 2, dtype=torch.float64)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    torch.testing.assert_close(global_mean_pool(x), x.mean(dim=(2, 3), keepdim=True), rtol=1e-15, atol=1e-15)
+    (grad,) = torch.autograd.grad(global_mean_pool(x), x, torch.randn(3, 6, 1, 1, dtype=torch.float64))
+    assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.autograd.gradcheck(global_mean_pool, (x,))
+    assert torch.autograd.gradgradcheck(global_mean_pool, (x,))
