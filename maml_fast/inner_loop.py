@@ -85,9 +85,8 @@ class CheckedLoss:
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor):
         if self.pending:
-            check_labels("support_y", self.support_y, output.shape[-1])
-            if self.query_y is not None:
-                check_labels("query_y", self.query_y, output.shape[-1])
+            named = {"support_y": self.support_y, **({"query_y": self.query_y} if self.query_y is not None else {})}
+            check_labels(named, output.shape[-1])
             self.pending = False
         elif labels.is_floating_point() and output.shape[2:].numel() != labels.shape[2:].numel():
             which = "support_y" if labels is self.support_y else "query_y"

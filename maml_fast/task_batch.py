@@ -20,16 +20,19 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
-def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    """Raise ValueError naming `name` if a class label lies outside [0, num_classes)."""
-    if labels.numel() == 0:
+def check_labels(labels: dict[str, torch.Tensor], num_classes: int) -> None:
+    """Raise ValueError naming the tensor (``{name: labels}``) if a class label lies outside
+    [0, num_classes). One reduction per tensor and one read for all of them."""
+    named = [(name, tensor) for name, tensor in labels.items() if tensor.numel() > 0]
+    if not named:
         return
-    low, high = torch.stack(torch.aminmax(labels)).tolist()  # (one reduction, one read)
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"{name} holds labels in [{low}, {high}] but the model predicts {num_classes} classes: "
-            f"labels must lie in [0, {num_classes})"
-        )
+    bounds = torch.stack([bound for _, tensor in named for bound in torch.aminmax(tensor)]).tolist()
+    for (name, _), low, high in zip(named, bounds[0::2], bounds[1::2]):
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} holds labels in [{low}, {high}] but the model predicts {num_classes} classes: "
+                f"labels must lie in [0, {num_classes})"
+            )
 
 
 @dataclass(frozen=True)
