@@ -1,5 +1,6 @@
 // maml_fast::fast_weight_update: input checks, operand layouts and the CPU kernel.
 #include "fast_weight_update.h"
+#include "tensor_lists.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,22 +18,6 @@ namespace {
 constexpr const char* kOpName = "maml_fast::fast_weight_update";
 // Elements below which at::parallel_for stays on one thread (ATen's own default).
 constexpr std::int64_t kGrainSize = 32768;
-
-// Whether `tensor` has `strides` in every dimension of size > 1 (the others are never stepped).
-bool has_strides(const at::Tensor& tensor, at::IntArrayRef strides) {
-  for (std::int64_t dim = 0; dim < tensor.dim(); ++dim) {
-    if (tensor.size(dim) > 1 && tensor.stride(dim) != strides[dim]) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// `tensor`'s values in the memory layout of `like` (same shape, dense): `tensor` itself when it
-// already has that layout, else a copy.
-at::Tensor in_layout_of(const at::Tensor& tensor, const at::Tensor& like) {
-  return has_strides(tensor, like.strides()) ? tensor : at::empty_like(like).copy_(tensor);
-}
 
 // The output of one update: laid out like `grad` when that is dense with the task dimension
 // outermost (e.g. the channels-last weight gradients of a convolution, which the next conv then
@@ -128,19 +113,13 @@ void update_entry_range(const UpdateEntry& entry, std::int64_t begin, std::int64
 // One parallel loop over the elements of all entries, laid end to end.
 template <typename scalar_t>
 void update_entries_cpu(const std::vector<UpdateEntry>& entries) {
-  std::vector<std::int64_t> starts(entries.size() + 1, 0);
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    starts[i + 1] = starts[i] + entries[i].out.numel();
+  std::vector<std::int64_t> sizes;
+  sizes.reserve(entries.size());
+  for (const UpdateEntry& entry : entries) {
+    sizes.push_back(entry.out.numel());
   }
-  at::parallel_for(0, starts.back(), kGrainSize, [&](std::int64_t begin, std::int64_t end) {
-    // Entries are non-empty, so `starts` is strictly increasing and this finds begin's entry.
-    std::size_t entry = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    while (begin < end) {
-      const std::int64_t stop = std::min(end, starts[entry + 1]);
-      update_entry_range<scalar_t>(entries[entry], begin - starts[entry], stop - starts[entry]);
-      begin = stop;
-      ++entry;
-    }
+  parallel_for_entries(sizes, kGrainSize, [&](std::size_t entry, std::int64_t begin, std::int64_t end) {
+    update_entry_range<scalar_t>(entries[entry], begin, end);
   });
 }
 

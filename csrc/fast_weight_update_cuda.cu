@@ -5,6 +5,7 @@
 // cut into blocks of kElementsPerBlock; a block finds its tensor by binary search over the
 // tensors' first block numbers.
 #include "fast_weight_update.h"
+#include "tensor_lists.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,17 +53,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     fast_weight_update_kernel(const __grid_constant__ KernelTable<scalar_t> table) {
   const std::int32_t block = static_cast<std::int32_t>(blockIdx.x);
-  int low = 0;
-  int high = table.count - 1;
-  while (low < high) {  // the last entry whose first block is <= this block
-    const int middle = (low + high + 1) / 2;
-    if (table.entries[middle].first_block <= block) {
-      low = middle;
-    } else {
-      high = middle - 1;
-    }
-  }
-  const KernelEntry<scalar_t>& entry = table.entries[low];
+  const KernelEntry<scalar_t>& entry = table.entries[entry_of_block(table.entries, table.count, block)];
 
   using opmath_t = at::opmath_type<scalar_t>;
   const std::int64_t begin =

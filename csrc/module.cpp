@@ -18,6 +18,11 @@ TORCH_LIBRARY(maml_fast, m) {
   m.set_python_module("maml_fast.ops.fast_weight_update");
   m.def("fast_weight_update(Tensor[] params, Tensor[] grads, Tensor[] lrs) -> Tensor[]");
 
+  // Every gradient summed over its leading task dimension, with its pair (pairs[k] joins grads[paired[k]])
+  // in the same sum, one pass for all.
+  m.set_python_module("maml_fast.ops.task_broadcast");
+  m.def("sum_over_tasks(Tensor[] grads, Tensor[] pairs, int[] paired) -> Tensor[]");
+
   // Per-task BatchNorm (batch statistics) + ReLU on the [rows, channels] view, and its closed-form
   // backward and double backward (formulas in batch_norm_relu.h). mean and rstd are float32 for
   // float32/float16/bfloat16 x, float64 for float64 x.

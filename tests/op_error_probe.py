@@ -94,6 +94,35 @@ def _cases() -> list[Case]:
     case(op, "grad on the CPU", "grads[0]", "ValueError",
          lambda torch, d: fwu(torch, d, grads=lambda torch, d, g: [g[0].cpu(), g[1]]), devices=("cuda",))
 
+    # sum_over_tasks(Tensor[] grads, Tensor[] pairs, int[] paired)
+    def sot(torch, d, **change):
+        args = {"grads": [t(torch, d, 3, 2), t(torch, d, 3, 4, 5)], "pairs": [t(torch, d, 3, 4, 5)], "paired": [1]}
+        for key, edit in change.items():
+            args[key] = edit(torch, d, args[key])
+        return args["grads"], args["pairs"], args["paired"]
+
+    op = "sum_over_tasks"
+    case(op, "index missing", "paired", "ValueError", lambda torch, d: sot(torch, d, paired=lambda torch, d, p: []))
+    case(op, "index out of range", "paired[0]", "ValueError", lambda torch, d: sot(torch, d, paired=lambda torch, d, p: [2]))
+    case(op, "negative index", "paired[0]", "ValueError", lambda torch, d: sot(torch, d, paired=lambda torch, d, p: [-1]))
+    case(op, "grad paired twice", "paired[1]", "ValueError", lambda torch, d: sot(
+        torch, d, pairs=lambda torch, d, p: [p[0], p[0]], paired=lambda torch, d, p: [1, 1]))
+    case(op, "pairs without grads", "pairs", "ValueError", lambda torch, d: sot(
+        torch, d, grads=lambda torch, d, g: [], paired=lambda torch, d, p: [0]))
+    case(op, "integer grads", "grads[0]", "TypeError", lambda torch, d: (
+        [torch.ones(3, 2, dtype=torch.int64, device=d)], [], []))
+    case(op, "0-dim grads", "grads[0]", "ValueError", lambda torch, d: ([t(torch, d)], [], []))
+    case(op, "float32 grad", "grads[1]", "TypeError",
+         lambda torch, d: sot(torch, d, grads=lambda torch, d, g: [g[0], g[1].float()]))
+    case(op, "float32 pair", "pairs[0]", "TypeError",
+         lambda torch, d: sot(torch, d, pairs=lambda torch, d, p: [p[0].float()]))
+    case(op, "other task count", "grads[1]", "ValueError", lambda torch, d: sot(
+        torch, d, grads=lambda torch, d, g: [g[0], t(torch, d, 2, 4, 5)], pairs=lambda torch, d, p: [t(torch, d, 2, 4, 5)]))
+    case(op, "mismatched pair shape", "pairs[0]", "ValueError",
+         lambda torch, d: sot(torch, d, pairs=lambda torch, d, p: [t(torch, d, 3, 5, 4)]))
+    case(op, "pair on the CPU", "pairs[0]", "ValueError",
+         lambda torch, d: sot(torch, d, pairs=lambda torch, d, p: [p[0].cpu()]), devices=("cuda",))
+
     # batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) on x [rows, C]
     def bnr(torch, d, x=None, weight=None, bias=None, eps=1e-5):
         return (t(torch, d, 6, 4) if x is None else x, t(torch, d, 4) if weight is None else weight,

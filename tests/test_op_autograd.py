@@ -95,6 +95,9 @@ def cases(dtype):
     grads = [leaf(3, 4, dtype=dtype, generator=g), leaf(3, 2, 2, dtype=dtype, generator=g)]
     lrs = [leaf(dtype=dtype, generator=g), leaf(2, 2, dtype=dtype, generator=g)]
 
+    task_grads = [leaf(3, 2, 5, dtype=dtype, generator=g), leaf(3, dtype=dtype, generator=g)]
+    task_pair = leaf(3, 5, 2, dtype=dtype, generator=g).transpose(1, 2)  # (another layout than its gradient's)
+
     hx, hw, hb = leaf(2, 6, 2, 1, dtype=dtype, generator=g), leaf(2, 4, 3, dtype=dtype, generator=g), \
         leaf(2, 4, dtype=dtype, generator=g)
     hgy, hggx, hggw, hggb = leaf(2, 8, dtype=dtype, generator=g), leaf(2, 6, 2, 1, dtype=dtype, generator=g), \
@@ -135,6 +138,9 @@ def cases(dtype):
         "direct_conv2d_weight_grad": (ops.direct_conv2d_weight_grad.default,
                                       lambda x, go: ops.direct_conv2d_weight_grad(x, go, 2, [2, 3], [2, 1], [1, 1]),
                                       (cx, cgo), (cx, cgo, 2, [2, 3], [2, 1], [1, 1])),
+        "sum_over_tasks": (ops.sum_over_tasks.default,
+                           lambda g0, g1, p0: tuple(ops.sum_over_tasks([g0, g1], [p0], [0])),
+                           (*task_grads, task_pair), (task_grads, [task_pair], [0])),
         "fast_weight_update": (ops.fast_weight_update.default,
                                lambda p0, p1, g0, g1, l0, l1: tuple(ops.fast_weight_update([p0, p1], [g0, g1], [l0, l1])),
                                (*params, *grads, *lrs), (params, grads, lrs)),
@@ -146,7 +152,7 @@ NAMES = list(cases(torch.float64))
 
 def test_every_op_is_covered():
     defined = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
-    assert set(NAMES) == defined and len(NAMES) == 17
+    assert set(NAMES) == defined and len(NAMES) == 18
 
 
 # ------------------------------------------------------------------------------------ opcheck
@@ -188,7 +194,8 @@ def _fused_conv(x, w, b):
 
 
 # op name -> (the wrapper: its derivatives are the glue's; the pure-PyTorch reference[, the leaves
-# differentiated twice: the first two by default])
+# differentiated twice: the first two by default]). (sum_over_tasks is linear: its second derivatives
+# are zero, so no third exists to compare; its gradcheck and gradgradcheck are above.)
 WRAPPERS = {
     "batch_norm_relu": (lambda x, w, b: bnr.batch_norm_relu_rows(x, w, b, EPS),
                         lambda x, w, b: bnr.batch_norm_relu_rows_reference(x, w, b, EPS)[0]),

@@ -6,9 +6,11 @@ at once:
     its backward:  d params[i] = Σ_t d out[i][t]                                  (`sum_over_tasks`)
 
 Autograd's own backward of ``expand`` reduces each tensor on its own (one reduction per parameter,
-per inner loop). Here the gradients are laid end to end in their memory order (one concatenation)
-and reduced once. `sum_over_tasks` is made of differentiable ops, so a second-order backward
-differentiates it exactly (its own backward is the broadcast again: views).
+per inner loop). Here all gradients are reduced in one op: the compiled ``maml_fast::sum_over_tasks``
+(one parallel loop on the CPU, one launch on CUDA, reading every task's gradient where it lies),
+or without the extension one concatenation of the gradients laid end to end and one reduction. Both
+are differentiable, so a second-order backward differentiates them exactly (their backward is the
+broadcast again: views).
 
 `broadcast_over_tasks(params, T, uses=2)` gives each parameter a second view, from a second output of
 the same node: MAML's first update reads θ through it while the network reads the first. Both
@@ -22,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from maml_fast import _extension
+
 
 def broadcast_over_tasks_reference(params: Sequence[torch.Tensor], tasks: int) -> list[torch.Tensor]:
     return [p.expand(tasks, *p.shape) for p in params]
@@ -33,15 +37,25 @@ def _memory_order(tensor: torch.Tensor) -> list[int]:
     return [0, *sorted(range(1, tensor.dim()), key=lambda d: (-tensor.stride(d), d))]
 
 
+def sum_over_tasks_reference(grads: Sequence[torch.Tensor],
+                             pairs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """The definition: ``grads[i].sum(0)`` (``+ pairs[i].sum(0)``), one reduction per tensor."""
+    pairs = list(pairs) if pairs is not None else [None] * len(grads)
+    return [g.sum(0) if p is None else g.sum(0) + p.sum(0) for g, p in zip(grads, pairs)]
+
+
 def sum_over_tasks(grads: Sequence[torch.Tensor], pairs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
-    """``[g.sum(0) for g in grads]`` by one concatenation and one reduction (each result keeps its
-    gradient's memory order); with `pairs` (a tensor or None per gradient), ``grads[i].sum(0) +
-    pairs[i].sum(0)`` in the same reduction wherever the two share shape and memory order. Differentiable
-    to any order."""
+    """``[g.sum(0) for g in grads]`` in one op; with `pairs` (a tensor or None per gradient),
+    ``grads[i].sum(0) + pairs[i].sum(0)`` in the same op. Each result keeps its gradient's memory
+    order. Differentiable to any order. The compiled op where the extension runs on the gradients'
+    device (and they share one dtype and task count), else one concatenation and one reduction."""
     pairs = list(pairs) if pairs is not None else [None] * len(grads)
     tensors = [*grads, *(p for p in pairs if p is not None)]
     if len(tensors) < 2 or len({(g.dtype, g.device) for g in tensors}) > 1:
-        return [g.sum(0) if p is None else g.sum(0) + p.sum(0) for g, p in zip(grads, pairs)]
+        return sum_over_tasks_reference(grads, pairs)
+    if _compiled_op_applies(grads, pairs):
+        paired = [i for i, p in enumerate(pairs) if p is not None]
+        return list(torch.ops.maml_fast.sum_over_tasks(list(grads), [pairs[i] for i in paired], paired))
     orders = [_memory_order(g) for g in grads]
     paired = [i for i, p in enumerate(pairs) if p is not None and p.shape == grads[i].shape
               and _memory_order(p) == orders[i] and _is_dense(p) and _is_dense(grads[i])]
@@ -71,6 +85,16 @@ def sum_over_tasks(grads: Sequence[torch.Tensor], pairs: Sequence[torch.Tensor |
         unpaired = pairs[i] is not None and i in set(single)  # (a pair in another layout: added on its own)
         sums.append(total + pairs[i].sum(0) if unpaired else total)
     return sums
+
+
+def _compiled_op_applies(grads: Sequence[torch.Tensor], pairs: Sequence[torch.Tensor | None]) -> bool:
+    """Whether ``maml_fast::sum_over_tasks`` takes these (same-dtype, same-device) gradients: the
+    extension runs on their device, they are floating point with one task count, and every pair has
+    its gradient's shape."""
+    first = grads[0]
+    return (_extension.is_available(first.device) and first.is_floating_point()
+            and all(g.dim() >= 1 and g.shape[0] == first.shape[0] for g in grads)
+            and all(p is None or p.shape == g.shape for g, p in zip(grads, pairs)))
 
 
 def _is_dense(tensor: torch.Tensor) -> bool:
@@ -136,3 +160,35 @@ def broadcast_over_tasks(params: Sequence[torch.Tensor], tasks: int, uses: int =
         return [] if uses == 1 else ([], [])
     outputs = list(_BroadcastOverTasks.apply(tasks, uses, *params))
     return outputs if uses == 1 else (outputs[:len(params)], outputs[len(params):])
+
+
+def sum_output_like(grad: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in the compiled op's layout for ``grad.sum(0)`` (the rule of
+    ``plan_sum_over_tasks`` in csrc/sum_over_tasks.cpp): a task block's strides when the block is
+    non-overlapping and dense, else contiguous."""
+    if grad.shape[0] == 0:
+        return grad.new_empty(grad.shape[1:])
+    return torch.empty_like(grad.select(0, 0))
+
+
+if _extension.LOAD_ERROR is None:
+
+    @torch.library.register_fake("maml_fast::sum_over_tasks")
+    def _sum_over_tasks_fake(grads, pairs, paired):
+        return [sum_output_like(grad) for grad in grads]
+
+    # The op's derivative: each output gradient broadcast back over the tasks (a view), to grads and
+    # pairs alike; differentiable, so every order of derivative exists.
+    def _sum_setup(ctx, inputs, output):
+        grads, _, paired = inputs
+        ctx.set_materialize_grads(False)
+        ctx.tasks = grads[0].shape[0] if grads else 0
+        ctx.paired = list(paired)
+
+    def _sum_backward(ctx, out_grads):
+        spread = [None if g is None else g.expand(ctx.tasks, *g.shape) for g in out_grads]
+        # (`paired` takes no gradient; torch.library's structure check reads an empty int list as an
+        # empty tensor list, whose "gradient" is then an empty list)
+        return spread, [spread[i] for i in ctx.paired], None if ctx.paired else []
+
+    torch.library.register_autograd("maml_fast::sum_over_tasks", _sum_backward, setup_context=_sum_setup)
