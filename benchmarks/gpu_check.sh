@@ -180,6 +180,7 @@ grep -E "^(trained|RESULT|maml-fast train)" "$OUT/paper_omniglot_5w1s.log" | sed
 #    the Triton modules switch PyTorch's flags off themselves). Every module in a process of its own: the
 #    compiled ops' modules call the ops directly with bad values, which crashed whole processes before.
 GPU_TESTS=$(ls tests/test_batch_norm_relu.py tests/test_batch_norm_relu_pool.py tests/test_loss_ops.py tests/test_pooled_linear.py \
+    tests/test_task_broadcast.py \
     tests/test_direct_conv.py tests/test_fast_weight_update.py tests/test_op_autograd.py tests/test_triton_conv.py \
     tests/test_triton_fusion.py tests/test_triton_linear.py tests/test_extension.py tests/test_cuda_graph.py \
     tests/test_graphed_cuda.py tests/test_precision.py 2>/dev/null)

@@ -300,3 +300,23 @@ def test_fake_implementation_for_compile_and_meta(generator):
     full = [pairs[paired.index(i)] if i in paired else None for i in range(len(grads))]
     for out, want in zip(compiled(grads, full), _reference(grads, pairs, paired)):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_replay_sums_new_values(generator):
+    """One kernel launch with its table in the kernel arguments: capturable, and a replay reads the
+    inputs' current values."""
+    if not _extension.is_available("cuda"):
+        pytest.skip("; ".join(_extension.extension_unavailable_reasons("cuda")))
+    grads, pairs, paired = _case(32, generator, dtype=torch.float32, device="cuda")
+    torch.ops.maml_fast.sum_over_tasks(grads, pairs, paired)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = torch.ops.maml_fast.sum_over_tasks(grads, pairs, paired)
+    for tensor in (*grads, *pairs):
+        if tensor.stride(0) != 0:  # (an expanded one shares its memory between tasks: left as it is)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor))
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, want in zip(outputs, _reference(grads, pairs, paired)):
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
