@@ -160,6 +160,29 @@ def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
     assert not conv_ops.TORCH_CONV.per_task(meta, 640, 640)  # (any other device: the grouped call)
 
 
+@pytest.mark.parametrize("primitives", PRIMITIVES)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2]])
+def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
+    """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): the per-task
+    formulation reads it without a copy; both formulations equal the reference with θ's gradients
+    summed over the tasks, to second order."""
+    x, weight, bias, stride, pad = _conv_inputs(case)
+    theta, theta_bias = weight[0].detach().requires_grad_(), None if bias is None else bias[0].detach().requires_grad_()
+    tasks = weight.shape[0]
+    prims = PRIMITIVES[primitives]
+    shared = theta.expand(tasks, *theta.shape)
+    assert (prims.prepare_weight(shared) is shared) == (primitives == "per task")
+
+    def through(conv):
+        return lambda x, w, *b: conv(x, w.expand(tasks, *w.shape), b[0].expand(tasks, *b[0].shape) if b else None)
+
+    op = through(lambda x, w, b: conv_ops.conv2d(x, w, b, stride, pad, prims))
+    ref = through(lambda x, w, b: conv_ops.conv2d_reference(x, w, b, stride, pad))
+    inputs = (x, theta) if theta_bias is None else (x, theta, theta_bias)
+    assert_same_function(op, ref, inputs, torch.float64)
+    check_grads(op, inputs)
+
+
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]])
 def test_conv2d_third_order(case):
     """gradgradcheck of the conv's own gradient: checks the third derivative of a non-linear

@@ -51,11 +51,14 @@ class ConvGeometry:
 
 def _by_task(call, tasks: int, per_task: bool, out_dim: int, operands):
     """``call(*tensors, groups=tasks)`` on the grouped tensors, or (`per_task`) one ``groups=1`` call per
-    task on each operand's block t (an operand is ``(tensor, dim)``: its tasks are `tasks` equal blocks
-    along `dim`), the results concatenated along `out_dim`."""
+    task on each operand's block t, the results concatenated along `out_dim`. An operand is ``(tensor,
+    dim)``: its tasks are `tasks` equal blocks along `dim`; or ``(tensor, None)``: a ``[T, n, ...]``
+    parameter, passed whole as ``[T*n, ...]`` and per task as ``tensor[t]`` (θ expanded over the
+    tasks is then read where it lies, with no copy)."""
     if not per_task:
-        return call(*(tensor for tensor, _ in operands), groups=tasks)
-    blocks = [tensor.chunk(tasks, dim) for tensor, dim in operands]
+        return call(*(tensor if dim is not None else tensor.flatten(0, 1) for tensor, dim in operands),
+                    groups=tasks)
+    blocks = [tensor.chunk(tasks, dim) if dim is not None else tensor.unbind(0) for tensor, dim in operands]
     return torch.cat([call(*(b[t] for b in blocks), groups=1) for t in range(tasks)], dim=out_dim)
 
 
@@ -75,37 +78,39 @@ class TorchConvPrimitives:
     def _layout(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
 
-    @staticmethod
-    def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is channels-last on the CPU
         (contiguous elsewhere): oneDNN would otherwise copy the weight in every primitive call. One
         differentiable copy, or the weight itself when it is laid out so already (the fast weights
-        that the compiled update makes from channels-last weight gradients)."""
+        that the compiled update makes from channels-last weight gradients) or when the layer runs
+        per task (each call reads its task's block as it lies)."""
         if weight.device.type != "cpu":
             return weight.contiguous()
+        if self.per_task(weight, weight.shape[2], weight.shape[1]):
+            return weight
         channels_last = weight.permute(0, 1, 3, 4, 2)
         if channels_last.is_contiguous():
             return weight
         return channels_last.contiguous().permute(0, 1, 4, 2, 3)
 
     def forward(self, x, weight, geo: ConvGeometry, bias=None):
-        tasks, out_ch, in_ch, kh, kw = weight.shape
-        operands = [(self._layout(x), 1), (weight.reshape(tasks * out_ch, in_ch, kh, kw), 0)]
+        tasks, out_ch, in_ch = weight.shape[:3]
+        operands = [(self._layout(x), 1), (weight, None)]
         if bias is not None:
-            operands.append((bias.reshape(tasks * out_ch), 0))
+            operands.append((bias, None))
 
         def conv(x, w, b=None, *, groups):
             return F.conv2d(x, w, b, stride=geo.stride, padding=geo.padding, groups=groups)
         return _by_task(conv, tasks, self.per_task(x, in_ch, out_ch), 1, operands)
 
     def input_grad(self, grad_out, weight, geo: ConvGeometry):
-        tasks, out_ch, in_ch, kh, kw = weight.shape
+        tasks, out_ch, in_ch = weight.shape[:3]
 
         def dgrad(g, w, *, groups):
             return F.conv_transpose2d(g, w, stride=geo.stride, padding=geo.padding,
                                       output_padding=geo.output_padding(), groups=groups)
         return _by_task(dgrad, tasks, self.per_task(grad_out, in_ch, out_ch), 1,
-                        [(self._layout(grad_out), 1), (weight.reshape(tasks * out_ch, in_ch, kh, kw), 0)])
+                        [(self._layout(grad_out), 1), (weight, None)])
 
     def weight_grad(self, x, grad_out, geo: ConvGeometry):
         tasks = geo.tasks
