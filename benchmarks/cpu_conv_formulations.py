@@ -36,7 +36,7 @@ def calls(primitives, channels: int, size: int) -> dict[str, callable]:
     geo = conv_ops.ConvGeometry(TASKS, (1, 1), (1, 1), (size, size), (3, 3))
     x = torch.randn(BATCH, TASKS * channels, size, size).contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(BATCH, TASKS * channels, size, size).contiguous(memory_format=torch.channels_last)
-    weight = conv_ops.TorchConvPrimitives.prepare_weight(torch.randn(TASKS, channels, channels, 3, 3))
+    weight = primitives.prepare_weight(torch.randn(TASKS, channels, channels, 3, 3))
     return {"forward": lambda: primitives.forward(x, weight, geo),
             "input_grad": lambda: primitives.input_grad(grad_out, weight, geo),
             "weight_grad": lambda: primitives.weight_grad(x, grad_out, geo)}

@@ -14,17 +14,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
-
 namespace maml_fast {
 namespace {
 
 constexpr int kThreadsPerBlock = 256;
 constexpr int kElementsPerThread = 8;
 constexpr std::int64_t kElementsPerBlock = kThreadsPerBlock * kElementsPerThread;
-// Tensors per launch: keeps the table within the classic 4 KiB kernel-argument limit. Models with
-// more adapted tensors take one launch per group; the count never depends on the number of tasks.
+// Tensors per launch: keeps the table within the classic 4 KiB kernel-argument limit (models with more
+// adapted tensors take one launch per group: `launch_per_table`).
 constexpr int kMaxEntriesPerLaunch = 64;
 
 template <typename scalar_t>
@@ -77,33 +74,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 template <typename scalar_t>
 void launch_fast_weight_update(const std::vector<UpdateEntry>& entries, cudaStream_t stream) {
-  for (std::size_t group = 0; group < entries.size(); group += kMaxEntriesPerLaunch) {
-    const std::size_t group_end = std::min(entries.size(), group + kMaxEntriesPerLaunch);
-    KernelTable<scalar_t> table{};
-    std::int64_t blocks = 0;
-    for (std::size_t i = group; i < group_end; ++i) {
-      const UpdateEntry& entry = entries[i];
-      table.entries[table.count++] = {
-          entry.out.mutable_data_ptr<scalar_t>(),
-          entry.param.tensor.const_data_ptr<scalar_t>(),
-          entry.grad.tensor.const_data_ptr<scalar_t>(),
-          entry.lr.tensor.const_data_ptr<scalar_t>(),
-          entry.out.numel(),
-          entry.inner,
-          static_cast<std::int32_t>(blocks),
-          entry.param.layout,
-          entry.grad.layout,
-          entry.lr.layout,
-      };
-      blocks += (entry.out.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
-    }
-    TORCH_CHECK(
-        blocks <= std::numeric_limits<std::int32_t>::max(),
-        "maml_fast::fast_weight_update: too many elements for one launch (", blocks, " blocks)");
-    fast_weight_update_kernel<scalar_t>
-        <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(table);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_per_table(
+      entries, kMaxEntriesPerLaunch, KernelTable<scalar_t>{}, "maml_fast::fast_weight_update",
+      [](KernelTable<scalar_t>& table, const UpdateEntry& entry, std::int32_t first_block) {
+        table.entries[table.count++] = {
+            entry.out.mutable_data_ptr<scalar_t>(),
+            entry.param.tensor.const_data_ptr<scalar_t>(),
+            entry.grad.tensor.const_data_ptr<scalar_t>(),
+            entry.lr.tensor.const_data_ptr<scalar_t>(),
+            entry.out.numel(),
+            entry.inner,
+            first_block,
+            entry.param.layout,
+            entry.grad.layout,
+            entry.lr.layout,
+        };
+        return (entry.out.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
+      },
+      [stream](const KernelTable<scalar_t>& table, unsigned int blocks) {
+        fast_weight_update_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(table);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 std::vector<at::Tensor> fast_weight_update_cuda(

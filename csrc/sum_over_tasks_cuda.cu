@@ -14,17 +14,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
-
 namespace maml_fast {
 namespace {
 
 constexpr int kThreadsPerBlock = 256;
 constexpr int kElementsPerThread = 4;
 constexpr std::int64_t kElementsPerBlock = kThreadsPerBlock * kElementsPerThread;
-// Tensors per launch: keeps the table within the classic 4 KiB kernel-argument limit; the number of
-// launches never depends on the number of tasks.
+// Tensors per launch: keeps the table within the classic 4 KiB kernel-argument limit.
 constexpr int kMaxEntriesPerLaunch = 64;
 
 template <typename scalar_t>
@@ -71,32 +67,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 template <typename scalar_t>
 void launch_sum_over_tasks(const TaskSumPlan& plan, cudaStream_t stream) {
-  const std::vector<TaskSumEntry>& entries = plan.entries;
-  for (std::size_t group = 0; group < entries.size(); group += kMaxEntriesPerLaunch) {
-    const std::size_t group_end = std::min(entries.size(), group + kMaxEntriesPerLaunch);
-    KernelTable<scalar_t> table{};
-    table.tasks = plan.tasks;
-    std::int64_t blocks = 0;
-    for (std::size_t i = group; i < group_end; ++i) {
-      const TaskSumEntry& entry = entries[i];
-      const bool paired = entry.pair.tensor.defined();
-      table.entries[table.count++] = {
-          entry.out.mutable_data_ptr<scalar_t>(),
-          entry.grad.tensor.const_data_ptr<scalar_t>(),
-          paired ? entry.pair.tensor.const_data_ptr<scalar_t>() : nullptr,
-          entry.grad.task_stride,
-          entry.pair.task_stride,
-          entry.inner,
-          static_cast<std::int32_t>(blocks),
-      };
-      blocks += (entry.inner + kElementsPerBlock - 1) / kElementsPerBlock;
-    }
-    TORCH_CHECK(
-        blocks <= std::numeric_limits<std::int32_t>::max(),
-        "maml_fast::sum_over_tasks: too many elements for one launch (", blocks, " blocks)");
-    sum_over_tasks_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(table);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  KernelTable<scalar_t> empty_table{};
+  empty_table.tasks = plan.tasks;
+  launch_per_table(
+      plan.entries, kMaxEntriesPerLaunch, empty_table, "maml_fast::sum_over_tasks",
+      [](KernelTable<scalar_t>& table, const TaskSumEntry& entry, std::int32_t first_block) {
+        const bool paired = entry.pair.tensor.defined();
+        table.entries[table.count++] = {
+            entry.out.mutable_data_ptr<scalar_t>(),
+            entry.grad.tensor.const_data_ptr<scalar_t>(),
+            paired ? entry.pair.tensor.const_data_ptr<scalar_t>() : nullptr,
+            entry.grad.task_stride,
+            entry.pair.task_stride,
+            entry.inner,
+            first_block,
+        };
+        return (entry.inner + kElementsPerBlock - 1) / kElementsPerBlock;
+      },
+      [stream](const KernelTable<scalar_t>& table, unsigned int blocks) {
+        sum_over_tasks_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(table);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 std::vector<at::Tensor> sum_over_tasks_cuda(

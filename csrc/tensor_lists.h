@@ -7,9 +7,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace maml_fast {
@@ -66,6 +68,29 @@ C10_HOST_DEVICE inline int entry_of_block(const Entry* entries, int count, std::
     }
   }
   return low;
+}
+
+// The launches of a kernel that takes its tensors in a table passed by value (no host-to-device copy,
+// so the launches can be captured in a CUDA graph): `entries` in groups of at most `capacity`, one
+// table each. `add(table, entry, first_block)` appends an entry and returns its number of blocks;
+// `launch(table, blocks)` launches the table's grid. The number of launches never depends on the
+// number of tasks.
+template <typename Table, typename Entry, typename Add, typename Launch>
+void launch_per_table(
+    const std::vector<Entry>& entries, std::size_t capacity, const Table& empty_table, const char* op,
+    const Add& add, const Launch& launch) {
+  for (std::size_t group = 0; group < entries.size(); group += capacity) {
+    const std::size_t group_end = std::min(entries.size(), group + capacity);
+    Table table = empty_table;
+    std::int64_t blocks = 0;
+    for (std::size_t i = group; i < group_end; ++i) {
+      blocks += add(table, entries[i], static_cast<std::int32_t>(blocks));
+    }
+    TORCH_CHECK(
+        blocks <= std::numeric_limits<std::int32_t>::max(), op, ": too many elements for one launch (", blocks,
+        " blocks)");
+    launch(table, static_cast<unsigned int>(blocks));
+  }
 }
 
 }  // namespace maml_fast

@@ -69,6 +69,11 @@ def make_batch():
     return random_task_batch
 
 
+#: Marks a test that calls the compiled ops on the CPU: skipped, with the loader's reason, without them.
+needs_cpu_extension = pytest.mark.skipif(not mf._extension.is_available("cpu"),
+                                         reason="; ".join(mf._extension.extension_unavailable_reasons("cpu")))
+
+
 def op_devices(unavailable_reasons):
     """The "cpu" and "cuda" test parameters of a compiled op, each skipped with its reason where the
     op module's `unavailable_reasons(device)` says the op cannot run there."""

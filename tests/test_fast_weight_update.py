@@ -12,13 +12,10 @@ from maml_fast.ops.fast_weight_update import (
     fast_weight_update,
     fast_weight_update_reference,
 )
-from conftest import op_devices
+from conftest import needs_cpu_extension, op_devices
 
 
 DEVICES = op_devices(_extension.extension_unavailable_reasons)
-needs_cpu_extension = pytest.mark.skipif(
-    not _extension.is_available("cpu"), reason="; ".join(_extension.extension_unavailable_reasons("cpu"))
-)
 
 
 @pytest.fixture
@@ -125,7 +122,7 @@ def test_output_is_laid_out_like_task_major_grads(device, lr_form, param_layout,
         torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
     # The layout oneDNN wants for the next conv: preparing the weight is then free.
     if device == "cpu":
-        assert TorchConvPrimitives.prepare_weight(actual[0]) is actual[0]
+        assert TorchConvPrimitives().prepare_weight(actual[0]) is actual[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -164,14 +164,18 @@ def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2]])
 def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
     """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): the per-task
-    formulation reads it without a copy; both formulations equal the reference with θ's gradients
-    summed over the tasks, to second order."""
+    formulation reads one channels-last copy of it; both formulations equal the reference with θ's
+    gradients summed over the tasks, to second order."""
     x, weight, bias, stride, pad = _conv_inputs(case)
     theta, theta_bias = weight[0].detach().requires_grad_(), None if bias is None else bias[0].detach().requires_grad_()
     tasks = weight.shape[0]
     prims = PRIMITIVES[primitives]
     shared = theta.expand(tasks, *theta.shape)
-    assert (prims.prepare_weight(shared) is shared) == (primitives == "per task")
+    prepared = prims.prepare_weight(shared)
+    if primitives == "per task":  # one channels-last copy of θ, expanded: each task's block a dense conv weight
+        assert prepared.stride(0) == 0 and prepared[0].is_contiguous(memory_format=torch.channels_last)
+    else:  # T copies, the grouped call's [T*O, C, kh, kw]
+        assert prepared.stride(0) != 0
 
     def through(conv):
         return lambda x, w, *b: conv(x, w.expand(tasks, *w.shape), b[0].expand(tasks, *b[0].shape) if b else None)

@@ -17,12 +17,9 @@ from maml_fast.ops.task_broadcast import (
     sum_over_tasks,
     sum_over_tasks_reference,
 )
-from conftest import count_op_calls, op_devices
+from conftest import count_op_calls, needs_cpu_extension, op_devices
 
 DEVICES = op_devices(_extension.extension_unavailable_reasons)
-needs_cpu_extension = pytest.mark.skipif(
-    not _extension.is_available("cpu"), reason="; ".join(_extension.extension_unavailable_reasons("cpu"))
-)
 
 SHAPES = [(), (1,), (7,), (5, 3), (2, 3, 1, 5)]
 

@@ -82,12 +82,13 @@ class TorchConvPrimitives:
         """``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is channels-last on the CPU
         (contiguous elsewhere): oneDNN would otherwise copy the weight in every primitive call. One
         differentiable copy, or the weight itself when it is laid out so already (the fast weights
-        that the compiled update makes from channels-last weight gradients) or when the layer runs
-        per task (each call reads its task's block as it lies)."""
+        that the compiled update makes from channels-last weight gradients). A layer run per task
+        reads each task's block as it lies: θ expanded over the tasks then takes one channels-last
+        copy of θ, expanded again, not T copies."""
         if weight.device.type != "cpu":
             return weight.contiguous()
-        if self.per_task(weight, weight.shape[2], weight.shape[1]):
-            return weight
+        if weight.shape[0] > 1 and weight.stride(0) == 0 and self.per_task(weight, weight.shape[2], weight.shape[1]):
+            return _SharedChannelsLast.apply(weight)
         channels_last = weight.permute(0, 1, 3, 4, 2)
         if channels_last.is_contiguous():
             return weight
@@ -131,6 +132,21 @@ class TorchConvPrimitives:
 
 
 TORCH_CONV = TorchConvPrimitives()
+
+
+class _SharedChannelsLast(torch.autograd.Function):
+    """A ``[T, O, C, kh, kw]`` weight expanded over the tasks (stride 0), expanded from one channels-last
+    copy of its block instead (oneDNN's dense convolutions are up to 2.7x slower with a contiguous
+    weight, benchmarks/RESULTS.md). The values are the same, so the gradient passes through unchanged,
+    to every order."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight[0].contiguous(memory_format=torch.channels_last).expand_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 class _ConvForward(torch.autograd.Function):
