@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +29,11 @@ import torch
 
 from .configs import (CONFIGS, GRAPHED_PEERS, PEERS, available_peers, base_peer, is_graphed, meta_step,
                       unavailable_reason, warmup_calls)
+
+
+#: Environment variables that choose or tune the CPU allocator (glibc's MALLOC_* too): recorded with every
+#: table, since they move CPU step times by 10% and more (benchmarks/RESULTS.md).
+ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def environment(device: str) -> dict:
@@ -48,7 +54,10 @@ def environment(device: str) -> dict:
                   f"CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
         "commit": commit + ("+dirty" if dirty else ""), "date": datetime.date.today().isoformat(),
+        "allocator_env": {name: value for name, value in os.environ.items()
+                          if name in ALLOCATOR_ENV or name.startswith("MALLOC_")},
     }
+
 
 
 def set_up(config, peers, device, sync) -> tuple[dict, dict[str, str]]:

@@ -14,6 +14,7 @@ The graphed peers ("<backend>+graph") are timed on CUDA only; on the CPU their w
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -123,3 +124,16 @@ def test_the_benchmark_scripts_touch_no_cuda_on_import():
     and the test collection import them)."""
     assert cuda_initialisations("import benchmarks.bench_table, benchmarks.profile_step\n"
                                 "from benchmarks.configs import available_peers\navailable_peers('cpu')") == []
+
+
+def test_tables_record_the_allocator_settings(monkeypatch):
+    """glibc's MALLOC_* and torch's THP_MEM_ALLOC_ENABLE move CPU step times by 10% and more: every table
+    says which were set; other variables stay out."""
+    from benchmarks.bench_table import environment
+    for name in [n for n in os.environ if n.startswith("MALLOC_")] + ["THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "LD_PRELOAD"]:
+        monkeypatch.delenv(name, raising=False)
+    assert environment("cpu")["allocator_env"] == {}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967295")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("MAML_FAST_UNRELATED", "x")
+    assert environment("cpu")["allocator_env"] == {"MALLOC_TRIM_THRESHOLD_": "4294967295", "THP_MEM_ALLOC_ENABLE": "1"}
