@@ -14,6 +14,8 @@ that cannot run on the device is listed with the reason and not timed.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import json
@@ -34,6 +36,27 @@ from .configs import (CONFIGS, GRAPHED_PEERS, PEERS, available_peers, base_peer,
 #: Environment variables that choose or tune the CPU allocator (glibc's MALLOC_* too): recorded with every
 #: table, since they move CPU step times by 10% and more (benchmarks/RESULTS.md).
 ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+#: glibc's mallopt parameters (malloc.h) and the values `--steady-allocator` pins them to: mmap only above 32 MiB
+#: (glibc's largest threshold) and never give the heap's top back to the kernel.
+MALLOPT_CODES = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
+STEADY_MALLOPT = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 2**31 - 1}
+
+
+def steady_allocator() -> dict[str, int]:
+    """Pin glibc's mmap and trim thresholds for the rest of the process (as MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ would at start-up). Freed memory then stays in the heap instead of faulting in
+    again, and one peer's allocations no longer move the dynamic thresholds the next peer runs under
+    (benchmarks/RESULTS.md: vmap's time moved by ~12% with the fused peer's allocations). Returns what
+    it set; raises RuntimeError where the C library has no mallopt or refuses a value."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        raise RuntimeError("--steady-allocator needs glibc's mallopt, which this C library does not have")
+    for name, value in STEADY_MALLOPT.items():
+        if libc.mallopt(MALLOPT_CODES[name], value) != 1:
+            raise RuntimeError(f"mallopt({name}, {value}) was refused")
+    return dict(STEADY_MALLOPT)
 
 
 def environment(device: str) -> dict:
@@ -106,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--steady-allocator", action="store_true",
+                        help="pin glibc's mmap and trim thresholds first (steadier CPU times and ratios; recorded)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time the process's CPU time instead of the wall clock (CPU only: on a shared machine "
                              "other jobs then cost less accuracy; use with --threads 1)")
@@ -114,6 +139,7 @@ def main(argv=None):
         parser.error("--cpu-time measures CPU runs only")
     if args.threads:
         torch.set_num_threads(args.threads)
+    mallopt = steady_allocator() if args.steady_allocator else {}
     unavailable = {peer: unavailable_reason(peer, args.device) for peer in PEERS + GRAPHED_PEERS}
     if args.peers:
         refused = {peer: unavailable_reason(peer, args.device) for peer in args.peers}
@@ -124,8 +150,8 @@ def main(argv=None):
         args.peers = available_peers(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    results = {"environment": environment(args.device), "clock": "process CPU time" if args.cpu_time else "wall",
-               "configs": {}}
+    results = {"environment": {**environment(args.device), "mallopt": mallopt},
+               "clock": "process CPU time" if args.cpu_time else "wall", "configs": {}}
     print(f"# {results['environment']}")
     for peer, reason in unavailable.items():
         if reason and peer not in args.peers:

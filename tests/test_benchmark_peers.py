@@ -14,7 +14,11 @@ The graphed peers ("<backend>+graph") are timed on CUDA only; on the CPU their w
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +141,16 @@ def test_tables_record_the_allocator_settings(monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     monkeypatch.setenv("MAML_FAST_UNRELATED", "x")
     assert environment("cpu")["allocator_env"] == {"MALLOC_TRIM_THRESHOLD_": "4294967295", "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def test_steady_allocator_is_applied_and_recorded(tmp_path):
+    """`bench_table --steady-allocator` pins glibc's thresholds before timing and says so in the table (a
+    process of its own: mallopt changes the whole process)."""
+    from benchmarks.bench_table import STEADY_MALLOPT
+    out = tmp_path / "table.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_table", "--steady-allocator", "--configs", "omniglot_5w1s",
+                    "--peers", "torch", "--tasks", "2", "--rounds", "1", "--threads", "1", "--device", "cpu",
+                    "--out", str(out)], check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    table = json.loads(out.read_text())
+    assert table["environment"]["mallopt"] == STEADY_MALLOPT
+    assert table["configs"]["omniglot_5w1s"]["median_s"]["torch"] > 0
