@@ -53,8 +53,8 @@ def _by_task(call, tasks: int, per_task: bool, out_dim: int, operands):
     """``call(*tensors, groups=tasks)`` on the grouped tensors, or (`per_task`) one ``groups=1`` call per
     task on each operand's block t, the results concatenated along `out_dim`. An operand is ``(tensor,
     dim)``: its tasks are `tasks` equal blocks along `dim`; or ``(tensor, None)``: a ``[T, n, ...]``
-    parameter, passed whole as ``[T*n, ...]`` and per task as ``tensor[t]`` (θ expanded over the
-    tasks is then read where it lies, with no copy)."""
+    parameter, passed whole as ``[T*n, ...]`` and per task as ``tensor[t]``, read where it lies (θ
+    expanded over the tasks needs no per-task copy)."""
     if not per_task:
         return call(*(tensor if dim is not None else tensor.flatten(0, 1) for tensor, dim in operands),
                     groups=tasks)
