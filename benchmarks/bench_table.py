@@ -82,7 +82,6 @@ def environment(device: str) -> dict:
     }
 
 
-
 def set_up(config, peers, device, sync) -> tuple[dict, dict[str, str]]:
     """Each peer's step, warmed up: allocator, oneDNN/cuDNN plans, lowering, Triton compilation; a graphed
     peer's eager warm-ups, its capture and one replay. A peer whose set-up fails (a graphed step that does
