@@ -161,10 +161,10 @@ def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
 
 
 @pytest.mark.parametrize("primitives", PRIMITIVES)
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2]])
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4]])
 def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
-    """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): the per-task
-    formulation reads one channels-last copy of it; both formulations equal the reference with θ's
+    """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): both formulations read
+    one channels-last copy of it (the shared-weight convolutions) and equal the reference with θ's
     gradients summed over the tasks, to second order."""
     x, weight, bias, stride, pad = _conv_inputs(case)
     theta, theta_bias = weight[0].detach().requires_grad_(), None if bias is None else bias[0].detach().requires_grad_()
@@ -172,10 +172,7 @@ def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
     prims = PRIMITIVES[primitives]
     shared = theta.expand(tasks, *theta.shape)
     prepared = prims.prepare_weight(shared)
-    if primitives == "per task":  # one channels-last copy of θ, expanded: each task's block a dense conv weight
-        assert prepared.stride(0) == 0 and prepared[0].is_contiguous(memory_format=torch.channels_last)
-    else:  # T copies, the grouped call's [T*O, C, kh, kw]
-        assert prepared.stride(0) != 0
+    assert prims.shares_weight(prepared) and prepared[0].is_contiguous(memory_format=torch.channels_last)
 
     def through(conv):
         return lambda x, w, *b: conv(x, w.expand(tasks, *w.shape), b[0].expand(tasks, *b[0].shape) if b else None)
@@ -185,6 +182,27 @@ def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
     inputs = (x, theta) if theta_bias is None else (x, theta, theta_bias)
     assert_same_function(op, ref, inputs, torch.float64)
     check_grads(op, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CONV_CASES[1:])
+def test_shared_weight_primitives_match_the_grouped_call(case, dtype):
+    """The forward (with a shared, a per-task and no bias) and the input gradient of a weight expanded over
+    the tasks, run as one convolution with the tasks as depth, equal the grouped call on the same weight
+    materialized per task; the weight gradient does not read the weight and stays the grouped call."""
+    prims = conv_ops.TORCH_CONV
+    geo, xs, ws, ys = _geometry(case)
+    x, g = rand(*xs, dtype=dtype, grad=False), rand(*ys, dtype=dtype, grad=False)
+    theta = rand(*ws[1:], dtype=dtype, grad=False)
+    shared = prims.prepare_weight(theta.expand(ws))
+    per_task = theta.expand(ws).clone()
+    assert prims.shares_weight(shared) and not prims.shares_weight(per_task)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else TOLERANCES[dtype]
+    bias = rand(ys[1] // geo.tasks, dtype=dtype, grad=False)
+    for b, b_shared in [(None, None), (bias.expand(geo.tasks, -1), bias.expand(geo.tasks, -1)),
+                        (rand(geo.tasks, ys[1] // geo.tasks, dtype=dtype, grad=False),) * 2]:
+        torch.testing.assert_close(prims.forward(x, shared, geo, bias=b_shared), prims.forward(x, per_task, geo, bias=b), **tol)
+    torch.testing.assert_close(prims.input_grad(g, shared, geo), prims.input_grad(g, per_task, geo), **tol)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]])

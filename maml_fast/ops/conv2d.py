@@ -62,9 +62,23 @@ def _by_task(call, tasks: int, per_task: bool, out_dim: int, operands):
     return torch.cat([call(*(b[t] for b in blocks), groups=1) for t in range(tasks)], dim=out_dim)
 
 
+def _tasks_as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
+    """A channels-last ``[B, T*C, H, W]`` as the channels-last-3d ``[B, C, H, W, T]`` (a view: both are
+    laid out as B, H, W, T, C), for a convolution shared by the tasks with kernel size 1 along T."""
+    batch, channels, height, width = t.shape
+    return t.view(batch, tasks, channels // tasks, height, width).permute(0, 2, 3, 4, 1)
+
+
+def _tasks_from_depth(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_tasks_as_depth`: ``[B, C, H, W, T]`` channels-last-3d as ``[B, T*C, H, W]``."""
+    batch, channels, height, width, tasks = t.shape
+    return t.permute(0, 4, 1, 2, 3).reshape(batch, tasks * channels, height, width)
+
+
 class TorchConvPrimitives:
     """The three primitives as single grouped cuDNN/oneDNN calls (groups = T), except on the CPU for wide
-    layers (`per_task`): one dense call per task there. Only activations are made channels-last: oneDNN
+    layers (`per_task`): one dense call per task there, and for a weight shared by the tasks
+    (`shares_weight`): one dense call for all of them. Only activations are made channels-last: oneDNN
     then picks its channels-last kernels and reorders the (small) weights itself."""
 
     #: On the CPU, a layer whose channels per task multiply to at least this runs as one dense convolution
@@ -82,20 +96,35 @@ class TorchConvPrimitives:
         """``[T, O, C, kh, kw]`` whose 4-d view ``[T*O, C, kh, kw]`` is channels-last on the CPU
         (contiguous elsewhere): oneDNN would otherwise copy the weight in every primitive call. One
         differentiable copy, or the weight itself when it is laid out so already (the fast weights
-        that the compiled update makes from channels-last weight gradients). A layer run per task
-        reads each task's block as it lies: θ expanded over the tasks then takes one channels-last
-        copy of θ, expanded again, not T copies."""
+        that the compiled update makes from channels-last weight gradients). θ expanded over the
+        tasks (`shares_weight`) takes one channels-last copy of θ, expanded again, not T copies."""
         if weight.device.type != "cpu":
             return weight.contiguous()
-        if weight.shape[0] > 1 and weight.stride(0) == 0 and self.per_task(weight, weight.shape[2], weight.shape[1]):
+        if self.shares_weight(weight):
             return _SharedChannelsLast.apply(weight)
         channels_last = weight.permute(0, 1, 3, 4, 2)
         if channels_last.is_contiguous():
             return weight
         return channels_last.contiguous().permute(0, 1, 4, 2, 3)
 
+    @staticmethod
+    def shares_weight(weight: torch.Tensor) -> bool:
+        """Whether `weight` is one weight expanded over the tasks (θ at the first inner step: stride 0) on
+        the CPU, where the tasks' convolutions with it run as one dense convolution, the tasks a depth
+        dimension of kernel size 1 (`_tasks_as_depth`): oneDNN's grouped convolution is slower there
+        (benchmarks/RESULTS.md). Only the forward and the input gradient read the weight; the weight
+        gradient stays per task."""
+        return weight.device.type == "cpu" and weight.shape[0] > 1 and weight.stride(0) == 0
+
     def forward(self, x, weight, geo: ConvGeometry, bias=None):
         tasks, out_ch, in_ch = weight.shape[:3]
+        if self.shares_weight(weight):
+            shared_bias = bias is None or bias.stride(0) == 0
+            y = F.conv3d(_tasks_as_depth(self._layout(x), tasks), weight[0].unsqueeze(-1),
+                         None if bias is None or not shared_bias else bias[0],
+                         stride=(*geo.stride, 1), padding=(*geo.padding, 0))
+            y = _tasks_from_depth(y)
+            return y if shared_bias else y + bias.reshape(1, -1, 1, 1)
         operands = [(self._layout(x), 1), (weight, None)]
         if bias is not None:
             operands.append((bias, None))
@@ -106,6 +135,10 @@ class TorchConvPrimitives:
 
     def input_grad(self, grad_out, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch = weight.shape[:3]
+        if self.shares_weight(weight):
+            return _tasks_from_depth(F.conv_transpose3d(
+                _tasks_as_depth(self._layout(grad_out), tasks), weight[0].unsqueeze(-1), stride=(*geo.stride, 1),
+                padding=(*geo.padding, 0), output_padding=(*geo.output_padding(), 0)))
 
         def dgrad(g, w, *, groups):
             return F.conv_transpose2d(g, w, stride=geo.stride, padding=geo.padding,
