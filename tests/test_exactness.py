@@ -20,6 +20,7 @@ from torch import nn
 import maml_fast as mf
 import reference_maml as ref
 from conftest import cpu_backend_param
+from maml_fast.ops import conv2d as conv_ops
 
 TOL = 1e-9
 
@@ -241,6 +242,25 @@ def check_case(case, backend, make_batch):
                    lr_mode=setup.get("lr_mode", "fixed"), query_weights=weights,
                    inner_scale=setup.get("inner_scale", "mean"))
         check_against_reference(learner, batch, cfg, adapted, per_step_names)
+
+
+#: Cases whose convs read θ shared by the tasks at the first inner step: second order, first order,
+#: several steps, ANIL (θ of the body shared at every step), checkpointed steps.
+SHARED_CONV_CASES = ["maml_2nd_order", "lslr", "anil", "checkpoint_inner_steps", "fomaml_pooled_head"]
+
+
+@pytest.mark.parametrize("backend", [cpu_backend_param(name) for name in ("torch", "fused")])
+@pytest.mark.parametrize("case", SHARED_CONV_CASES)
+def test_meta_gradient_with_shared_weight_convolutions(case, backend, make_batch, monkeypatch):
+    """The convs of θ shared by the tasks as one dense convolution (`TorchConvPrimitives.shares_weight`,
+    which full-size layers take on the CPU), forced here on the test's narrow layers: the meta-loss and
+    meta-gradient still match the float64 reference, and the shared formulation did run."""
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "shared_min_channels", 1)
+    calls = []
+    as_depth = conv_ops._tasks_as_depth
+    monkeypatch.setattr(conv_ops, "_tasks_as_depth", lambda *a: calls.append(1) or as_depth(*a))
+    check_case(case, backend, make_batch)
+    assert calls
 
 
 # --------------------------------------------------------------------------- networks x shapes

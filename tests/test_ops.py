@@ -71,11 +71,13 @@ CONV_CASES = [
 ]
 
 
-# The torch primitives as one grouped call per primitive, and (every layer forced onto it) the per-task
-# formulation the CPU uses for wide layers.
+# The torch primitives as one grouped call per primitive, and (every layer forced onto them) the per-task
+# formulation the CPU uses for wide layers and the dense one for a weight shared by the tasks.
 PER_TASK_CONV = conv_ops.TorchConvPrimitives()
 PER_TASK_CONV.per_task_min_channels = 1
-PRIMITIVES = {"grouped": conv_ops.TORCH_CONV, "per task": PER_TASK_CONV}
+SHARED_CONV = conv_ops.TorchConvPrimitives()
+SHARED_CONV.shared_min_channels = 1
+PRIMITIVES = {"grouped": conv_ops.TORCH_CONV, "per task": PER_TASK_CONV, "shared": SHARED_CONV}
 
 
 def _conv_inputs(case, dtype=torch.float64, batch=2):
@@ -160,19 +162,32 @@ def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
     assert not conv_ops.TORCH_CONV.per_task(meta, 640, 640)  # (any other device: the grouped call)
 
 
+def test_shared_formulation_is_for_a_weight_expanded_over_the_tasks_of_a_layer_of_64x64_channels_on_the_cpu():
+    shares = conv_ops.TORCH_CONV.shares_weight
+    theta = lambda out_ch, in_ch, tasks=4, device="cpu": torch.empty(out_ch, in_ch, 3, 3, device=device).expand(tasks, -1, -1, -1, -1)  # noqa: E731
+    assert shares(theta(64, 64)) and shares(theta(640, 320)) and shares(theta(4096, 1))
+    assert not shares(theta(32, 32)) and not shares(theta(64, 3))  # (measured slower there)
+    assert not shares(theta(64, 64).clone())  # per-task weights
+    assert not shares(theta(64, 64, tasks=1)) and not shares(theta(64, 64, device="meta"))
+
+
 @pytest.mark.parametrize("primitives", PRIMITIVES)
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4]])
 def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
-    """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): both formulations read
-    one channels-last copy of it (the shared-weight convolutions) and equal the reference with θ's
-    gradients summed over the tasks, to second order."""
+    """θ shared by the tasks (stride 0 over them, as at MAML's first inner step): the per-task and the
+    shared formulations read one channels-last copy of it, the grouped call T copies; all three equal
+    the reference with θ's gradients summed over the tasks, to second order."""
     x, weight, bias, stride, pad = _conv_inputs(case)
     theta, theta_bias = weight[0].detach().requires_grad_(), None if bias is None else bias[0].detach().requires_grad_()
     tasks = weight.shape[0]
     prims = PRIMITIVES[primitives]
     shared = theta.expand(tasks, *theta.shape)
     prepared = prims.prepare_weight(shared)
-    assert prims.shares_weight(prepared) and prepared[0].is_contiguous(memory_format=torch.channels_last)
+    assert prims.shares_weight(prepared) == (primitives == "shared")
+    if primitives == "grouped":  # the grouped call's [T*O, C, kh, kw]
+        assert prepared.stride(0) != 0
+    else:  # one channels-last copy of θ, expanded
+        assert prepared.stride(0) == 0 and prepared[0].is_contiguous(memory_format=torch.channels_last)
 
     def through(conv):
         return lambda x, w, *b: conv(x, w.expand(tasks, *w.shape), b[0].expand(tasks, *b[0].shape) if b else None)
@@ -190,7 +205,7 @@ def test_shared_weight_primitives_match_the_grouped_call(case, dtype):
     """The forward (with a shared, a per-task and no bias) and the input gradient of a weight expanded over
     the tasks, run as one convolution with the tasks as depth, equal the grouped call on the same weight
     materialized per task; the weight gradient does not read the weight and stays the grouped call."""
-    prims = conv_ops.TORCH_CONV
+    prims = SHARED_CONV
     geo, xs, ws, ys = _geometry(case)
     x, g = rand(*xs, dtype=dtype, grad=False), rand(*ys, dtype=dtype, grad=False)
     theta = rand(*ws[1:], dtype=dtype, grad=False)

@@ -84,6 +84,10 @@ class TorchConvPrimitives:
     #: On the CPU, a layer whose channels per task multiply to at least this runs as one dense convolution
     #: per task: oneDNN's grouped convolution is slower there (up to 2x at 640 channels; benchmarks/RESULTS.md).
     per_task_min_channels = 256 * 256
+    #: On the CPU, a layer whose channels per task multiply to at least this runs the convolutions of a
+    #: weight shared by the tasks as one dense convolution: faster than the grouped (up to 4.7x) and the
+    #: per-task calls there, slower at 32 x 32 channels (benchmarks/RESULTS.md).
+    shared_min_channels = 64 * 64
 
     def per_task(self, t: torch.Tensor, in_ch: int, out_ch: int) -> bool:
         return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
@@ -97,24 +101,25 @@ class TorchConvPrimitives:
         (contiguous elsewhere): oneDNN would otherwise copy the weight in every primitive call. One
         differentiable copy, or the weight itself when it is laid out so already (the fast weights
         that the compiled update makes from channels-last weight gradients). θ expanded over the
-        tasks (`shares_weight`) takes one channels-last copy of θ, expanded again, not T copies."""
+        tasks on a layer run shared or per task takes one channels-last copy of θ, expanded again, not T
+        copies."""
         if weight.device.type != "cpu":
             return weight.contiguous()
-        if self.shares_weight(weight):
+        shared = weight.shape[0] > 1 and weight.stride(0) == 0
+        if shared and (self.shares_weight(weight) or self.per_task(weight, weight.shape[2], weight.shape[1])):
             return _SharedChannelsLast.apply(weight)
         channels_last = weight.permute(0, 1, 3, 4, 2)
         if channels_last.is_contiguous():
             return weight
         return channels_last.contiguous().permute(0, 1, 4, 2, 3)
 
-    @staticmethod
-    def shares_weight(weight: torch.Tensor) -> bool:
-        """Whether `weight` is one weight expanded over the tasks (θ at the first inner step: stride 0) on
-        the CPU, where the tasks' convolutions with it run as one dense convolution, the tasks a depth
-        dimension of kernel size 1 (`_tasks_as_depth`): oneDNN's grouped convolution is slower there
-        (benchmarks/RESULTS.md). Only the forward and the input gradient read the weight; the weight
-        gradient stays per task."""
-        return weight.device.type == "cpu" and weight.shape[0] > 1 and weight.stride(0) == 0
+    def shares_weight(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` is one weight expanded over the tasks (θ at the first inner step: stride 0) of
+        a layer with at least `shared_min_channels`, on the CPU: the tasks' convolutions with it then run
+        as one dense convolution, the tasks a depth dimension of kernel size 1 (`_tasks_as_depth`). Only
+        the forward and the input gradient read the weight; the weight gradient stays per task."""
+        return (weight.device.type == "cpu" and weight.shape[0] > 1 and weight.stride(0) == 0
+                and weight.shape[1] * weight.shape[2] >= self.shared_min_channels)
 
     def forward(self, x, weight, geo: ConvGeometry, bias=None):
         tasks, out_ch, in_ch = weight.shape[:3]
