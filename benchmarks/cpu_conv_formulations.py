@@ -1,9 +1,10 @@
 """The CPU's formulations of a task-batched conv primitive side by side: one grouped oneDNN call
 (groups = T), one dense call per task (`maml_fast.ops.conv2d.TorchConvPrimitives.per_task`) and, for the
 forward and the input gradient of θ shared by the tasks, one dense call with the tasks as depth
-(`TorchConvPrimitives.shares_weight`), for each primitive at the layer shapes of ResNet-12, Omniglot and
-MiniImageNet (3x3, padding 1, channels-last, B=5). What sets ``TorchConvPrimitives.per_task_min_channels``
-and ``shared_min_channels``.
+(`TorchConvPrimitives.shares_weight`), and for the weight gradient one batched matrix product over the tasks
+(`TorchConvPrimitives.gemm_weight_grad`), for each primitive at the layer shapes of ResNet-12, Omniglot and
+MiniImageNet (3x3, padding 1, channels-last, B=5). What sets ``TorchConvPrimitives.per_task_min_channels``,
+``shared_min_channels`` and ``gemm_weight_grad_max_pixels``.
 
     python -m benchmarks.cpu_conv_formulations [--rounds 5] [--out benchmarks/results/x.json]
 
@@ -24,23 +25,25 @@ from .bench_table import environment, time_peers
 
 # (network, tasks, channels per task in, out, image side, stride)
 LAYERS = (("resnet12", 8, 64, 64, 32, 1), ("resnet12", 8, 160, 160, 16, 1), ("resnet12", 8, 320, 320, 8, 1),
-          ("resnet12", 8, 640, 640, 4, 1),
+          ("resnet12", 8, 320, 640, 4, 1), ("resnet12", 8, 640, 640, 4, 1),
           ("omniglot", 32, 64, 64, 14, 2), ("omniglot", 32, 64, 64, 7, 2), ("omniglot", 32, 64, 64, 4, 2),
           ("miniimagenet", 4, 3, 32, 84, 1), ("miniimagenet", 4, 32, 32, 42, 1), ("miniimagenet", 4, 32, 32, 21, 1),
           ("miniimagenet", 4, 32, 32, 10, 1))
 BATCH = 5
 PRIMITIVES = ("forward", "input_grad", "weight_grad")
-NAMES = ("grouped", "per task", "shared")
+NAMES = ("grouped", "per task", "shared", "batched matmul")
 
 
 def formulations() -> dict[str, conv_ops.TorchConvPrimitives]:
     """Each formulation forced on every layer (the shared one reads θ expanded over the tasks)."""
-    grouped, per_task, shared = (conv_ops.TorchConvPrimitives() for _ in NAMES)
-    for primitives in (grouped, per_task, shared):
+    grouped, per_task, shared, gemm = all_primitives = [conv_ops.TorchConvPrimitives() for _ in NAMES]
+    for primitives in all_primitives:
         primitives.per_task_min_channels = primitives.shared_min_channels = float("inf")
-    per_task.per_task_min_channels = 0
+        primitives.gemm_weight_grad_max_pixels = 0
+    per_task.per_task_min_channels = gemm.per_task_min_channels = 0
     shared.shared_min_channels = 0
-    return dict(zip(NAMES, (grouped, per_task, shared)))
+    gemm.gemm_weight_grad_max_pixels = float("inf")
+    return dict(zip(NAMES, all_primitives))
 
 
 def calls(name: str, primitives, tasks: int, in_ch: int, out_ch: int, size: int, stride: int) -> dict[str, callable]:
@@ -55,6 +58,8 @@ def calls(name: str, primitives, tasks: int, in_ch: int, out_ch: int, size: int,
              "weight_grad": lambda: primitives.weight_grad(x, grad_out, geo)}
     if name == "shared":
         del steps["weight_grad"]  # (it does not read the weight: the same call as grouped)
+    if name == "batched matmul":
+        return {"weight_grad": steps["weight_grad"]}
     return steps
 
 
@@ -65,8 +70,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {"environment": environment("cpu"), "batch": BATCH, "ms": {}}
-    print("| network | T | in, out | H=W | stride | primitive | grouped ms | per task ms | shared ms |\n"
-          "|---|---:|---|---:|---:|---|---:|---:|---:|")
+    print("| network | T | in, out | H=W | stride | primitive | grouped ms | per task ms | shared ms | batched matmul ms |\n"
+          "|---|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for network, tasks, in_ch, out_ch, size, stride in LAYERS:
         for primitive in PRIMITIVES:
             steps = {name: step for name, prims in formulations().items()

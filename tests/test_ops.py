@@ -72,12 +72,17 @@ CONV_CASES = [
 
 
 # The torch primitives as one grouped call per primitive, and (every layer forced onto them) the per-task
-# formulation the CPU uses for wide layers and the dense one for a weight shared by the tasks.
+# formulation the CPU uses for wide layers (with its batched-matmul weight gradient for small maps) and the
+# dense one for a weight shared by the tasks.
 PER_TASK_CONV = conv_ops.TorchConvPrimitives()
 PER_TASK_CONV.per_task_min_channels = 1
 SHARED_CONV = conv_ops.TorchConvPrimitives()
 SHARED_CONV.shared_min_channels = 1
-PRIMITIVES = {"grouped": conv_ops.TORCH_CONV, "per task": PER_TASK_CONV, "shared": SHARED_CONV}
+GEMM_WEIGHT_GRAD_CONV = conv_ops.TorchConvPrimitives()
+GEMM_WEIGHT_GRAD_CONV.per_task_min_channels = 1
+GEMM_WEIGHT_GRAD_CONV.gemm_weight_grad_max_pixels = float("inf")
+PRIMITIVES = {"grouped": conv_ops.TORCH_CONV, "per task": PER_TASK_CONV, "shared": SHARED_CONV,
+              "per task, batched-matmul weight gradient": GEMM_WEIGHT_GRAD_CONV}
 
 
 def _conv_inputs(case, dtype=torch.float64, batch=2):
@@ -160,6 +165,15 @@ def test_per_task_formulation_is_for_wide_layers_on_the_cpu():
     assert conv_ops.TORCH_CONV.per_task(cpu, 320, 320) and conv_ops.TORCH_CONV.per_task(cpu, 640, 640)
     assert not conv_ops.TORCH_CONV.per_task(cpu, 160, 160) and not conv_ops.TORCH_CONV.per_task(cpu, 64, 64)
     assert not conv_ops.TORCH_CONV.per_task(meta, 640, 640)  # (any other device: the grouped call)
+
+
+def test_batched_matmul_weight_gradient_is_for_wide_layers_on_small_maps_on_the_cpu():
+    prims = conv_ops.TORCH_CONV
+    geo = lambda side, stride=1: conv_ops.ConvGeometry(8, (stride, stride), (1, 1), (side, side), (3, 3))  # noqa: E731
+    cpu, meta = torch.empty(1), torch.empty(1, device="meta")
+    assert prims.gemm_weight_grad(cpu, 640, 640, geo(4)) and prims.gemm_weight_grad(cpu, 320, 640, geo(8, 2))
+    assert not prims.gemm_weight_grad(cpu, 320, 320, geo(8)) and not prims.gemm_weight_grad(cpu, 160, 160, geo(4))
+    assert not prims.gemm_weight_grad(meta, 640, 640, geo(4))
 
 
 def test_shared_formulation_is_for_a_weight_expanded_over_the_tasks_of_a_layer_of_64x64_channels_on_the_cpu():

@@ -62,12 +62,20 @@ def test_meta_gradient_matches_the_loop(backend, steps, first_order, make_batch)
 
 
 @pytest.mark.parametrize("backend", ["torch", _backend("fused")])
-def test_per_task_convolutions_give_the_loop_meta_gradient(backend, make_batch, monkeypatch):
-    """Every conv on the CPU's per-task formulation (the one its wide layers take): the same second-order
-    meta-gradient as the loop."""
-    from maml_fast.ops.conv2d import TorchConvPrimitives
-    monkeypatch.setattr(TorchConvPrimitives, "per_task_min_channels", 1)
+@pytest.mark.parametrize("shared", [False, True], ids=["grouped theta", "shared theta"])
+def test_per_task_convolutions_give_the_loop_meta_gradient(backend, shared, make_batch, monkeypatch):
+    """Every conv on the CPU's per-task formulation (the one its wide layers take; on 16x16 images the last
+    two blocks' maps are small enough for the batched-matmul weight gradient), with θ's convolutions at the
+    first step grouped or shared: the same second-order meta-gradient as the loop."""
+    from maml_fast.ops import conv2d as conv_ops
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "per_task_min_channels", 1)
+    if shared:
+        monkeypatch.setattr(conv_ops.TorchConvPrimitives, "shared_min_channels", 1)
+    gemm_calls = []
+    gemm = conv_ops._batched_gemm_weight_grad
+    monkeypatch.setattr(conv_ops, "_batched_gemm_weight_grad", lambda *a: gemm_calls.append(1) or gemm(*a))
     assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), 2, False)
+    assert gemm_calls
 
 
 def test_second_order_differs_from_first_order(make_batch):

@@ -21,6 +21,7 @@ one kernel each too (`_ConvEpilogue`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,18 @@ class TorchConvPrimitives:
     #: weight shared by the tasks as one dense convolution: faster than the grouped (up to 4.7x) and the
     #: per-task calls there, slower at 32 x 32 channels (benchmarks/RESULTS.md).
     shared_min_channels = 64 * 64
+    #: A wide (`per_task`) layer whose output maps have at most this many pixels computes its weight
+    #: gradient as one batched matrix product (benchmarks/RESULTS.md).
+    gemm_weight_grad_max_pixels = 16
 
     def per_task(self, t: torch.Tensor, in_ch: int, out_ch: int) -> bool:
         return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
+
+    def gemm_weight_grad(self, x: torch.Tensor, in_ch: int, out_ch: int, geo: ConvGeometry) -> bool:
+        """Whether the weight gradient runs as one batched matrix product over the tasks
+        (`_batched_gemm_weight_grad`): on the CPU, for wide layers on small maps, where the per-task
+        weight gradients are bound by writing (and copying, and concatenating) their large outputs."""
+        return (self.per_task(x, in_ch, out_ch) and math.prod(geo.output_hw()) <= self.gemm_weight_grad_max_pixels)
 
     @staticmethod
     def _layout(t: torch.Tensor) -> torch.Tensor:
@@ -155,6 +165,8 @@ class TorchConvPrimitives:
         tasks = geo.tasks
         out_ch = grad_out.shape[1] // tasks
         in_ch = x.shape[1] // tasks
+        if self.gemm_weight_grad(x, in_ch, out_ch, geo):
+            return _batched_gemm_weight_grad(self._layout(x), self._layout(grad_out), geo)
         # Only the weight's shape and layout matter here: channels-last spares oneDNN a copy.
         layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
 
@@ -167,6 +179,21 @@ class TorchConvPrimitives:
         grad_weight = _by_task(wgrad, tasks, self.per_task(x, in_ch, out_ch), 0,
                                [(self._layout(grad_out), 1), (self._layout(x), 1)])
         return grad_weight.reshape(tasks, out_ch, in_ch, *geo.kernel_hw)
+
+
+def _batched_gemm_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """The weight gradient ``[T, O, C, kh, kw]`` (channels-last blocks) of channels-last x and grad_out as one
+    ``bmm`` over the tasks: ``gw[t] = gy[t]^T @ patches(x)[t]``, the patches gathered from the padded x by
+    strides (pixel-major, then kernel position, then channel)."""
+    tasks, (kh, kw), (sh, sw), (ph, pw) = geo.tasks, geo.kernel_hw, geo.stride, geo.padding
+    batch, (ho, wo) = x.shape[0], geo.output_hw()
+    in_ch, out_ch = x.shape[1] // tasks, grad_out.shape[1] // tasks
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, Hp, Wp, T*C], contiguous
+    sb, sy, sx, _ = padded.stride()
+    patches = padded.as_strided((batch, ho, wo, kh, kw, tasks, in_ch), (sb, sy * sh, sx * sw, sy, sx, in_ch, 1))
+    patches = patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(tasks, batch * ho * wo, kh * kw * in_ch)
+    grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch * ho * wo, tasks, out_ch).permute(1, 2, 0)
+    return torch.bmm(grad_rows, patches).view(tasks, out_ch, kh, kw, in_ch).permute(0, 1, 4, 2, 3)
 
 
 TORCH_CONV = TorchConvPrimitives()
