@@ -191,9 +191,22 @@ def _batched_gemm_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, geo: Conv
     padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, Hp, Wp, T*C], contiguous
     sb, sy, sx, _ = padded.stride()
     patches = padded.as_strided((batch, ho, wo, kh, kw, tasks, in_ch), (sb, sy * sh, sx * sw, sy, sx, in_ch, 1))
-    patches = patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(tasks, batch * ho * wo, kh * kw * in_ch)
+    # (contiguous: a 1x1 kernel's reshape is a view with the tasks interleaved, on which oneDNN's matmul is ~100x slower)
+    patches = patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(tasks, batch * ho * wo, kh * kw * in_ch).contiguous()
     grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch * ho * wo, tasks, out_ch).permute(1, 2, 0)
-    return torch.bmm(grad_rows, patches).view(tasks, out_ch, kh, kw, in_ch).permute(0, 1, 4, 2, 3)
+    if _onednn_matmul_applies(grad_rows):
+        # oneDNN's matmul, one per task (2-3x torch.bmm's MKL path on AVX-512 CPUs, benchmarks/RESULTS.md)
+        products = torch.stack([torch.ops.mkldnn._linear_pointwise(grad_rows[t], patches[t].t(), None, "none", [], "")
+                                for t in range(tasks)])
+    else:
+        products = torch.bmm(grad_rows, patches)
+    return products.view(tasks, out_ch, kh, kw, in_ch).permute(0, 1, 4, 2, 3)
+
+
+def _onednn_matmul_applies(t: torch.Tensor) -> bool:
+    """Whether oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend
+    emits) takes t: a CPU build with oneDNN, and a dtype it computes in (no float64)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
 TORCH_CONV = TorchConvPrimitives()
