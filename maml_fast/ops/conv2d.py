@@ -86,8 +86,8 @@ class TorchConvPrimitives:
     #: per task: oneDNN's grouped convolution is slower there (up to 2x at 640 channels; benchmarks/RESULTS.md).
     per_task_min_channels = 256 * 256
     #: On the CPU, a layer whose channels per task multiply to at least this runs the convolutions of a
-    #: weight shared by the tasks as one dense convolution: faster than the grouped (up to 4.7x) and the
-    #: per-task calls there, slower at 32 x 32 channels (benchmarks/RESULTS.md).
+    #: weight shared by the tasks as one dense convolution: faster than the grouped and the per-task calls
+    #: there, slower at 32 x 32 channels (benchmarks/RESULTS.md).
     shared_min_channels = 64 * 64
     #: A wide (`per_task`) layer whose output maps have at most this many pixels computes its weight
     #: gradient as one batched matrix product (benchmarks/RESULTS.md).
@@ -183,19 +183,20 @@ class TorchConvPrimitives:
 
 def _batched_gemm_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     """The weight gradient ``[T, O, C, kh, kw]`` (channels-last blocks) of channels-last x and grad_out as one
-    ``bmm`` over the tasks: ``gw[t] = gy[t]^T @ patches(x)[t]``, the patches gathered from the padded x by
-    strides (pixel-major, then kernel position, then channel)."""
+    matrix product per task, ``gw[t] = gy[t]^T @ patches(x)[t]``: oneDNN's matmul per task where it applies,
+    else one ``torch.bmm``. The patches are gathered from the padded x by strides (pixel-major, then kernel
+    position, then channel) and copied once."""
     tasks, (kh, kw), (sh, sw), (ph, pw) = geo.tasks, geo.kernel_hw, geo.stride, geo.padding
     batch, (ho, wo) = x.shape[0], geo.output_hw()
     in_ch, out_ch = x.shape[1] // tasks, grad_out.shape[1] // tasks
     padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, Hp, Wp, T*C], contiguous
     sb, sy, sx, _ = padded.stride()
     patches = padded.as_strided((batch, ho, wo, kh, kw, tasks, in_ch), (sb, sy * sh, sx * sw, sy, sx, in_ch, 1))
-    # (contiguous: a 1x1 kernel's reshape is a view with the tasks interleaved, on which oneDNN's matmul is ~100x slower)
+    # (contiguous: a 1x1 kernel's reshape is a view with the tasks interleaved, where oneDNN's matmul is slow)
     patches = patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(tasks, batch * ho * wo, kh * kw * in_ch).contiguous()
     grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch * ho * wo, tasks, out_ch).permute(1, 2, 0)
     if _onednn_matmul_applies(grad_rows):
-        # oneDNN's matmul, one per task (2-3x torch.bmm's MKL path on AVX-512 CPUs, benchmarks/RESULTS.md)
+        # (torch.bmm runs MKL, whose AVX-512 path AMD CPUs do not get; benchmarks/RESULTS.md)
         products = torch.stack([torch.ops.mkldnn._linear_pointwise(grad_rows[t], patches[t].t(), None, "none", [], "")
                                 for t in range(tasks)])
     else:
