@@ -176,15 +176,18 @@ def test_batched_matmul_weight_gradient_is_for_wide_layers_on_small_maps_on_the_
     assert not prims.gemm_weight_grad(meta, 640, 640, geo(4))
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["oneDNN on", "oneDNN off"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES[1:])
-def test_batched_matmul_weight_gradient_matches_the_grouped_call(case, dtype):
-    """The weight gradient as one product per task (oneDNN's matmul in float32/bfloat16, torch.bmm in
-    float64) equals the grouped call's, in the channels-last weight layout, 1x1 kernels included."""
+def test_batched_matmul_weight_gradient_matches_the_grouped_call(case, dtype, onednn, monkeypatch):
+    """The weight gradient as one product per task (oneDNN's matmul in float32/bfloat16 where oneDNN is on,
+    else torch.bmm) equals the grouped call's, in the channels-last weight layout, 1x1 kernels included."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
     geo, xs, ws, ys = _geometry(case, batch=3)
     x, g = rand(*xs, dtype=dtype, grad=False), rand(*ys, dtype=dtype, grad=False)
     expected = conv_ops.TORCH_CONV.weight_grad(x.double(), g.double(), geo)
-    assert conv_ops._onednn_matmul_applies(x) == (dtype != torch.float64 and torch.backends.mkldnn.is_available())
+    assert conv_ops._onednn_matmul_applies(x) == (
+        onednn and dtype != torch.float64 and torch.backends.mkldnn.is_available())
     got = GEMM_WEIGHT_GRAD_CONV.weight_grad(x, g, geo)
     assert got.shape == expected.shape and got[0].is_contiguous(memory_format=torch.channels_last)
     tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else TOLERANCES[dtype]

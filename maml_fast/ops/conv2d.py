@@ -206,8 +206,10 @@ def _batched_gemm_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, geo: Conv
 
 def _onednn_matmul_applies(t: torch.Tensor) -> bool:
     """Whether oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend
-    emits) takes t: a CPU build with oneDNN, and a dtype it computes in (no float64)."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    emits) takes t: a CPU build with oneDNN, not switched off (``torch.backends.mkldnn.enabled``), and a
+    dtype it computes in (no float64)."""
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 TORCH_CONV = TorchConvPrimitives()
