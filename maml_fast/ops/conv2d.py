@@ -63,6 +63,12 @@ def _by_task(call, tasks: int, per_task: bool, out_dim: int, operands):
     return torch.cat([call(*(b[t] for b in blocks), groups=1) for t in range(tasks)], dim=out_dim)
 
 
+def _expanded_over_tasks(weight: torch.Tensor) -> bool:
+    """Whether the ``[T, ...]`` weight is one tensor expanded over T > 1 tasks (stride 0): θ at MAML's first
+    inner step."""
+    return weight.shape[0] > 1 and weight.stride(0) == 0
+
+
 def _tasks_as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
     """A channels-last ``[B, T*C, H, W]`` as the channels-last-3d ``[B, C, H, W, T]`` (a view: both are
     laid out as B, H, W, T, C), for a convolution shared by the tasks with kernel size 1 along T."""
@@ -97,9 +103,9 @@ class TorchConvPrimitives:
         return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
 
     def gemm_weight_grad(self, x: torch.Tensor, in_ch: int, out_ch: int, geo: ConvGeometry) -> bool:
-        """Whether the weight gradient runs as one batched matrix product over the tasks
-        (`_batched_gemm_weight_grad`): on the CPU, for wide layers on small maps, where the per-task
-        weight gradients are bound by writing (and copying, and concatenating) their large outputs."""
+        """Whether the weight gradient runs as a matrix product per task (`_batched_gemm_weight_grad`): on
+        the CPU, for wide layers on small maps, where the per-task convolutions' weight gradients are bound
+        by writing (and copying, and concatenating) their large outputs."""
         return (self.per_task(x, in_ch, out_ch) and math.prod(geo.output_hw()) <= self.gemm_weight_grad_max_pixels)
 
     @staticmethod
@@ -115,8 +121,8 @@ class TorchConvPrimitives:
         copies."""
         if weight.device.type != "cpu":
             return weight.contiguous()
-        shared = weight.shape[0] > 1 and weight.stride(0) == 0
-        if shared and (self.shares_weight(weight) or self.per_task(weight, weight.shape[2], weight.shape[1])):
+        if _expanded_over_tasks(weight) and (self.shares_weight(weight)
+                                             or self.per_task(weight, weight.shape[2], weight.shape[1])):
             return _SharedChannelsLast.apply(weight)
         channels_last = weight.permute(0, 1, 3, 4, 2)
         if channels_last.is_contiguous():
@@ -128,7 +134,7 @@ class TorchConvPrimitives:
         a layer with at least `shared_min_channels`, on the CPU: the tasks' convolutions with it then run
         as one dense convolution, the tasks a depth dimension of kernel size 1 (`_tasks_as_depth`). Only
         the forward and the input gradient read the weight; the weight gradient stays per task."""
-        return (weight.device.type == "cpu" and weight.shape[0] > 1 and weight.stride(0) == 0
+        return (weight.device.type == "cpu" and _expanded_over_tasks(weight)
                 and weight.shape[1] * weight.shape[2] >= self.shared_min_channels)
 
     def forward(self, x, weight, geo: ConvGeometry, bias=None):
@@ -189,7 +195,7 @@ def _batched_gemm_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, geo: Conv
     tasks, (kh, kw), (sh, sw), (ph, pw) = geo.tasks, geo.kernel_hw, geo.stride, geo.padding
     batch, (ho, wo) = x.shape[0], geo.output_hw()
     in_ch, out_ch = x.shape[1] // tasks, grad_out.shape[1] // tasks
-    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, Hp, Wp, T*C], contiguous
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # [B, Hp, Wp, T*C] (a view if x is channels-last)
     sb, sy, sx, _ = padded.stride()
     patches = padded.as_strided((batch, ho, wo, kh, kw, tasks, in_ch), (sb, sy * sh, sx * sw, sy, sx, in_ch, 1))
     # (contiguous: a 1x1 kernel's reshape is a view with the tasks interleaved, where oneDNN's matmul is slow)
