@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 from .backends import Execution
 from .checkpointing import checkpointed_inner_step
 from .maml_plus_plus import PerStepBatchNormStatistics, inner_lr_at
+from .ops.low_rank_conv import LowRankFastWeight
 from .ops.task_broadcast import broadcast_over_tasks
 from .task_batch import check_labels
 
@@ -97,6 +100,31 @@ class CheckedLoss:
         return self.loss_fn(output, labels)
 
 
+def _factored(weight) -> bool:
+    """Whether `weight` is a conv weight whose updates are kept factored (its layer recorded its uses)."""
+    return isinstance(weight, LowRankFastWeight) and bool(weight.tape and weight.tape.factored)
+
+
+def _gradient_targets(weight) -> list[torch.Tensor]:
+    """What an inner step's gradient of `weight` is taken with respect to: the weight itself, or for
+    a factored conv weight the outputs of its layer (`maml_fast.ops.low_rank_conv`)."""
+    if _factored(weight):
+        return [y for _, y in weight.tape.uses]
+    return [_dense(weight)]
+
+
+def _dense(weight):
+    """A weight as the tensor the plain ops take: itself, or a conv weight not factored: θ expanded."""
+    return weight.expanded if isinstance(weight, LowRankFastWeight) and not weight.updates else weight
+
+
+def _unchanged(weight):
+    """A weight that took no step: as a new view (see `InnerStep.__call__`); a factored one as it is."""
+    if isinstance(weight, LowRankFastWeight) and weight.updates:
+        return dataclasses.replace(weight, tape=None)
+    return _dense(weight).view_as(_dense(weight))
+
+
 @dataclass(frozen=True)
 class InnerStep:
     """Inner step `step`: ``(fast_k, meta, create_graph) -> (fast_{k+1}, support loss [T], accuracy [T]
@@ -113,6 +141,8 @@ class InnerStep:
         its gradient reaches θ's broadcast apart from the network's); None: `fast` itself."""
         loop = self.loop
         update_from = fast if update_from is None else update_from
+        # (a factored conv weight records its layer's input and output in this forward)
+        fast = [weight.recording() if isinstance(weight, LowRankFastWeight) else weight for weight in fast]
         params = loop.layout.params_at(fast, meta, self.step, self.support_x.shape[0], loop.running_statistics)
         output = loop.execution.forward(params, self.support_x)
         loss, accuracy = loop.loss(output, self.support_y)
@@ -120,18 +150,25 @@ class InnerStep:
         scale = output.shape[-1] if loop.reference_inner_loss and not self.support_y.is_floating_point() else 1.0
         total = loss.sum() if scale == 1.0 else loss.sum() * scale
         # (None: a weight the loss does not depend on, e.g. a conv bias that a BatchNorm cancels)
-        grads = torch.autograd.grad(total, fast, create_graph=create_graph, allow_unused=True)
-        moving = [i for i, grad in enumerate(grads) if grad is not None]
+        targets = [_gradient_targets(weight) for weight in fast]
+        flat = torch.autograd.grad(total, [t for ts in targets for t in ts], create_graph=create_graph, allow_unused=True)
+        ends = list(itertools.accumulate(len(ts) for ts in targets))
+        grads = [list(flat[end - len(ts):end]) for ts, end in zip(targets, ends)]
+        factored = [i for i, weight in enumerate(fast) if _factored(weight)]
+        moving = [i for i, g in enumerate(grads) if i not in factored and g[0] is not None]
         if loop.layout.inner_lr_mode == "fixed":
-            lrs = [fast[0].new_full((), loop.inner_lr)] * len(fast)
+            lrs = [self.support_x.new_full((), loop.inner_lr)] * len(fast)
         else:
             lrs = [inner_lr_at(lr, loop.layout.inner_lr_mode, self.step) for lr in meta.inner_lrs]
+        updated = dict(zip(moving, loop.update([_dense(update_from[i]) for i in moving], [grads[i][0] for i in moving],
+                                               [lrs[i] for i in moving])))
+        for i in factored:
+            if any(g is not None for g in grads[i]):
+                updated[i] = fast[i].updated(lrs[i], fast[i].tape.uses, grads[i], create_graph)
         # A weight with no gradient stays as it is, as a new view: the next step's gradient with respect
         # to it then stops there, instead of waiting on the backward of the node that made it and its
         # neighbours (θ's broadcast, or an update), which that gradient would run (and, first-order, free).
-        updated = dict(zip(moving, loop.update([update_from[i] for i in moving], [grads[i] for i in moving],
-                                               [lrs[i] for i in moving])))
-        new_fast = [updated[i] if i in updated else weight.view_as(weight) for i, weight in enumerate(fast)]
+        new_fast = [updated[i] if i in updated else _unchanged(weight) for i, weight in enumerate(fast)]
         return new_fast, loss, accuracy
 
     def flat(self, tensors: list[torch.Tensor], num_fast: int, create_graph: bool):
@@ -164,12 +201,29 @@ class InnerLoop:
     record_statistics: bool = False
     running_statistics: bool = False
 
+    def _with_low_rank_candidates(self, fast: list[torch.Tensor], theta: list[torch.Tensor]) -> list:
+        """`fast` with the conv weights that may keep their updates factored as `LowRankFastWeight`
+        (their layers decide at the first step, `maml_fast.ops.low_rank_conv`) over θ (`theta`): those
+        the execution allows, when every step size is one number per tensor and the fast weights stay
+        inside this loop (not checkpointed as tensors, nor read by MAML++'s statistics through the module)."""
+        if (not self.steps or self.checkpoint or self.record_statistics or self.running_statistics
+                or self.layout.inner_lr_mode == "per_element"):
+            return fast
+        allowed = self.execution.low_rank_weights
+        return [LowRankFastWeight(param, weight.shape[0], expanded=weight, max_updates=self.steps)
+                if name in allowed else weight for name, weight, param in zip(self.layout.adapted, fast, theta)]
+
     def run(self, fast: list[torch.Tensor], support_x, support_y, query_x=None, query_y=None,
-            weights=None, update_from: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+            weights=None, update_from: list[torch.Tensor] | None = None,
+            theta: list[torch.Tensor] | None = None) -> tuple[list, dict[str, torch.Tensor]]:
         """(fast weights after K steps, records): ``support_loss``/``support_accuracy`` ``[K, T]``,
         ``query_loss``/``query_accuracy`` ``[K+1, T]`` (views of ``metric_rows``, all of them stacked
-        in this order) and ``objective`` ``[T]`` with a query set."""
+        in this order) and ``objective`` ``[T]`` with a query set. `theta`: the meta-parameters that
+        `fast` expands, with which a query set's loop may keep conv weights factored (the fast weights
+        returned then include `LowRankFastWeight` s)."""
         tasks = support_x.shape[0]
+        if query_x is not None and theta is not None:
+            fast = self._with_low_rank_candidates(fast, theta)
         record: dict[str, list] = {key: [] for key in METRIC_KEYS}
         objective, unmeasured = 0.0, None  # (unmeasured: the NaN placeholder of a query metric not computed)
         for k in range(self.steps + 1):

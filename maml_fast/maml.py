@@ -160,7 +160,7 @@ class MAML(nn.Module):
         for group in loop.execution.task_groups(batch.num_tasks):
             fast, update_from = self._initial_fast_weights(group.stop - group.start, meta_grad)
             parts.append(loop.run(fast, batch.support_x[group], batch.support_y[group], batch.query_x[group],
-                                  batch.query_y[group], weights, update_from)[1])
+                                  batch.query_y[group], weights, update_from, self._adapted_theta() if meta_grad else None)[1])
         rows = parts[0]["metric_rows"] if len(parts) == 1 else torch.cat([p["metric_rows"] for p in parts], dim=-1)
         objective = parts[0]["objective"] if len(parts) == 1 else torch.cat([p["objective"] for p in parts])
         if self.training:
@@ -292,6 +292,10 @@ class MAML(nn.Module):
         if meta_grad:
             return broadcast_over_tasks([theta[n] for n in self.adapted_names], tasks, uses=2)
         return [theta[n].detach().expand(tasks, *theta[n].shape).clone().requires_grad_() for n in self.adapted_names], None
+
+    def _adapted_theta(self) -> list[torch.Tensor]:
+        theta = dict(self.model.named_parameters())
+        return [theta[n] for n in self.adapted_names]
 
     def _meta_tensors(self) -> MetaTensors:
         theta = dict(self.model.named_parameters())

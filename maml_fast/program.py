@@ -38,6 +38,7 @@ from .models import DropBlock
 from .ops import conv2d as conv_ops
 from .ops import linear as linear_ops
 from .ops import norm as norm_ops
+from .ops.low_rank_conv import LowRankFastWeight, low_rank_conv2d
 
 Layer = Callable[[torch.Tensor, dict, int], torch.Tensor]
 
@@ -83,9 +84,10 @@ def lower_conv2d(module: nn.Conv2d, prefix: str, backend, batch_norm_prefix: str
 
     def run(x, params, tasks):
         weight, bias = params[prefix + "weight"], parameter(params, prefix, "bias", module)
+        conv = low_rank_conv2d if isinstance(weight, LowRankFastWeight) else conv_ops.conv2d
         if bias is not None and batch_norm_prefix is not None and batch_norm_prefix + "running_mean" not in params:
-            return cancel_bias_before_batch_norm(conv_ops.conv2d(x, weight, None, stride, padding, backend.conv), bias)
-        return conv_ops.conv2d(x, weight, bias, stride, padding, backend.conv)
+            return cancel_bias_before_batch_norm(conv(x, weight, None, stride, padding, backend.conv), bias)
+        return conv(x, weight, bias, stride, padding, backend.conv)
     return run, None
 
 

@@ -21,6 +21,7 @@ import maml_fast as mf
 import reference_maml as ref
 from conftest import cpu_backend_param
 from maml_fast.ops import conv2d as conv_ops
+from maml_fast.ops import low_rank_conv
 
 TOL = 1e-9
 
@@ -261,6 +262,30 @@ def test_meta_gradient_with_shared_weight_convolutions(case, backend, make_batch
     monkeypatch.setattr(conv_ops, "_tasks_as_depth", lambda *a: calls.append(1) or as_depth(*a))
     check_case(case, backend, make_batch)
     assert calls
+
+
+#: Cases whose conv weights keep their inner updates factored when forced (`maml_fast.ops.low_rank_conv`):
+#: second order with LayerNorm and stride 2, LSLR's learned step sizes over 3 steps, per-step BN weights,
+#: first order, unadapted norms, more steps in eval than in training, MAML++ (multi-step loss, first-order
+#: iterations); and cases that must not factor (checkpointed steps keep tensors, ANIL adapts no conv).
+LOW_RANK_CASES = ["maml_2nd_order", "lslr", "per_step_bn", "fomaml_pooled_head", "no_bn_affine_adaptation",
+                  "eval_inner_steps", "maml_plus_plus"]
+DENSE_ONLY_CASES = ["checkpoint_inner_steps", "anil"]
+
+
+@pytest.mark.parametrize("backend", [cpu_backend_param(name) for name in ("torch", "fused")])
+@pytest.mark.parametrize("case", LOW_RANK_CASES + DENSE_ONLY_CASES)
+def test_meta_gradient_with_factored_conv_updates(case, backend, make_batch, monkeypatch):
+    """Every conv weight allowed to keep its updates factored (which full-size wide layers on small maps
+    do on the CPU), forced here on the test's narrow layers: the meta-loss and meta-gradient still match
+    the float64 reference, and the factored convolutions ran exactly where they may."""
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "per_task_min_channels", 1)
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "low_rank_max_fraction", float("inf"))
+    calls = []
+    correction = low_rank_conv.correction
+    monkeypatch.setattr(low_rank_conv, "correction", lambda *a: calls.append(1) or correction(*a))
+    check_case(case, backend, make_batch)
+    assert bool(calls) == (case in LOW_RANK_CASES)
 
 
 # --------------------------------------------------------------------------- networks x shapes

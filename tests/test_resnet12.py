@@ -78,6 +78,24 @@ def test_per_task_convolutions_give_the_loop_meta_gradient(backend, shared, make
     assert gemm_calls
 
 
+@pytest.mark.parametrize("backend", ["torch", _backend("fused")])
+@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
+def test_factored_conv_updates_give_the_loop_meta_gradient(backend, steps, first_order, make_batch, monkeypatch):
+    """The last block's convs (2x2 maps on 16x16 images: rank 8 per step) keep their updates factored
+    (`maml_fast.ops.low_rank_conv`, which the full-size network's 4x4 blocks do on the CPU), the other
+    blocks' do not: the same meta-gradient as the loop, first and second order, 1 to 3 steps."""
+    from maml_fast.ops import conv2d as conv_ops
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "per_task_min_channels", 1)
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "low_rank_max_fraction", 4.0)
+    decisions = []
+    decide = conv_ops.TorchConvPrimitives.factors_updates
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "factors_updates",
+                        lambda self, x, geo, *a: decisions.append((geo.input_hw, decide(self, x, geo, *a))) or decisions[-1][1])
+    assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
+    assert {hw for hw, factored in decisions if factored} == {(2, 2)}
+    assert {hw for hw, factored in decisions if not factored} >= {(16, 16), (8, 8), (4, 4)}
+
+
 def test_second_order_differs_from_first_order(make_batch):
     batch = make_batch(2, 2, 1, 2, (1, 16, 16))
     _, second, _ = _meta_gradient("torch", batch, 1, False)

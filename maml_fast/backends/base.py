@@ -43,6 +43,8 @@ class Execution:
     forward: Forward
     per_task: bool = False
     fallback_reason: str | None = None
+    #: the conv weights that ``forward`` takes as `maml_fast.ops.low_rank_conv.LowRankFastWeight`
+    low_rank_weights: frozenset[str] = frozenset()
 
     def task_groups(self, tasks: int) -> list[slice]:
         """The groups of tasks that one inner loop runs at once."""
@@ -113,4 +115,6 @@ class ProgramBackend(Backend):
         program, reason = lower(model, self)
         if program is None:
             return Execution(vmapped_forward(model), fallback_reason=reason)
-        return Execution(program)
+        # (the lowered convolutions take a factored fast weight; the primitives decide where it pays)
+        convs = (f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Conv2d)
+        return Execution(program, low_rank_weights=frozenset(convs) if hasattr(self.conv, "factors_updates") else frozenset())

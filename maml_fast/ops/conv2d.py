@@ -98,9 +98,21 @@ class TorchConvPrimitives:
     #: A wide (`per_task`) layer whose output maps have at most this many pixels computes its weight
     #: gradient as one batched matrix product (benchmarks/RESULTS.md).
     gemm_weight_grad_max_pixels = 16
+    #: A wide (`per_task`) layer keeps its inner-loop updates factored (`maml_fast.ops.low_rank_conv`) when
+    #: the rank they reach, support pixels per task x inner steps, is at most this fraction of the
+    #: weight's smaller side (benchmarks/RESULTS.md).
+    low_rank_max_fraction = 0.25
 
     def per_task(self, t: torch.Tensor, in_ch: int, out_ch: int) -> bool:
         return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
+
+    def factors_updates(self, x: torch.Tensor, geo: ConvGeometry, out_ch: int, steps: int) -> bool:
+        """Whether the inner loop keeps the fast weight of a layer (input x, `out_ch` output channels per
+        task) as θ and its low-rank updates over `steps` inner steps (`maml_fast.ops.low_rank_conv`)."""
+        in_ch = x.shape[1] // geo.tasks
+        rank = steps * x.shape[0] * math.prod(geo.output_hw())
+        return (self.per_task(x, in_ch, out_ch)
+                and rank <= self.low_rank_max_fraction * min(out_ch, in_ch * math.prod(geo.kernel_hw)))
 
     def gemm_weight_grad(self, x: torch.Tensor, in_ch: int, out_ch: int, geo: ConvGeometry) -> bool:
         """Whether the weight gradient runs as a matrix product per task (`_batched_gemm_weight_grad`): on

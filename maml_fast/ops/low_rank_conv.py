@@ -1,0 +1,172 @@
+"""A conv layer's fast weight kept as its inner-loop updates, which have low rank on small maps.
+
+An inner step's gradient of a conv weight is a sum over the support set's output pixels,
+``gw = gy^T P(x)`` per task (``P``: the patches of the layer's input x, one row per output pixel; ``gy``:
+the loss's gradient with respect to the layer's output). Its rank is at most B*Ho*Wo, the support
+pixels per task. After k inner steps with step sizes lr_j the fast weight is
+
+    W_k = θ - Σ_j lr_j gy_j^T P(x_j)
+
+and the convolution of any input x with it is
+
+    conv(x, W_k) = conv(x, θ) - Σ_j lr_j (P(x) P(x_j)^T) gy_j.
+
+`LowRankFastWeight` holds θ (expanded over the tasks) and the updates ``(lr_j, x_j, gy_j)``;
+`low_rank_conv2d` computes the right-hand side: one convolution with θ, which every task shares, and
+two small batched products per update. Where B*Ho*Wo is much smaller than the weight's sides (wide
+layers on small maps) that replaces per-task convolutions with weight-sized per-task fast weights and
+gradients by far fewer FLOPs and bytes. Every op here is differentiable to any order, so second-order
+MAML differentiates through it exactly (tests/test_low_rank_conv.py, tests/test_exactness.py).
+
+`low_rank_conv2d_reference` materialises W_k (`LowRankFastWeight.dense`) and runs the plain per-task
+convolution: the definition the tests compare with.
+
+The inner loop (`maml_fast.inner_loop`) gives a lowered conv layer its weight in this form when the
+execution allows it; at the first inner step the backend's conv primitives decide from the layer's
+shapes whether the updates are worth keeping factored (``factors_updates``) and the layer records its
+input and output (``tape``), the output being what the inner gradient is taken with respect to.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import conv2d as conv_ops
+
+#: One update ``(lr, x, grad_y)``: a 0-dim step size, the layer's input ``[B, T*C, H, W]`` and the
+#: support loss's gradient with respect to its output ``[B, T*O, Ho, Wo]`` at that inner step.
+Update = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Tape:
+    """What a layer records in an inner step's support forward: whether its updates are kept factored
+    (decided by the first use; None until then) and, if so, ``(x, y)`` of every use of the weight."""
+
+    factored: bool | None = None
+    uses: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LowRankFastWeight:
+    """``θ - Σ_j lr_j grad_y_j^T P(x_j)`` for T tasks, a conv weight kept as its terms: ``theta``
+    ``[O, C, kh, kw]``, which every task shares, and ``updates`` (`Update`). Before its first update it
+    also holds ``expanded``, θ as the per-task ``[T, O, C, kh, kw]`` tensor that the plain convolution
+    and an unfactored inner step take. ``max_updates``: the inner steps of the loop (the rank the
+    updates reach); ``tape``: where the layer records its input and output in a support forward (None:
+    it does not record)."""
+
+    theta: torch.Tensor
+    tasks: int
+    updates: tuple[Update, ...] = ()
+    expanded: torch.Tensor | None = None
+    max_updates: int = 1
+    tape: Tape | None = field(default=None, compare=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.tasks, *self.theta.shape))
+
+    def recording(self) -> "LowRankFastWeight":
+        """The same weight with an empty `Tape`: the layer taking it records into it."""
+        return dataclasses.replace(self, tape=Tape(factored=True if self.updates else None))
+
+    def updated(self, lr: torch.Tensor, uses: list[tuple[torch.Tensor, torch.Tensor]],
+                grad_ys: list[torch.Tensor | None], keep_graph: bool = True) -> "LowRankFastWeight":
+        """One more inner step: an update per recorded use ``(x, y)`` with the gradient of the support
+        loss with respect to y; x detached unless `keep_graph` (first order: the update is a constant
+        of the meta-gradient, as a detached dense gradient is)."""
+        new = tuple((lr, x if keep_graph else x.detach(), grad_y) for (x, _), grad_y in zip(uses, grad_ys, strict=True)
+                    if grad_y is not None)
+        # (θ channels-last from now on, one differentiable copy: oneDNN would reorder it in every call)
+        theta = self.theta if self.updates or not self.theta.is_cpu else self.theta.contiguous(memory_format=torch.channels_last)
+        return LowRankFastWeight(theta, self.tasks, self.updates + new, None, self.max_updates)
+
+    def dense(self, stride=1, padding=0) -> torch.Tensor:
+        """The weight itself, ``[T, O, C, kh, kw]`` (the reference)."""
+        weight = self.theta.expand(self.shape)
+        out_ch, in_ch, kh, kw = self.theta.shape
+        for lr, x, grad_y in self.updates:
+            geo = conv_ops.ConvGeometry(self.tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
+                                        tuple(x.shape[2:]), (kh, kw))
+            grad_w = torch.bmm(_rows(grad_y, self.tasks).transpose(1, 2), _patches(x, geo))  # [T, O, C*kh*kw]
+            weight = weight - lr * grad_w.view(self.shape)
+        return weight
+
+
+def _patches(x: torch.Tensor, geo: conv_ops.ConvGeometry) -> torch.Tensor:
+    """``[T, B*Ho*Wo, C*kh*kw]``: each task's patches of ``x [B, T*C, H, W]``, a row per output pixel,
+    in the weight's (C, kh, kw) order."""
+    batch, tasks = x.shape[0], geo.tasks
+    columns = F.unfold(x, geo.kernel_hw, padding=geo.padding, stride=geo.stride)  # [B, T*C*kh*kw, Ho*Wo]
+    pixels = columns.shape[-1]
+    return columns.view(batch, tasks, -1, pixels).permute(1, 0, 3, 2).reshape(tasks, batch * pixels, -1)
+
+
+def _rows(y: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``[T, B*Ho*Wo, O]``: each task's output channels of ``y [B, T*O, Ho, Wo]``, a row per pixel."""
+    batch, channels, height, width = y.shape
+    return y.view(batch, tasks, channels // tasks, height * width).permute(1, 0, 3, 2).reshape(
+        tasks, batch * height * width, channels // tasks)
+
+
+def _from_rows(rows: torch.Tensor, batch: int, output_hw: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `_rows`: ``[T, B*Ho*Wo, O]`` as ``[B, T*O, Ho, Wo]``, channels-last (a view of the
+    rows reordered once: B, Ho, Wo, T, O)."""
+    tasks, _, out_ch = rows.shape
+    height, width = output_hw
+    return (rows.view(tasks, batch, height, width, out_ch).permute(1, 2, 3, 0, 4)
+            .reshape(batch, height, width, tasks * out_ch).permute(0, 3, 1, 2))
+
+
+def correction(x: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> torch.Tensor:
+    """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``: the convolution of x with the
+    update's weight ``lr gy_j^T P(x_j)``, through its factors."""
+    lr, x_update, grad_y = update
+    kernel = torch.bmm(_patches(x, geo), _patches(x_update, dataclasses.replace(geo, input_hw=tuple(x_update.shape[2:]))).transpose(1, 2))
+    return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), x.shape[0], geo.output_hw())
+
+
+def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding) -> torch.Tensor:
+    """The convolution of every task's block of ``x [B, T*C, H, W]`` with the one weight
+    ``theta [O, C, kh, kw]``, as one dense convolution (the tasks a depth dimension of kernel size 1, a
+    view of channels-last x: `maml_fast.ops.conv2d`): its gradient with respect to theta is summed over
+    the tasks by the convolution itself."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv3d(conv_ops._tasks_as_depth(x, tasks), theta.unsqueeze(-1), stride=(*stride, 1), padding=(*padding, 0))
+    return conv_ops._tasks_from_depth(y)
+
+
+def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, stride=1, padding=0,
+                    primitives=conv_ops.TORCH_CONV) -> torch.Tensor:
+    """``conv2d(x, weight.dense(), bias)``. A weight with updates, or one whose layer keeps them factored
+    (the first use of a recording weight asks ``primitives.factors_updates``; it then records ``(x, y)``
+    in ``weight.tape``): one `shared_conv2d` with θ and one `correction` per update. Otherwise the
+    plain per-task convolution with θ expanded."""
+    geo = conv_ops.ConvGeometry(weight.tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
+                                tuple(x.shape[2:]), tuple(weight.theta.shape[2:]))
+    tape = weight.tape
+    if tape is not None and tape.factored is None:
+        factors = getattr(primitives, "factors_updates", None)
+        tape.factored = bool(factors and factors(x, geo, weight.theta.shape[0], weight.max_updates))
+    if not weight.updates and not (tape and tape.factored):
+        return conv_ops.conv2d(x, weight.expanded, bias, stride, padding, primitives)
+    if x.dim() != 4 or x.shape[1] != weight.tasks * weight.theta.shape[1]:
+        raise ValueError(f"x must have shape [batch, tasks*in_channels={weight.tasks * weight.theta.shape[1]}, H, W] "
+                         f"for weight {tuple(weight.shape)}, got {tuple(x.shape)}")
+    y = shared_conv2d(x, weight.theta, weight.tasks, geo.stride, geo.padding)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    for update in weight.updates:
+        y = y - correction(x, update, geo)
+    if tape is not None:
+        tape.uses.append((x, y))
+    return y
+
+
+def low_rank_conv2d_reference(x, weight: LowRankFastWeight, bias=None, stride=1, padding=0) -> torch.Tensor:
+    """The definition: the plain per-task convolution with the materialised weight."""
+    return conv_ops.conv2d_reference(x, weight.dense(stride, padding), bias, stride, padding)

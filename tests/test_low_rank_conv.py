@@ -1,0 +1,126 @@
+"""maml_fast/ops/low_rank_conv.py: a conv weight kept as θ and its inner-loop updates.
+
+Its materialised weight (`LowRankFastWeight.dense`) is checked against autograd's weight gradient of the
+plain per-task convolution; the factored convolution (`low_rank_conv2d`) against the convolution with that
+weight, in float64, on awkward geometries, to second order (gradcheck, gradgradcheck); and the tape: which
+layers record, and what."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maml_fast.ops import conv2d as conv_ops
+from maml_fast.ops.low_rank_conv import LowRankFastWeight, low_rank_conv2d, low_rank_conv2d_reference
+
+# (tasks, in, out, kernel, stride, padding, input size, support batch, query batch)
+GEOMETRIES = [
+    (1, 2, 3, (3, 3), 1, 1, (5, 5), 2, 3),
+    (3, 4, 5, (3, 3), 2, 1, (7, 6), 1, 2),
+    (2, 3, 2, (1, 1), 1, 0, (4, 3), 3, 1),
+    (2, 5, 3, (3, 2), 1, 0, (5, 7), 2, 2),
+]
+
+
+def make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates, dtype=torch.float64,
+                requires_grad=False):
+    """θ expanded over the tasks with `updates` random updates of the layer's shapes."""
+    theta = torch.randn(out_ch, in_ch, *kernel, dtype=dtype, requires_grad=requires_grad)
+    out_hw = conv_ops.ConvGeometry(tasks, (stride, stride), (padding, padding), size, kernel).output_hw()
+    terms = tuple((torch.rand((), dtype=dtype) + 0.1, torch.randn(support, tasks * in_ch, *size, dtype=dtype),
+                   torch.randn(support, tasks * out_ch, *out_hw, dtype=dtype)) for _ in range(updates))
+    if requires_grad:
+        terms = tuple(tuple(t.requires_grad_() for t in term) for term in terms)
+    return LowRankFastWeight(theta, tasks, terms, expanded=None if updates else theta.expand(tasks, *theta.shape),
+                             max_updates=max(updates, 1))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_dense_weight_is_theta_minus_the_per_task_weight_gradients(geometry):
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, _ = geometry
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=2)
+    expected = weight.theta.expand(weight.shape)
+    for lr, x, grad_y in weight.updates:
+        w = torch.zeros(weight.shape, dtype=torch.float64, requires_grad=True)
+        grad_w, = torch.autograd.grad((conv_ops.conv2d_reference(x, w, None, stride, padding) * grad_y).sum(), w)
+        expected = expected - lr * grad_w
+    torch.testing.assert_close(weight.dense(stride, padding), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("updates", [0, 1, 3])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_factored_conv_is_the_conv_with_the_dense_weight(geometry, updates, bias, channels_last):
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, query = geometry
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates)
+    x = torch.randn(query, tasks * in_ch, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(tasks, out_ch, dtype=torch.float64) if bias else None
+    y = low_rank_conv2d(x, weight, b, stride, padding)
+    torch.testing.assert_close(y, low_rank_conv2d_reference(x, weight, b, stride, padding), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_factored_conv_gradcheck_and_gradgradcheck(geometry):
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, query = geometry
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=2, requires_grad=True)
+    x = torch.randn(query, tasks * in_ch, *size, dtype=torch.float64, requires_grad=True)
+    leaves = [x, weight.theta, *(t for term in weight.updates for t in term)]
+
+    def conv(x, theta, *flat):
+        updates = tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
+        return low_rank_conv2d(x, LowRankFastWeight(theta, tasks, updates), None, stride, padding)
+    assert torch.autograd.gradcheck(conv, leaves)
+    assert torch.autograd.gradgradcheck(conv, leaves)
+
+
+class _Decides:
+    """Conv primitives whose ``factors_updates`` answers `answer` and counts its calls."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, 0
+
+    def factors_updates(self, x, geo, out_ch, steps):
+        self.calls += 1
+        return self.answer
+
+    def __getattr__(self, name):
+        return getattr(conv_ops.TORCH_CONV, name)
+
+
+@pytest.mark.parametrize("answer", [False, True])
+def test_the_first_use_decides_and_every_use_records(answer):
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, query = GEOMETRIES[0]
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=0).recording()
+    primitives = _Decides(answer)
+    xs = [torch.randn(query, tasks * in_ch, *size, dtype=torch.float64) for _ in range(2)]
+    ys = [low_rank_conv2d(x, weight, None, stride, padding, primitives) for x in xs]
+    assert primitives.calls == 1 and weight.tape.factored is answer
+    assert len(weight.tape.uses) == (2 if answer else 0)
+    if answer:
+        assert all(u[0] is x and u[1] is y for u, x, y in zip(weight.tape.uses, xs, ys))
+
+
+def test_a_weight_with_updates_always_records_and_one_not_recording_never_does():
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, query = GEOMETRIES[1]
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=1)
+    x = torch.randn(query, tasks * in_ch, *size, dtype=torch.float64)
+    primitives = _Decides(False)
+    recording = weight.recording()
+    low_rank_conv2d(x, recording, None, stride, padding, primitives)
+    assert primitives.calls == 0 and recording.tape.factored and len(recording.tape.uses) == 1
+    low_rank_conv2d(x, weight, None, stride, padding, primitives)
+    assert weight.tape is None and primitives.calls == 0
+
+
+def test_updated_adds_one_term_per_use_and_detaches_x_for_first_order():
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, query = GEOMETRIES[0]
+    weight = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=1)
+    x = torch.randn(support, tasks * in_ch, *size, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(support, tasks * out_ch, *size, dtype=torch.float64)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    second = weight.updated(lr, [(x, y), (x, y)], [y, None])
+    assert len(second.updates) == 2 and second.updates[1][1] is x and second.tape is None
+    first = weight.updated(lr, [(x, y)], [y], keep_graph=False)
+    assert not first.updates[1][1].requires_grad
