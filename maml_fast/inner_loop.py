@@ -8,6 +8,11 @@
 `InnerLoop` runs it (`InnerLoop.run`) with one `InnerStep` per k. Both are written once over an
 `maml_fast.backends.Execution` (the backend's forward for the group) and the learner's
 `ParameterLayout`, which says how meta-parameters become per-task network parameters at step k.
+
+A conv weight may be kept as θ and its updates instead (`maml_fast.ops.low_rank_conv`): its layer
+records its input x and output y in each support forward, and the step takes the gradient with respect
+to y, whose product with x's patches is the weight's gradient, so that fast_{k+1} = fast_k − α_k gy^T P(x)
+stays in that form.
 """
 from __future__ import annotations
 
@@ -151,7 +156,8 @@ class InnerStep:
         total = loss.sum() if scale == 1.0 else loss.sum() * scale
         # (None: a weight the loss does not depend on, e.g. a conv bias that a BatchNorm cancels)
         targets = [_gradient_targets(weight) for weight in fast]
-        flat = torch.autograd.grad(total, [t for ts in targets for t in ts], create_graph=create_graph, allow_unused=True)
+        flat = torch.autograd.grad(total, [t for ts in targets for t in ts], create_graph=create_graph,
+                                   allow_unused=True)
         ends = list(itertools.accumulate(len(ts) for ts in targets))
         grads = [list(flat[end - len(ts):end]) for ts, end in zip(targets, ends)]
         factored = [i for i, weight in enumerate(fast) if _factored(weight)]

@@ -159,8 +159,9 @@ class MAML(nn.Module):
         parts = []
         for group in loop.execution.task_groups(batch.num_tasks):
             fast, update_from = self._initial_fast_weights(group.stop - group.start, meta_grad)
+            theta = self._adapted_theta() if meta_grad else None
             parts.append(loop.run(fast, batch.support_x[group], batch.support_y[group], batch.query_x[group],
-                                  batch.query_y[group], weights, update_from, self._adapted_theta() if meta_grad else None)[1])
+                                  batch.query_y[group], weights, update_from, theta)[1])
         rows = parts[0]["metric_rows"] if len(parts) == 1 else torch.cat([p["metric_rows"] for p in parts], dim=-1)
         objective = parts[0]["objective"] if len(parts) == 1 else torch.cat([p["objective"] for p in parts])
         if self.training:
@@ -288,12 +289,13 @@ class MAML(nn.Module):
     def _initial_fast_weights(self, tasks: int, meta_grad: bool) -> tuple[list[torch.Tensor], list | None]:
         """(θ expanded over the tasks, the views of θ the first update reads, `broadcast_over_tasks`'
         second use); when only adapting, (detached copies that take an inner gradient, None)."""
-        theta = dict(self.model.named_parameters())
+        theta = self._adapted_theta()
         if meta_grad:
-            return broadcast_over_tasks([theta[n] for n in self.adapted_names], tasks, uses=2)
-        return [theta[n].detach().expand(tasks, *theta[n].shape).clone().requires_grad_() for n in self.adapted_names], None
+            return broadcast_over_tasks(theta, tasks, uses=2)
+        return [p.detach().expand(tasks, *p.shape).clone().requires_grad_() for p in theta], None
 
     def _adapted_theta(self) -> list[torch.Tensor]:
+        """θ of the adapted parameters, in `adapted_names`' order."""
         theta = dict(self.model.named_parameters())
         return [theta[n] for n in self.adapted_names]
 

@@ -7,8 +7,9 @@ input and weight gradients; their four double-backward products; the meta-backwa
 three times per query example (forward, input and weight gradient). A layer that reads the images (the
 first conv, and a residual network's first shortcut) needs no input gradient: four and two times, and once
 more per support example, since torch's double backward of such a convolution still computes the images'
-gradient, which nothing uses (`flop_floor` counts it: a small over-estimate of the work). f comes from counting the layers' own forwards; the convolutions have stride 1
-(with stride 2 torch's double backward computes a larger weight gradient and narrows it)."""
+gradient, which nothing uses (`flop_floor` counts it: a small over-estimate of the work). f comes from
+counting the layers' own forwards; the convolutions have stride 1 (with stride 2 torch's double backward
+computes a larger weight gradient and narrows it)."""
 from __future__ import annotations
 
 import dataclasses

@@ -89,8 +89,11 @@ def test_factored_conv_updates_give_the_loop_meta_gradient(backend, steps, first
     monkeypatch.setattr(conv_ops.TorchConvPrimitives, "low_rank_max_fraction", 4.0)
     decisions = []
     decide = conv_ops.TorchConvPrimitives.factors_updates
-    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "factors_updates",
-                        lambda self, x, geo, *a: decisions.append((geo.input_hw, decide(self, x, geo, *a))) or decisions[-1][1])
+
+    def recorded(self, x, geo, *args):
+        decisions.append((geo.input_hw, decide(self, x, geo, *args)))
+        return decisions[-1][1]
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "factors_updates", recorded)
     assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
     assert {hw for hw, factored in decisions if factored} == {(2, 2)}
     assert {hw for hw, factored in decisions if not factored} >= {(16, 16), (8, 8), (4, 4)}

@@ -116,5 +116,5 @@ class ProgramBackend(Backend):
         if program is None:
             return Execution(vmapped_forward(model), fallback_reason=reason)
         # (the lowered convolutions take a factored fast weight; the primitives decide where it pays)
-        convs = (f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Conv2d)
-        return Execution(program, low_rank_weights=frozenset(convs) if hasattr(self.conv, "factors_updates") else frozenset())
+        convs = frozenset(f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Conv2d)
+        return Execution(program, low_rank_weights=convs if hasattr(self.conv, "factors_updates") else frozenset())

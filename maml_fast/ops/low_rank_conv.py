@@ -82,7 +82,9 @@ class LowRankFastWeight:
         new = tuple((lr, x if keep_graph else x.detach(), grad_y) for (x, _), grad_y in zip(uses, grad_ys, strict=True)
                     if grad_y is not None)
         # (θ channels-last from now on, one differentiable copy: oneDNN would reorder it in every call)
-        theta = self.theta if self.updates or not self.theta.is_cpu else self.theta.contiguous(memory_format=torch.channels_last)
+        theta = self.theta
+        if not self.updates and theta.is_cpu:
+            theta = theta.contiguous(memory_format=torch.channels_last)
         return LowRankFastWeight(theta, self.tasks, self.updates + new, None, self.max_updates)
 
     def dense(self, stride=1, padding=0) -> torch.Tensor:
@@ -90,11 +92,15 @@ class LowRankFastWeight:
         weight = self.theta.expand(self.shape)
         out_ch, in_ch, kh, kw = self.theta.shape
         for lr, x, grad_y in self.updates:
-            geo = conv_ops.ConvGeometry(self.tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
-                                        tuple(x.shape[2:]), (kh, kw))
+            geo = _geometry(self.tasks, (kh, kw), stride, padding, x)
             grad_w = torch.bmm(_rows(grad_y, self.tasks).transpose(1, 2), _patches(x, geo))  # [T, O, C*kh*kw]
             weight = weight - lr * grad_w.view(self.shape)
         return weight
+
+
+def _geometry(tasks: int, kernel_hw, stride, padding, x: torch.Tensor) -> conv_ops.ConvGeometry:
+    return conv_ops.ConvGeometry(tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
+                                 tuple(x.shape[2:]), tuple(kernel_hw))
 
 
 def _patches(x: torch.Tensor, geo: conv_ops.ConvGeometry) -> torch.Tensor:
@@ -126,7 +132,8 @@ def correction(x: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> t
     """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``: the convolution of x with the
     update's weight ``lr gy_j^T P(x_j)``, through its factors."""
     lr, x_update, grad_y = update
-    kernel = torch.bmm(_patches(x, geo), _patches(x_update, dataclasses.replace(geo, input_hw=tuple(x_update.shape[2:]))).transpose(1, 2))
+    update_geo = dataclasses.replace(geo, input_hw=tuple(x_update.shape[2:]))
+    kernel = torch.bmm(_patches(x, geo), _patches(x_update, update_geo).transpose(1, 2))
     return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), x.shape[0], geo.output_hw())
 
 
@@ -146,8 +153,7 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     (the first use of a recording weight asks ``primitives.factors_updates``; it then records ``(x, y)``
     in ``weight.tape``): one `shared_conv2d` with θ and one `correction` per update. Otherwise the
     plain per-task convolution with θ expanded."""
-    geo = conv_ops.ConvGeometry(weight.tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
-                                tuple(x.shape[2:]), tuple(weight.theta.shape[2:]))
+    geo = _geometry(weight.tasks, weight.theta.shape[2:], stride, padding, x)
     tape = weight.tape
     if tape is not None and tape.factored is None:
         factors = getattr(primitives, "factors_updates", None)
