@@ -48,6 +48,9 @@ class Tape:
 
     factored: bool | None = None
     uses: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: θ as the factored convolutions read it: channels-last on the CPU, one differentiable copy for all
+    #: uses and later steps (oneDNN would reorder it in every call)
+    theta: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,7 @@ class LowRankFastWeight:
         new = tuple((lr, x if keep_graph else x.detach(), grad_y) for (x, _), grad_y in zip(uses, grad_ys, strict=True)
                     if grad_y is not None)
         # (θ channels-last from now on, one differentiable copy: oneDNN would reorder it in every call)
-        theta = self.theta
-        if not self.updates and theta.is_cpu:
-            theta = theta.contiguous(memory_format=torch.channels_last)
+        theta = self.tape.theta if self.tape is not None and self.tape.theta is not None else self.theta
         return LowRankFastWeight(theta, self.tasks, self.updates + new, None, self.max_updates)
 
     def dense(self, stride=1, padding=0) -> torch.Tensor:
@@ -154,16 +155,19 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     in ``weight.tape``): one `shared_conv2d` with θ and one `correction` per update. Otherwise the
     plain per-task convolution with θ expanded."""
     geo = _geometry(weight.tasks, weight.theta.shape[2:], stride, padding, x)
-    tape = weight.tape
+    tape, theta = weight.tape, weight.theta
     if tape is not None and tape.factored is None:
         factors = getattr(primitives, "factors_updates", None)
-        tape.factored = bool(factors and factors(x, geo, weight.theta.shape[0], weight.max_updates))
+        tape.factored = bool(factors and factors(x, geo, theta.shape[0], weight.max_updates))
+        if tape.factored and theta.is_cpu:
+            tape.theta = theta.contiguous(memory_format=torch.channels_last)
     if not weight.updates and not (tape and tape.factored):
         return conv_ops.conv2d(x, weight.expanded, bias, stride, padding, primitives)
+    theta = tape.theta if tape is not None and tape.theta is not None else theta
     if x.dim() != 4 or x.shape[1] != weight.tasks * weight.theta.shape[1]:
         raise ValueError(f"x must have shape [batch, tasks*in_channels={weight.tasks * weight.theta.shape[1]}, H, W] "
                          f"for weight {tuple(weight.shape)}, got {tuple(x.shape)}")
-    y = shared_conv2d(x, weight.theta, weight.tasks, geo.stride, geo.padding)
+    y = shared_conv2d(x, theta, weight.tasks, geo.stride, geo.padding)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     for update in weight.updates:
