@@ -163,7 +163,8 @@ class InnerStep:
         factored = [i for i, weight in enumerate(fast) if _factored(weight)]
         moving = [i for i, g in enumerate(grads) if i not in factored and g[0] is not None]
         if loop.layout.inner_lr_mode == "fixed":
-            lrs = [self.support_x.new_full((), loop.inner_lr)] * len(fast)
+            first = fast[0].theta if isinstance(fast[0], LowRankFastWeight) else fast[0]
+            lrs = [first.new_full((), loop.inner_lr)] * len(fast)
         else:
             lrs = [inner_lr_at(lr, loop.layout.inner_lr_mode, self.step) for lr in meta.inner_lrs]
         updated = dict(zip(moving, loop.update([_dense(update_from[i]) for i in moving], [grads[i][0] for i in moving],
