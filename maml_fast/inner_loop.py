@@ -27,6 +27,7 @@ import torch
 from .backends import Execution
 from .checkpointing import checkpointed_inner_step
 from .maml_plus_plus import PerStepBatchNormStatistics, inner_lr_at
+from .ops import low_rank_conv
 from .ops.low_rank_conv import LowRankFastWeight
 from .ops.task_broadcast import broadcast_over_tasks
 from .task_batch import check_labels
@@ -178,9 +179,12 @@ class InnerStep:
         new_fast = [updated[i] if i in updated else _unchanged(weight) for i, weight in enumerate(fast)]
         return new_fast, loss, accuracy
 
-    def flat(self, tensors: list[torch.Tensor], num_fast: int, create_graph: bool):
-        """The step on the flat list ``[*fast, *meta.flat()]`` (the checkpointed step's arguments)."""
-        return self(tensors[:num_fast], self.loop.meta.like(tensors[num_fast:]), create_graph)
+    def flat(self, tensors: list[torch.Tensor], layouts: list, create_graph: bool):
+        """The step on the flat list ``[*flatten(fast), *meta.flat()]`` (the checkpointed step's
+        arguments; `layouts`: `maml_fast.ops.low_rank_conv.flatten`'s)."""
+        num_fast = low_rank_conv.flat_size(layouts)
+        return self(low_rank_conv.unflatten(tensors[:num_fast], layouts), self.loop.meta.like(tensors[num_fast:]),
+                    create_graph)
 
 
 @dataclass
@@ -212,8 +216,8 @@ class InnerLoop:
         """`fast` with the conv weights that may keep their updates factored as `LowRankFastWeight`
         (their layers decide at the first step, `maml_fast.ops.low_rank_conv`) over θ (`theta`): those
         the execution allows, when every step size is one number per tensor and the fast weights stay
-        inside this loop (not checkpointed as tensors, nor read by MAML++'s statistics through the module)."""
-        if (not self.steps or self.checkpoint or self.record_statistics or self.running_statistics
+        inside this loop (not read by MAML++'s statistics through the module)."""
+        if (not self.steps or self.record_statistics or self.running_statistics
                 or self.layout.inner_lr_mode == "per_element"):
             return fast
         allowed = self.execution.low_rank_weights

@@ -267,10 +267,11 @@ def test_meta_gradient_with_shared_weight_convolutions(case, backend, make_batch
 #: Cases whose conv weights keep their inner updates factored when forced (`maml_fast.ops.low_rank_conv`):
 #: second order with LayerNorm and stride 2, LSLR's learned step sizes over 3 steps, per-step BN weights,
 #: first order, unadapted norms, more steps in eval than in training, MAML++ (multi-step loss, first-order
-#: iterations); and cases that must not factor (checkpointed steps keep tensors, ANIL adapts no conv).
+#: iterations), checkpointed steps (the factors pass through as tensors); and cases that must not factor
+#: (ANIL adapts no conv).
 LOW_RANK_CASES = ["maml_2nd_order", "lslr", "per_step_bn", "fomaml_pooled_head", "no_bn_affine_adaptation",
-                  "eval_inner_steps", "maml_plus_plus"]
-DENSE_ONLY_CASES = ["checkpoint_inner_steps", "anil"]
+                  "eval_inner_steps", "maml_plus_plus", "checkpoint_inner_steps"]
+DENSE_ONLY_CASES = ["anil", "checkpoint_anil_first_order"]
 
 
 @pytest.mark.parametrize("backend", [cpu_backend_param(name) for name in ("torch", "fused")])
@@ -286,6 +287,20 @@ def test_meta_gradient_with_factored_conv_updates(case, backend, make_batch, mon
     monkeypatch.setattr(low_rank_conv, "correction", lambda *a: calls.append(1) or correction(*a))
     check_case(case, backend, make_batch)
     assert bool(calls) == (case in LOW_RANK_CASES)
+
+
+def test_per_element_step_sizes_keep_conv_weights_dense(make_batch, monkeypatch):
+    """Meta-SGD's step size has the weight's shape, so its update has no low-rank form: nothing factors."""
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "per_task_min_channels", 1)
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "low_rank_max_fraction", float("inf"))
+    decisions = []
+    monkeypatch.setattr(conv_ops.TorchConvPrimitives, "factors_updates", lambda *a: decisions.append(a) or True)
+    net, shape, _ = build_network("conv4_stride_none", 2)
+    batch = make_batch(2, 2, 1, 2, shape)
+    mf.MetaSGD(net, inner_lr=0.3, inner_steps=2, backend="torch")(batch).loss.backward()
+    assert not decisions
+    mf.MAML(net, inner_lr=0.3, inner_steps=2, backend="torch")(batch).loss.backward()
+    assert decisions
 
 
 # --------------------------------------------------------------------------- networks x shapes

@@ -22,12 +22,13 @@ def _backend(name):
     return pytest.param(name, marks=pytest.mark.skip(reason="; ".join(reasons))) if reasons else name
 
 
-def _meta_gradient(backend, batch, steps, first_order, drop_prob=0.0):
+def _meta_gradient(backend, batch, steps, first_order, drop_prob=0.0, checkpoint=False):
     torch.manual_seed(0)
     net = mf.models.resnet12(1, 2, SMALL, drop_prob=drop_prob, block_size=2).double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to vmap
-        learner = mf.MAML(net, inner_lr=0.3, inner_steps=steps, first_order=first_order, backend=backend)
+        learner = mf.MAML(net, inner_lr=0.3, inner_steps=steps, first_order=first_order, backend=backend,
+                          checkpoint_inner_steps=checkpoint)
         out = learner(batch)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad for n, p in learner.named_parameters()}, learner
@@ -79,11 +80,14 @@ def test_per_task_convolutions_give_the_loop_meta_gradient(backend, shared, make
 
 
 @pytest.mark.parametrize("backend", ["torch", _backend("fused")])
-@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
-def test_factored_conv_updates_give_the_loop_meta_gradient(backend, steps, first_order, make_batch, monkeypatch):
+@pytest.mark.parametrize("steps,first_order,checkpoint", [(1, False, False), (3, False, False), (2, True, False),
+                                                          (3, False, True)])
+def test_factored_conv_updates_give_the_loop_meta_gradient(backend, steps, first_order, checkpoint, make_batch,
+                                                           monkeypatch):
     """The last block's convs (2x2 maps on 16x16 images: rank 8 per step) keep their updates factored
     (`maml_fast.ops.low_rank_conv`, which the full-size network's 4x4 blocks do on the CPU), the other
-    blocks' do not: the same meta-gradient as the loop, first and second order, 1 to 3 steps."""
+    blocks' do not: the same meta-gradient as the loop, first and second order, 1 to 3 steps, with
+    checkpointed steps too."""
     from maml_fast.ops import conv2d as conv_ops
     monkeypatch.setattr(conv_ops.TorchConvPrimitives, "per_task_min_channels", 1)
     monkeypatch.setattr(conv_ops.TorchConvPrimitives, "low_rank_max_fraction", 4.0)
@@ -94,7 +98,9 @@ def test_factored_conv_updates_give_the_loop_meta_gradient(backend, steps, first
         decisions.append((geo.input_hw, decide(self, x, geo, *args)))
         return decisions[-1][1]
     monkeypatch.setattr(conv_ops.TorchConvPrimitives, "factors_updates", recorded)
-    assert_matches_the_loop(_meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
+    def meta_gradient(name, *args):  # (the loop's steps are not checkpointed: an independent reference)
+        return _meta_gradient(name, *args, checkpoint=checkpoint and name != "loop")
+    assert_matches_the_loop(meta_gradient, backend, make_batch(3, 2, 1, 2, (1, 16, 16)), steps, first_order)
     assert {hw for hw, factored in decisions if factored} == {(2, 2)}
     assert {hw for hw, factored in decisions if not factored} >= {(16, 16), (8, 8), (4, 4)}
 

@@ -99,6 +99,48 @@ class LowRankFastWeight:
         return weight
 
 
+#: How `flatten` laid out one fast weight: None for a tensor; for a `LowRankFastWeight`, (tasks, whether it
+#: holds ``expanded``, its number of updates, ``max_updates``).
+Layout = tuple[int, bool, int, int] | None
+
+
+def flatten(fast: list) -> tuple[list[torch.Tensor], list[Layout]]:
+    """The tensors of `fast` (tensors and `LowRankFastWeight` s) as one list, and how to rebuild it
+    (`unflatten`): for a checkpointed inner step, whose arguments and results are tensors."""
+    tensors, layouts = [], []
+    for weight in fast:
+        if isinstance(weight, LowRankFastWeight):
+            held = [weight.expanded] if weight.expanded is not None else []
+            tensors += [weight.theta, *held, *(t for update in weight.updates for t in update)]
+            layouts.append((weight.tasks, bool(held), len(weight.updates), weight.max_updates))
+        else:
+            tensors.append(weight)
+            layouts.append(None)
+    return tensors, layouts
+
+
+def flat_size(layouts: list[Layout]) -> int:
+    """The number of tensors `flatten` gave for these layouts."""
+    return sum(1 if layout is None else 1 + layout[1] + 3 * layout[2] for layout in layouts)
+
+
+def unflatten(tensors: list[torch.Tensor], layouts: list[Layout]) -> list:
+    """The inverse of `flatten`."""
+    fast, position = [], 0
+    for layout in layouts:
+        if layout is None:
+            fast.append(tensors[position])
+            position += 1
+            continue
+        tasks, held, count, max_updates = layout
+        theta, position = tensors[position], position + 1
+        expanded, position = (tensors[position], position + 1) if held else (None, position)
+        updates = tuple(tuple(tensors[position + 3 * j:position + 3 * j + 3]) for j in range(count))
+        position += 3 * count
+        fast.append(LowRankFastWeight(theta, tasks, updates, expanded, max_updates))
+    return fast
+
+
 def _geometry(tasks: int, kernel_hw, stride, padding, x: torch.Tensor) -> conv_ops.ConvGeometry:
     return conv_ops.ConvGeometry(tasks, conv_ops._pair(stride, "stride"), conv_ops._pair(padding, "padding"),
                                  tuple(x.shape[2:]), tuple(kernel_hw))
