@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maml_fast.ops import conv2d as conv_ops
+from maml_fast.ops import low_rank_conv
 from maml_fast.ops.low_rank_conv import LowRankFastWeight, low_rank_conv2d, low_rank_conv2d_reference
 
 # (tasks, in, out, kernel, stride, padding, input size, support batch, query batch)
@@ -124,3 +125,18 @@ def test_updated_adds_one_term_per_use_and_detaches_x_for_first_order():
     assert len(second.updates) == 2 and second.updates[1][1] is x and second.tape is None
     first = weight.updated(lr, [(x, y)], [y], keep_graph=False)
     assert not first.updates[1][1].requires_grad
+
+
+def test_flatten_and_unflatten_round_trip():
+    tasks, in_ch, out_ch, kernel, stride, padding, size, support, _ = GEOMETRIES[1]
+    fresh = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=0)
+    stepped = make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, updates=2)
+    plain = torch.randn(tasks, 3)
+    tensors, layouts = low_rank_conv.flatten([plain, fresh, stepped])
+    assert len(tensors) == low_rank_conv.flat_size(layouts) == 1 + 2 + 1 + 3 * 2
+    rebuilt = low_rank_conv.unflatten(tensors, layouts)
+    assert rebuilt[0] is plain
+    for original, copy in zip((fresh, stepped), rebuilt[1:]):
+        assert copy.theta is original.theta and copy.expanded is original.expanded and copy.tasks == original.tasks
+        assert copy.max_updates == original.max_updates
+        assert all(a is b for u, v in zip(original.updates, copy.updates, strict=True) for a, b in zip(u, v))
