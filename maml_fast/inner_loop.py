@@ -161,7 +161,7 @@ class InnerStep:
                                    allow_unused=True)
         ends = list(itertools.accumulate(len(ts) for ts in targets))
         grads = [list(flat[end - len(ts):end]) for ts, end in zip(targets, ends)]
-        factored = [i for i, weight in enumerate(fast) if _factored(weight)]
+        factored = {i for i, weight in enumerate(fast) if _factored(weight)}
         moving = [i for i, g in enumerate(grads) if i not in factored and g[0] is not None]
         if loop.layout.inner_lr_mode == "fixed":
             first = fast[0].theta if isinstance(fast[0], LowRankFastWeight) else fast[0]

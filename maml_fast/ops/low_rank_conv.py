@@ -29,6 +29,7 @@ input and output (``tape``), the output being what the inner gradient is taken w
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -91,11 +92,9 @@ class LowRankFastWeight:
     def dense(self, stride=1, padding=0) -> torch.Tensor:
         """The weight itself, ``[T, O, C, kh, kw]`` (the reference)."""
         weight = self.theta.expand(self.shape)
-        out_ch, in_ch, kh, kw = self.theta.shape
         for lr, x, grad_y in self.updates:
-            geo = _geometry(self.tasks, (kh, kw), stride, padding, x)
-            grad_w = torch.bmm(_rows(grad_y, self.tasks).transpose(1, 2), _patches(x, geo))  # [T, O, C*kh*kw]
-            weight = weight - lr * grad_w.view(self.shape)
+            geo = _geometry(self.tasks, self.theta.shape[2:], stride, padding, x)
+            weight = weight - lr * conv_ops.conv2d_weight_grad(x, grad_y, geo, conv_ops.TORCH_CONV)
         return weight
 
 
@@ -171,13 +170,14 @@ def _from_rows(rows: torch.Tensor, batch: int, output_hw: tuple[int, int]) -> to
             .reshape(batch, height, width, tasks * out_ch).permute(0, 3, 1, 2))
 
 
-def correction(x: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> torch.Tensor:
-    """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``: the convolution of x with the
-    update's weight ``lr gy_j^T P(x_j)``, through its factors."""
+def correction(x_patches: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> torch.Tensor:
+    """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``, from x's `_patches`: the
+    convolution of x with the update's weight ``lr gy_j^T P(x_j)``, through its factors."""
     lr, x_update, grad_y = update
     update_geo = dataclasses.replace(geo, input_hw=tuple(x_update.shape[2:]))
-    kernel = torch.bmm(_patches(x, geo), _patches(x_update, update_geo).transpose(1, 2))
-    return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), x.shape[0], geo.output_hw())
+    kernel = torch.bmm(x_patches, _patches(x_update, update_geo).transpose(1, 2))
+    batch = x_patches.shape[1] // math.prod(geo.output_hw())
+    return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), batch, geo.output_hw())
 
 
 def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding) -> torch.Tensor:
@@ -212,8 +212,9 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     y = shared_conv2d(x, theta, weight.tasks, geo.stride, geo.padding)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
+    x_patches = _patches(x, geo) if weight.updates else None  # (once for all updates)
     for update in weight.updates:
-        y = y - correction(x, update, geo)
+        y = y - correction(x_patches, update, geo)
     if tape is not None:
         tape.uses.append((x, y))
     return y
