@@ -49,6 +49,12 @@ void check_eps(const char* op, double eps) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
 }
 
+void check_negative_slope(const char* op, double negative_slope) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(negative_slope) && negative_slope >= 0, op,
+      ": negative_slope must be finite and >= 0 (the derivative is read off y > 0), got ", negative_slope);
+}
+
 void check_grad_grads(
     const char* op, const std::optional<at::Tensor>& grad_grad_x,
     const std::optional<at::Tensor>& grad_grad_weight,
@@ -92,25 +98,30 @@ void check_saved(
 }  // namespace
 
 void check_forward_inputs(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    double negative_slope) {
   check_rows(kForwardName, "x", x);
   check_channel_vector(kForwardName, "weight", weight, x, x.scalar_type());
   check_channel_vector(kForwardName, "bias", bias, x, x.scalar_type());
   check_eps(kForwardName, eps);
+  check_negative_slope(kForwardName, negative_slope);
 }
 
 void check_backward_inputs(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd) {
+    const at::Tensor& mean, const at::Tensor& rstd, double negative_slope) {
   check_saved(kBackwardName, grad_y, x, y, weight, mean, rstd);
+  check_negative_slope(kBackwardName, negative_slope);
 }
 
 void check_double_backward_inputs(
     const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    double negative_slope) {
   check_saved(kDoubleBackwardName, grad_y, x, y, weight, mean, rstd);
   check_grad_grads(kDoubleBackwardName, grad_grad_x, grad_grad_weight, grad_grad_bias, x);
+  check_negative_slope(kDoubleBackwardName, negative_slope);
 }
 
 namespace {
@@ -120,26 +131,29 @@ using cpu::DoubleBackwardKernel;
 using cpu::ForwardKernel;
 
 TensorTriple batch_norm_relu_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_forward_inputs(x, weight, bias, eps);
-  return cpu::run_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    double negative_slope) {
+  check_forward_inputs(x, weight, bias, eps, negative_slope);
+  return cpu::run_op<ForwardKernel>(ForwardOp(x, weight, bias, eps, negative_slope));
 }
 
 TensorTriple batch_norm_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd) {
-  check_backward_inputs(grad_y, x, y, weight, mean, rstd);
-  return cpu::run_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd));
+    const at::Tensor& mean, const at::Tensor& rstd, double negative_slope) {
+  check_backward_inputs(grad_y, x, y, weight, mean, rstd, negative_slope);
+  return cpu::run_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd, negative_slope));
 }
 
 TensorTriple batch_norm_relu_double_backward_cpu(
     const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    double negative_slope) {
   check_double_backward_inputs(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd, negative_slope);
   return cpu::run_double_backward_op<DoubleBackwardKernel>(
-      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd));
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd,
+                       negative_slope));
 }
 
 }  // namespace

@@ -2,12 +2,14 @@
 // kernels: input checks (errors name the argument), the host-side preparation (contiguous inputs,
 // outputs, kernel arguments) and the per-element formulas.
 //
-// Per-task BatchNorm with batch statistics followed by ReLU, on the [rows, channels] view of a
-// task-batched activation (row-major: channel c of row n at n * channels + c). Per column c, with
-// N = rows:
+// Per-task BatchNorm with batch statistics followed by ReLU (or LeakyReLU: negative slope s >= 0), on
+// the [rows, channels] view of a task-batched activation (row-major: channel c of row n at
+// n * channels + c). Per column c, with N = rows:
 //
 //   mean = sum(x) / N,  var = sum((x - mean)^2) / N,  r = (var + eps)^-1/2,  x_hat = (x - mean) r
-//   y = relu(gamma x_hat + beta),  m = (y > 0)                  (the mask, recomputed from y)
+//   z = gamma x_hat + beta,  y = z where z > 0 else s z,
+//   m = 1 where y > 0 else s         (the activation's derivative, recomputed from y: with s >= 0,
+//                                     y > 0 exactly where z > 0)
 //
 // backward, with gz = m gy, A = sum(gz), B = sum(gz x_hat):
 //   gx = gamma r (gz - A/N - x_hat B/N),  g_gamma = B,  g_beta = A
@@ -18,7 +20,7 @@
 //   d gy    = m (gamma r P(ggx) + gg_gamma x_hat + gg_beta)
 //   d x     = (gg_gamma r - gamma r^2 D/N) P(gz) - gamma r^2 B/N P(ggx) - gamma r^2 S1/N x_hat
 //   d gamma = r S1
-// (the mask is piecewise constant, so beta and y get no gradient). mean and rstd are returned in
+// (m is piecewise constant, so beta and y get no gradient). mean and rstd are returned in
 // the "stats" dtype: float for float/half/bfloat16 inputs, double for double inputs.
 #pragma once
 
@@ -49,14 +51,16 @@ inline at::ScalarType stats_dtype(at::ScalarType dtype) {
 // Each check throws TypeError / ValueError (TORCH_CHECK_TYPE / _VALUE) naming the operator and the
 // offending argument. They do not copy: the *Op structs below take `.contiguous()`.
 void check_forward_inputs(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    double negative_slope);
 void check_backward_inputs(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd);
+    const at::Tensor& mean, const at::Tensor& rstd, double negative_slope);
 void check_double_backward_inputs(
     const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd);
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    double negative_slope);
 
 // The checks' parts, shared with the max-pooled op (batch_norm_relu_pool.h), whose x has the
 // channels last too. `tensor` has a supported floating dtype:
@@ -71,6 +75,8 @@ void check_channel_vector(
     at::ScalarType dtype);
 // eps is finite and >= 0:
 void check_eps(const char* op, double eps);
+// negative_slope is finite and >= 0 (y > 0 then tells where z > 0):
+void check_negative_slope(const char* op, double negative_slope);
 // the double backward's optional incoming gradients, where given, are like x and per-channel:
 void check_grad_grads(
     const char* op, const std::optional<at::Tensor>& grad_grad_x,
@@ -113,6 +119,7 @@ struct ForwardArgs {
   acc_t* rstd;
   std::int64_t rows, channels;
   double eps;
+  acc_t negative_slope;
 };
 
 template <typename scalar_t>
@@ -128,6 +135,7 @@ struct BackwardArgs {
   scalar_t* grad_weight;
   scalar_t* grad_bias;
   std::int64_t rows, channels;
+  acc_t negative_slope;
 };
 
 template <typename scalar_t>
@@ -146,6 +154,7 @@ struct DoubleBackwardArgs {
   scalar_t* grad_x;
   scalar_t* grad_weight;
   std::int64_t rows, channels;
+  acc_t negative_slope;
 };
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -170,20 +179,22 @@ struct ForwardOp {
   at::Tensor x, weight, bias;  // contiguous inputs
   at::Tensor y, mean, rstd;    // outputs
   double eps;
+  double negative_slope;
 
   ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
-            double eps_in)
-      : ForwardOp(x_in, weight_in, bias_in, eps_in, x_in.sizes()) {}
+            double eps_in, double negative_slope_in)
+      : ForwardOp(x_in, weight_in, bias_in, eps_in, x_in.sizes(), negative_slope_in) {}
   // y of shape `y_sizes` (the pooled op's y is smaller than x).
   ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
-            double eps_in, at::IntArrayRef y_sizes)
+            double eps_in, at::IntArrayRef y_sizes, double negative_slope_in)
       : x(x_in.contiguous()),
         weight(weight_in.contiguous()),
         bias(bias_in.contiguous()),
         y(at::empty(y_sizes, x.options())),
         mean(at::empty({channels_of(x)}, stats_options(x))),
         rstd(at::empty({channels_of(x)}, stats_options(x))),
-        eps(eps_in) {}
+        eps(eps_in),
+        negative_slope(negative_slope_in) {}
 
   at::ScalarType dtype() const { return x.scalar_type(); }
   bool has_channels() const { return channels_of(x) > 0; }
@@ -195,23 +206,26 @@ struct ForwardOp {
     return {x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
             mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows_of(x),
-            channels_of(x), eps};
+            channels_of(x), eps, static_cast<acc_t>(negative_slope)};
   }
 };
 
 // The inputs both backward ops read (the forward's inputs, outputs and statistics), contiguous.
-// y is undefined for the pooled op, which recomputes its mask from x.
+// y is undefined for the pooled op, which recomputes its mask from x (its activation is ReLU).
 struct SavedInputs {
   at::Tensor grad_y, x, y, weight, mean, rstd;
+  double negative_slope;
 
   SavedInputs(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
-              const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
+              const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+              double negative_slope_in)
       : grad_y(grad_y_in.contiguous()),
         x(x_in.contiguous()),
         y(y_in.defined() ? y_in.contiguous() : y_in),
         weight(weight_in.contiguous()),
         mean(mean_in.contiguous()),
-        rstd(rstd_in.contiguous()) {}
+        rstd(rstd_in.contiguous()),
+        negative_slope(negative_slope_in) {}
 
   at::ScalarType dtype() const { return x.scalar_type(); }
   bool has_channels() const { return channels_of(x) > 0; }
@@ -226,8 +240,9 @@ struct BackwardOp : SavedInputs {
   at::Tensor grad_x, grad_weight, grad_bias;  // outputs
 
   BackwardOp(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
-             const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
-      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in),
+             const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+             double negative_slope_in)
+      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in, negative_slope_in),
         grad_x(at::empty(x.sizes(), x.options())),
         grad_weight(at::empty({channels_of(x)}, x.options())),
         grad_bias(at::empty({channels_of(x)}, x.options())) {}
@@ -241,7 +256,8 @@ struct BackwardOp : SavedInputs {
             y_data<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
             grad_x.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-            grad_bias.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x)};
+            grad_bias.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x),
+            static_cast<acc_t>(negative_slope)};
   }
 };
 
@@ -256,8 +272,8 @@ struct DoubleBackwardOp : SavedInputs {
       const std::optional<at::Tensor>& grad_grad_weight_in,
       const std::optional<at::Tensor>& grad_grad_bias_in, const at::Tensor& grad_y_in,
       const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& weight_in,
-      const at::Tensor& mean_in, const at::Tensor& rstd_in)
-      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in),
+      const at::Tensor& mean_in, const at::Tensor& rstd_in, double negative_slope_in)
+      : SavedInputs(grad_y_in, x_in, y_in, weight_in, mean_in, rstd_in, negative_slope_in),
         has_ggx(is_given(grad_grad_x_in)),
         grad_grad_x(has_ggx ? grad_grad_x_in->contiguous() : at::Tensor()),
         grad_grad_weight(given_or_zeros(grad_grad_weight_in)),
@@ -277,7 +293,8 @@ struct DoubleBackwardOp : SavedInputs {
             y_data<scalar_t>(), weight.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
             grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            grad_weight.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x)};
+            grad_weight.mutable_data_ptr<scalar_t>(), rows_of(x), channels_of(x),
+            static_cast<acc_t>(negative_slope)};
   }
 
  private:

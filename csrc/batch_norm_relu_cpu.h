@@ -91,10 +91,17 @@ MAML_FAST_ALWAYS_INLINE void store(scalar_t* p, const typename VecTypes<acc_t>::
   }
 }
 
-// v where y > 0, else 0: the ReLU's mask applied to v (a select, so NaN in v stays NaN where kept).
-template <typename Vec>
-MAML_FAST_ALWAYS_INLINE Vec where_positive(const Vec& y, const Vec& v) {
-  return y > Vec{} ? v : Vec{};
+// y = z where z > 0, else negative_slope z (ReLU at slope 0: exact zeros; NaN stays NaN).
+template <typename Vec, typename acc_t>
+MAML_FAST_ALWAYS_INLINE Vec activation(const Vec& z, acc_t negative_slope) {
+  return z < Vec{} ? (negative_slope == acc_t(0) ? Vec{} : z * negative_slope) : z;
+}
+
+// m v, m the activation's derivative read off its output y: v where y > 0, else negative_slope v
+// (selects: NaN in v stays NaN where kept, and ReLU's masked elements are exact zeros).
+template <typename Vec, typename acc_t>
+MAML_FAST_ALWAYS_INLINE Vec activation_grad(const Vec& y, const Vec& v, acc_t negative_slope) {
+  return y > Vec{} ? v : (negative_slope == acc_t(0) ? Vec{} : v * negative_slope);
 }
 
 // Each kernel below provides
@@ -134,7 +141,7 @@ struct ForwardKernel : RowUnits {
     a.rstd[c] = static_cast<acc_t>(r);
   }
 
-  // y = max(x scale + shift, 0), scale = gamma r, shift = beta - mean gamma r.
+  // y = activation(x scale + shift), scale = gamma r, shift = beta - mean gamma r.
   static constexpr int kCoefs = 2;
   static void column(const Args& a, std::int64_t c, const double* sums, acc_t* coefs) {
     double mean, r;
@@ -148,7 +155,7 @@ struct ForwardKernel : RowUnits {
   static MAML_FAST_ALWAYS_INLINE void apply(
       const Args& a, std::int64_t offset, std::int64_t column, Width width, const Vec* coefs) {
     const Vec z = load<acc_t>(a.x + offset + column, width) * coefs[0] + coefs[1];
-    store<acc_t>(a.y + offset + column, z < Vec{} ? Vec{} : z, width);  // NaN stays NaN
+    store<acc_t>(a.y + offset + column, activation(z, a.negative_slope), width);
   }
 };
 
@@ -170,7 +177,8 @@ struct BackwardKernel : RowUnits {
   template <typename Width>
   static MAML_FAST_ALWAYS_INLINE void load_row(
       const Args& a, std::int64_t offset, std::int64_t column, Width width, Vec& gz, Vec& x_hat) {
-    gz = where_positive(load<acc_t>(a.y + offset + column, width), load<acc_t>(a.grad_y + offset + column, width));
+    gz = activation_grad(load<acc_t>(a.y + offset + column, width), load<acc_t>(a.grad_y + offset + column, width),
+                         a.negative_slope);
     x_hat = normalized<acc_t>(a, offset, column, width, load<acc_t>(a.mean + column, width),
                               load<acc_t>(a.rstd + column, width));
   }
@@ -253,8 +261,8 @@ struct DoubleBackwardKernel : RowUnits {
   template <typename Width>
   static MAML_FAST_ALWAYS_INLINE void accumulate(
       const Args& a, std::int64_t offset, std::int64_t column, Width width, Vec* acc) {
-    const Vec gz = where_positive(load<acc_t>(a.y + offset + column, width),
-                                  load<acc_t>(a.grad_y + offset + column, width));
+    const Vec gz = activation_grad(load<acc_t>(a.y + offset + column, width),
+                                   load<acc_t>(a.grad_y + offset + column, width), a.negative_slope);
     const Vec x_hat = normalized<acc_t>(a, offset, column, width, load<acc_t>(a.mean + column, width),
                                         load<acc_t>(a.rstd + column, width));
     add_sums(a, offset, column, width, gz, x_hat, acc);
@@ -297,11 +305,11 @@ struct DoubleBackwardKernel : RowUnits {
   static MAML_FAST_ALWAYS_INLINE void apply(
       const Args& a, std::int64_t offset, std::int64_t column, Width width, const Vec* coefs) {
     const Vec y = load<acc_t>(a.y + offset + column, width);
-    const Vec gz = where_positive(y, load<acc_t>(a.grad_y + offset + column, width));
+    const Vec gz = activation_grad(y, load<acc_t>(a.grad_y + offset + column, width), a.negative_slope);
     const Vec x_hat = normalized<acc_t>(a, offset, column, width, coefs[0], coefs[1]);
     Vec d_gz, d_x;
     outputs(coefs, gz, x_hat, load_ggx(a, offset, column, width), d_gz, d_x);
-    store<acc_t>(a.grad_grad_y + offset + column, where_positive(y, d_gz), width);
+    store<acc_t>(a.grad_grad_y + offset + column, activation_grad(y, d_gz, a.negative_slope), width);
     store<acc_t>(a.grad_x + offset + column, d_x, width);
   }
 };

@@ -16,29 +16,32 @@ using cuda::DoubleBackwardKernel;
 using cuda::ForwardKernel;
 
 TensorTriple batch_norm_relu_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_forward_inputs(x, weight, bias, eps);
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    double negative_slope) {
+  check_forward_inputs(x, weight, bias, eps, negative_slope);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  return cuda::launch_op<ForwardKernel>(ForwardOp(x, weight, bias, eps));
+  return cuda::launch_op<ForwardKernel>(ForwardOp(x, weight, bias, eps, negative_slope));
 }
 
 TensorTriple batch_norm_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd) {
-  check_backward_inputs(grad_y, x, y, weight, mean, rstd);
+    const at::Tensor& mean, const at::Tensor& rstd, double negative_slope) {
+  check_backward_inputs(grad_y, x, y, weight, mean, rstd, negative_slope);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  return cuda::launch_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd));
+  return cuda::launch_op<BackwardKernel>(BackwardOp(grad_y, x, y, weight, mean, rstd, negative_slope));
 }
 
 TensorTriple batch_norm_relu_double_backward_cuda(
     const std::optional<at::Tensor>& grad_grad_x, const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    double negative_slope) {
   check_double_backward_inputs(
-      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd);
+      grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd, negative_slope);
   const c10::cuda::CUDAGuard device_guard(x.device());
   return cuda::launch_double_backward_op<DoubleBackwardKernel>(
-      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd));
+      DoubleBackwardOp(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, y, weight, mean, rstd,
+                       negative_slope));
 }
 
 }  // namespace

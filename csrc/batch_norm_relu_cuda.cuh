@@ -40,9 +40,16 @@ constexpr int kThreads = kTileColumns * kRowThreads;
 constexpr std::int64_t kMinRowsPerSplit = 32;
 constexpr std::int64_t kMaxSplits = 1024;
 
+// y = z where z > 0, else negative_slope z (ReLU at slope 0: exact zeros; NaN stays NaN).
 template <typename acc_t>
-__device__ __forceinline__ acc_t masked(acc_t y, acc_t v) {
-  return y > acc_t(0) ? v : acc_t(0);
+__device__ __forceinline__ acc_t activation(acc_t z, acc_t negative_slope) {
+  return z < acc_t(0) ? (negative_slope == acc_t(0) ? acc_t(0) : z * negative_slope) : z;
+}
+
+// m v, m the activation's derivative read off its output y: v where y > 0, else negative_slope v.
+template <typename acc_t>
+__device__ __forceinline__ acc_t activation_grad(acc_t y, acc_t v, acc_t negative_slope) {
+  return y > acc_t(0) ? v : (negative_slope == acc_t(0) ? acc_t(0) : v * negative_slope);
 }
 
 template <typename scalar_t>
@@ -72,7 +79,7 @@ struct ForwardKernel : RowUnits {
     }
   }
 
-  // y = max(x scale + shift, 0)
+  // y = activation(x scale + shift)
   __device__ static void column(const Args& a, std::int64_t c, const acc_t* sums, acc_t* coefs,
                                 bool write_outputs) {
     acc_t mean, r;
@@ -84,7 +91,7 @@ struct ForwardKernel : RowUnits {
 
   __device__ static void apply(const Args& a, std::int64_t offset, std::int64_t c, const acc_t* coefs) {
     const acc_t z = static_cast<acc_t>(a.x[offset + c]) * coefs[0] + coefs[1];
-    a.y[offset + c] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);  // NaN stays NaN
+    a.y[offset + c] = static_cast<scalar_t>(activation(z, a.negative_slope));
   }
 };
 
@@ -109,7 +116,8 @@ struct BackwardKernel : RowUnits {
   }
 
   __device__ static void accumulate(const Args& a, std::int64_t offset, std::int64_t c, acc_t* acc) {
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]));
+    const acc_t gz = activation_grad(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]),
+                                     a.negative_slope);
     add_sums(a, offset, c, gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), acc);
   }
 
@@ -135,7 +143,8 @@ struct BackwardKernel : RowUnits {
   }
 
   __device__ static void apply(const Args& a, std::int64_t offset, std::int64_t c, const acc_t* coefs) {
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]));
+    const acc_t gz = activation_grad(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]),
+                                     a.negative_slope);
     a.grad_x[offset + c] = static_cast<scalar_t>(grad_x(coefs, gz, normalized(a, offset, c, coefs[0], coefs[1])));
   }
 };
@@ -170,7 +179,8 @@ struct DoubleBackwardKernel : RowUnits {
   }
 
   __device__ static void accumulate(const Args& a, std::int64_t offset, std::int64_t c, acc_t* acc) {
-    const acc_t gz = masked(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]));
+    const acc_t gz = activation_grad(static_cast<acc_t>(a.y[offset + c]), static_cast<acc_t>(a.grad_y[offset + c]),
+                                     a.negative_slope);
     add_sums(a, offset, c, gz, normalized(a, offset, c, a.mean[c], a.rstd[c]), acc);
   }
 
@@ -209,10 +219,10 @@ struct DoubleBackwardKernel : RowUnits {
 
   __device__ static void apply(const Args& a, std::int64_t offset, std::int64_t c, const acc_t* coefs) {
     const acc_t y = static_cast<acc_t>(a.y[offset + c]);
-    const acc_t gz = masked(y, static_cast<acc_t>(a.grad_y[offset + c]));
+    const acc_t gz = activation_grad(y, static_cast<acc_t>(a.grad_y[offset + c]), a.negative_slope);
     acc_t d_gz, d_x;
     outputs(coefs, gz, normalized(a, offset, c, coefs[0], coefs[1]), load_ggx(a, offset, c), d_gz, d_x);
-    a.grad_grad_y[offset + c] = static_cast<scalar_t>(masked(y, d_gz));
+    a.grad_grad_y[offset + c] = static_cast<scalar_t>(activation_grad(y, d_gz, a.negative_slope));
     a.grad_x[offset + c] = static_cast<scalar_t>(d_x);
   }
 };

@@ -174,10 +174,13 @@ struct DoubleBackwardArgs : bn_relu::DoubleBackwardArgs<scalar_t> {
   Geometry geometry;
 };
 
+// The pooled op's activation is ReLU: its kernels route through the window's maximum when it is > 0.
+constexpr double kReluSlope = 0.0;
+
 struct ForwardOp : bn_relu::ForwardOp {
   ForwardOp(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
             double eps_in)
-      : bn_relu::ForwardOp(x_in, weight_in, bias_in, eps_in, pooled_sizes(x_in)) {}
+      : bn_relu::ForwardOp(x_in, weight_in, bias_in, eps_in, pooled_sizes(x_in), kReluSlope) {}
 
   template <typename scalar_t>
   ForwardArgs<scalar_t> args() const {
@@ -190,7 +193,7 @@ struct BackwardOp : bn_relu::BackwardOp {
 
   BackwardOp(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
              const at::Tensor& bias_in, const at::Tensor& mean_in, const at::Tensor& rstd_in)
-      : bn_relu::BackwardOp(grad_y_in, x_in, at::Tensor(), weight_in, mean_in, rstd_in),
+      : bn_relu::BackwardOp(grad_y_in, x_in, at::Tensor(), weight_in, mean_in, rstd_in, kReluSlope),
         bias(bias_in.contiguous()) {}
 
   template <typename scalar_t>
@@ -209,7 +212,7 @@ struct DoubleBackwardOp : bn_relu::DoubleBackwardOp {
       const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
       const at::Tensor& mean_in, const at::Tensor& rstd_in)
       : bn_relu::DoubleBackwardOp(grad_grad_x_in, grad_grad_weight_in, grad_grad_bias_in, grad_y_in,
-                                  x_in, at::Tensor(), weight_in, mean_in, rstd_in),
+                                  x_in, at::Tensor(), weight_in, mean_in, rstd_in, kReluSlope),
         bias(bias_in.contiguous()) {}
 
   template <typename scalar_t>

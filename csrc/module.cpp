@@ -23,18 +23,20 @@ TORCH_LIBRARY(maml_fast, m) {
   m.set_python_module("maml_fast.ops.task_broadcast");
   m.def("sum_over_tasks(Tensor[] grads, Tensor[] pairs, int[] paired) -> Tensor[]");
 
-  // Per-task BatchNorm (batch statistics) + ReLU on the [rows, channels] view, and its closed-form
-  // backward and double backward (formulas in batch_norm_relu.h). mean and rstd are float32 for
-  // float32/float16/bfloat16 x, float64 for float64 x.
+  // Per-task BatchNorm (batch statistics) + ReLU (LeakyReLU with negative_slope > 0) on the
+  // [rows, channels] view, and its closed-form backward and double backward (formulas in
+  // batch_norm_relu.h). mean and rstd are float32 for float32/float16/bfloat16 x, float64 for float64 x.
   m.set_python_module("maml_fast.ops.batch_norm_relu");
-  m.def("batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope=0.0) "
+      "-> (Tensor y, Tensor mean, Tensor rstd)");
   m.def(
       "batch_norm_relu_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
-      "Tensor rstd) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor rstd, float negative_slope=0.0) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "batch_norm_relu_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, "
       "Tensor? grad_grad_bias, Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
-      "Tensor rstd) -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
+      "Tensor rstd, float negative_slope=0.0) -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
 }
 
 namespace {

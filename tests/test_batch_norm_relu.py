@@ -1,5 +1,5 @@
-"""maml_fast.ops.batch_norm_relu: the compiled BatchNorm+ReLU ops (forward, backward, double backward)
-against the pure-PyTorch reference and its autograd, gradcheck/gradgradcheck through the autograd
+"""maml_fast.ops.batch_norm_relu: the compiled BatchNorm+ReLU ops (forward, backward, double backward;
+ReLU and LeakyReLU slopes) against the pure-PyTorch reference and its autograd, gradcheck/gradgradcheck through the autograd
 glue, awkward shapes, poisoned outputs, bad input, fake kernels, the lowering's fusion, and the full
 second-order meta-gradient of a tiny conv4 against backend "loop". Kernel tests run per device and
 skip with the reason the ops cannot run there ("no CUDA device" on a machine without a GPU)."""
@@ -28,6 +28,8 @@ needs_cpu_ops = pytest.mark.skipif(not bnr.is_available("cpu"), reason="; ".join
 # (rows, channels): the smallest batch, single channels, primes, T*C not a power of two, widths
 # around the kernels' 16-lane vectors, and enough rows for several 64-row groups and threads.
 SHAPES = [(2, 1), (2, 16), (3, 7), (5, 17), (13, 1), (31, 33), (7, 3 * 37), (97, 13), (300, 40), (64, 48)]
+# Negative slopes: ReLU, ResNet-12's LeakyReLU, and one above 1 (the op allows any finite slope >= 0).
+SLOPES = [0.0, 0.1, 1.5]
 
 
 @pytest.fixture
@@ -48,17 +50,17 @@ def make_inputs(rows, channels, generator, dtype=torch.float64, device="cpu", sc
     return [t.to(dtype=dtype, device=device) for t in (x, weight, bias)]
 
 
-def reference_derivatives(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias, mask=None):
+def reference_derivatives(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias, mask=None, negative_slope=0.0):
     """(y, mean, rstd), (gx, g_weight, g_bias) and (d grad_y, d x, d weight) by autograd of the
     float64 reference: the second derivatives of L = <ggx, gx> + <gg_w, g_w> + <gg_b, g_b>.
 
-    `mask` (bool, x's shape) replaces the reference's own ReLU mask: a low-precision op may round a
+    `mask` (bool, x's shape) replaces the reference's own z > 0: a low-precision op may round a
     z within an ulp of 0 to the other side, where the derivative jumps."""
     x, weight, bias, grad_y = (t.detach().double().requires_grad_() for t in (x, weight, bias, grad_y))
-    y, mean, rstd = bnr.batch_norm_relu_rows_reference(x, weight, bias, EPS)
+    y, mean, rstd = bnr.batch_norm_relu_rows_reference(x, weight, bias, EPS, negative_slope)
     if mask is not None:
         z = (x - mean) * rstd * weight + bias
-        y = torch.where(mask.cpu().to(x.device), z, torch.zeros((), dtype=z.dtype))
+        y = torch.where(mask.cpu().to(x.device), z, z * negative_slope)
     first = torch.autograd.grad(y, (x, weight, bias), grad_y, create_graph=True)
     outer = sum((g * gg.double()).sum() for g, gg in zip(first, (gg_x, gg_weight, gg_bias)) if gg is not None)
     if not isinstance(outer, torch.Tensor):  # nothing given: every second derivative is zero
@@ -69,11 +71,11 @@ def reference_derivatives(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias, mas
     return (y.detach(), mean.detach(), rstd.detach()), [g.detach() for g in first], second
 
 
-def run_ops(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias):
-    y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS)
-    first = torch.ops.maml_fast.batch_norm_relu_backward(grad_y, x, y, weight, mean, rstd)
+def run_ops(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias, negative_slope=0.0):
+    y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS, negative_slope)
+    first = torch.ops.maml_fast.batch_norm_relu_backward(grad_y, x, y, weight, mean, rstd, negative_slope)
     second = torch.ops.maml_fast.batch_norm_relu_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, y, weight,
-                                                                 mean, rstd)
+                                                                 mean, rstd, negative_slope)
     return (y, mean, rstd), list(first), list(second)
 
 
@@ -114,7 +116,8 @@ def _assert_close_scaled(actual, expected, rtol, name):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
 @pytest.mark.parametrize("given", ["all", "no_ggx", "only_ggx", "none"])
-def test_ops_match_reference_float64(device, shape, given, generator):
+@pytest.mark.parametrize("negative_slope", SLOPES)
+def test_ops_match_reference_float64(device, shape, given, negative_slope, generator):
     x, weight, bias, grad_y, gg_x, gg_weight, gg_bias = _all_inputs(*shape, generator, torch.float64, device)
     if given == "no_ggx":
         gg_x = None
@@ -122,8 +125,9 @@ def test_ops_match_reference_float64(device, shape, given, generator):
         gg_weight = gg_bias = None
     elif given == "none":
         gg_x = gg_weight = gg_bias = None
-    forward, first, second = run_ops(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias)
-    ref_forward, ref_first, ref_second = reference_derivatives(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias)
+    forward, first, second = run_ops(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias, negative_slope)
+    ref_forward, ref_first, ref_second = reference_derivatives(x, weight, bias, grad_y, gg_x, gg_weight, gg_bias,
+                                                               negative_slope=negative_slope)
     for name, out, ref in zip(("y", "mean", "rstd"), forward, ref_forward):
         assert out.dtype == torch.float64 and out.device == x.device and out.shape == ref.shape
         _assert_close_scaled(out, ref, 1e-12, name)
@@ -138,13 +142,15 @@ def test_ops_match_reference_float64(device, shape, given, generator):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 17), (97, 13), (300, 40)], ids=["5x17", "97x13", "300x40"])
-def test_low_precision_against_float64(device, dtype, shape, generator):
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_low_precision_against_float64(device, dtype, shape, negative_slope, generator):
     """Forward, backward and double backward in float32/float16/bfloat16 against the float64 reference
     on the same (rounded) inputs, within `low_precision_tolerance`."""
     tolerance = low_precision_tolerance(dtype)
     inputs = _all_inputs(*shape, generator, dtype, device)
-    forward, first, second = run_ops(*inputs)
-    ref_forward, ref_first, ref_second = reference_derivatives(*inputs, mask=forward[0] > 0)
+    forward, first, second = run_ops(*inputs, negative_slope)
+    ref_forward, ref_first, ref_second = reference_derivatives(*inputs, mask=forward[0] > 0,
+                                                               negative_slope=negative_slope)
     assert forward[0].dtype == dtype and forward[1].dtype == torch.float32 and forward[2].dtype == torch.float32
     assert all(out.dtype == dtype for out in (*first, *second))
     for names, outs, refs in ((("y", "mean", "rstd"), forward, ref_forward),
@@ -179,11 +185,28 @@ def test_relu_mask_and_nan(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_leaky_relu_values_and_derivative(device):
+    """y = z where z > 0, else slope z (z = 0 gives 0); the backward scales gy by 1 or the slope, read off
+    y; NaN propagates."""
+    x = torch.tensor([[-1.0, 0.0], [0.0, float("nan")], [4.0, 1.0]], dtype=torch.float64, device=device)
+    weight = torch.tensor([1.0, 1.0], dtype=torch.float64, device=device)
+    bias = torch.zeros(2, dtype=torch.float64, device=device)
+    y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS, 0.25)
+    z = (x[:, 0] - mean[0]) * rstd[0]
+    assert torch.equal(y[:, 0], torch.where(z > 0, z, 0.25 * z)) and (y[:2, 0] < 0).all()
+    assert y[:, 1].isnan().all()
+    grad_y = torch.ones_like(x)
+    grad_x, _, grad_bias = torch.ops.maml_fast.batch_norm_relu_backward(grad_y, x, y, weight, mean, rstd, 0.25)
+    assert grad_bias[0] == 0.25 + 0.25 + 1  # g_beta = sum(m gy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(3, 7), (97, 13), (300, 40), (2, 33)], ids=["3x7", "97x13", "300x40", "2x33"])
-def test_outputs_are_fully_written(device, shape, generator, poisoned_empty):
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_outputs_are_fully_written(device, shape, negative_slope, generator, poisoned_empty):
     inputs = _all_inputs(*shape, generator, torch.float32, device)
-    forward, first, second = run_ops(*inputs)
-    _, _, second_no_ggx = run_ops(inputs[0], inputs[1], inputs[2], inputs[3], None, None, None)
+    forward, first, second = run_ops(*inputs, negative_slope)
+    _, _, second_no_ggx = run_ops(inputs[0], inputs[1], inputs[2], inputs[3], None, None, None, negative_slope)
     for out in (*forward, *first, *second, *second_no_ggx):
         assert not out.isnan().any()
 
@@ -218,9 +241,10 @@ def test_deterministic_across_calls(generator):
 # ---------------------------------------------------------------------------------- autograd
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 1), (6, 5), (9, 17)], ids=["2x1", "6x5", "9x17"])
-def test_gradcheck_and_gradgradcheck(device, shape, generator):
+@pytest.mark.parametrize("negative_slope", SLOPES)
+def test_gradcheck_and_gradgradcheck(device, shape, negative_slope, generator):
     x, weight, bias = (t.requires_grad_() for t in make_inputs(*shape, generator, device=device))
-    function = lambda x, weight, bias: bnr.batch_norm_relu_rows(x, weight, bias, EPS)  # noqa: E731
+    function = lambda x, weight, bias: bnr.batch_norm_relu_rows(x, weight, bias, EPS, negative_slope)  # noqa: E731
     assert type(function(x, weight, bias).grad_fn).__name__ == "_BatchNormReluRowsBackward"
     assert torch.autograd.gradcheck(function, (x, weight, bias))
     assert torch.autograd.gradgradcheck(function, (x, weight, bias))
@@ -237,7 +261,8 @@ def _graph_has(node, name, depth=4):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "matrix"])
-def test_grouped_layout_gradgradcheck(device, layout, generator):
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_grouped_layout_gradgradcheck(device, layout, negative_slope, generator):
     """The grouped-layout entry point: [B, T*C, H, W] channels-last (or [B, T*C]), [T, C] affine."""
     tasks, channels = 2, 3
     shape = (2, tasks * channels, 2, 3) if layout == "channels_last" else (4, tasks * channels)
@@ -251,11 +276,11 @@ def test_grouped_layout_gradgradcheck(device, layout, generator):
     def function(x, weight, bias):
         if layout == "channels_last":  # gradcheck perturbs a contiguous copy; keep the fused layout
             x = x.contiguous(memory_format=torch.channels_last)
-        return bnr.batch_norm_relu(x, weight, bias, tasks, EPS)
+        return bnr.batch_norm_relu(x, weight, bias, tasks, EPS, negative_slope)
 
     out = function(x, weight, bias)
     assert _graph_has(out.grad_fn, "_BatchNormReluRowsBackward"), "the fused op was not used"
-    reference = bnr.batch_norm_relu_reference(x, weight, bias, tasks, EPS)
+    reference = bnr.batch_norm_relu_reference(x, weight, bias, tasks, EPS, negative_slope)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -275,7 +300,8 @@ def test_affine_none_and_unsupported_layout_fall_back(generator):
 
 
 @needs_cpu_ops
-def test_third_order_matches_reference(generator):
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_third_order_matches_reference(negative_slope, generator):
     """With a graph recorded around the second backward, the double backward runs as differentiable
     PyTorch ops: third derivatives are exact too (checked against autograd of the reference)."""
     def third(function, x, weight, bias):
@@ -286,15 +312,15 @@ def test_third_order_matches_reference(generator):
         return torch.autograd.grad((ggx.sin()).sum() + ggw.sum(), (x, weight, bias))
 
     inputs = make_inputs(7, 5, generator)
-    fused = third(lambda x, w, b: bnr.batch_norm_relu_rows(x, w, b, EPS), *inputs)
-    reference = third(lambda x, w, b: bnr.batch_norm_relu_rows_reference(x, w, b, EPS)[0], *inputs)
+    fused = third(lambda x, w, b: bnr.batch_norm_relu_rows(x, w, b, EPS, negative_slope), *inputs)
+    reference = third(lambda x, w, b: bnr.batch_norm_relu_rows_reference(x, w, b, EPS, negative_slope)[0], *inputs)
     for out, ref in zip(fused, reference):
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
 
     x, weight, bias = (t.requires_grad_() for t in make_inputs(4, 3, generator))
 
     def second_order(x, weight, bias):
-        y = bnr.batch_norm_relu_rows(x, weight, bias, EPS)
+        y = bnr.batch_norm_relu_rows(x, weight, bias, EPS, negative_slope)
         return torch.autograd.grad((y * y).sum(), (x, weight), create_graph=True)
 
     assert torch.autograd.gradgradcheck(second_order, (x, weight, bias))
@@ -342,6 +368,26 @@ def test_bad_forward_inputs_name_the_argument(case, mutate, error, argument):
 def test_bad_eps(eps):
     assert_rejected(ValueError, "eps", bnr.check_batch_norm_relu_rows_inputs, torch.ops.maml_fast.batch_norm_relu, (*_valid(), eps),
                     bnr.is_available("cpu"))
+
+
+@pytest.mark.parametrize(("negative_slope", "error"), [(-0.1, ValueError), (float("nan"), ValueError),
+                                                     (float("inf"), ValueError), (True, TypeError)])
+def test_bad_negative_slope(negative_slope, error):
+    args = (*_valid(), EPS, negative_slope)
+    # (the op's schema takes a float: True converts there, so only the Python check sees a bool)
+    op_available = bnr.is_available("cpu") and error is ValueError
+    assert_rejected(error, "negative_slope", bnr.check_batch_norm_relu_rows_inputs, torch.ops.maml_fast.batch_norm_relu,
+                    args, op_available)
+    with pytest.raises(error, match="negative_slope"):
+        bnr.batch_norm_relu(torch.randn(4, 6), None, None, 2, EPS, negative_slope)
+    if op_available:
+        x, weight, bias = _valid()
+        y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS)
+        saved = (torch.randn_like(x), x, y, weight, mean, rstd, negative_slope)
+        with pytest.raises(error, match="negative_slope"):
+            torch.ops.maml_fast.batch_norm_relu_backward(*saved)
+        with pytest.raises(error, match="negative_slope"):
+            torch.ops.maml_fast.batch_norm_relu_double_backward(None, None, None, *saved)
 
 
 def test_not_a_tensor():
@@ -408,6 +454,12 @@ def test_fake_kernels_for_compile_and_meta(generator):
     torch.library.opcheck(torch.ops.maml_fast.batch_norm_relu_backward.default, (grad_y, x, y, weight, mean, rstd))
     torch.library.opcheck(torch.ops.maml_fast.batch_norm_relu_double_backward.default,
                           (gg_x, gg_weight, None, grad_y, x, y, weight, mean, rstd))
+    y_leaky, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, EPS, 0.1)
+    torch.library.opcheck(torch.ops.maml_fast.batch_norm_relu.default, (x, weight, bias, EPS, 0.1))
+    torch.library.opcheck(torch.ops.maml_fast.batch_norm_relu_backward.default,
+                          (grad_y, x, y_leaky, weight, mean, rstd, 0.1))
+    torch.library.opcheck(torch.ops.maml_fast.batch_norm_relu_double_backward.default,
+                          (gg_x, None, gg_bias, grad_y, x, y_leaky, weight, mean, rstd, 0.1))
     meta = [t.to("meta") for t in (x, weight, bias)]
     y_meta, mean_meta, rstd_meta = torch.ops.maml_fast.batch_norm_relu(*meta, EPS)
     assert y_meta.shape == x.shape and mean_meta.shape == (5,) and rstd_meta.dtype == torch.float32
@@ -455,9 +507,29 @@ def test_lowering_fuses_batch_norm_relu_only_for_the_extension_backend():
     assert program is None and "track_running_stats" in reason
 
 
-def _tiny_conv4_meta_gradient(backend, device="cpu", inner_steps=2, first_order=False):
+@needs_cpu_ops
+def test_lowering_fuses_batch_norm_leaky_relu():
+    """BatchNorm + LeakyReLU of slope >= 0 is one fused op (a following max-pool stays a layer: the pooled
+    op is ReLU only); a negative slope is not fused (its derivative cannot be read off y > 0). In a traced
+    model too: ResNet-12's blocks fuse their two BatchNorm+LeakyReLU pairs."""
+    def program_of(*layers):
+        return lower(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), *layers),
+                     get_backend("fused"))[0]
+
+    leaky = program_of(nn.LeakyReLU(0.1))
+    assert _fused_layers(leaky) == 1 and len(leaky.layers) == 2
+    pooled = program_of(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+    assert _fused_layers(pooled) == 1 and len(pooled.layers) == 3
+    assert _fused_layers(program_of(nn.LeakyReLU(-0.5))) == 0
+    resnet = lower(mf.models.resnet12(3, 2, (2, 3, 4, 5)), get_backend("fused"))[0]
+    assert _fused_layers(resnet) == 2 * 4
+
+
+def _tiny_conv4_meta_gradient(backend, device="cpu", inner_steps=2, first_order=False, negative_slope=0.0):
     torch.manual_seed(0)
     net = mf.models.conv4(1, 2, hidden=3).double()
+    if negative_slope:
+        net = nn.Sequential(*(nn.LeakyReLU(negative_slope) if isinstance(m, nn.ReLU) else m for m in net))
     with torch.no_grad():  # BN affine away from 1/0 so that it matters
         for module in net.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -484,14 +556,15 @@ def _count_op_calls(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_second_order_meta_gradient_matches_loop(device, monkeypatch):
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_second_order_meta_gradient_matches_loop(device, negative_slope, monkeypatch):
     backend = "fused"
     calls = _count_op_calls(monkeypatch)
-    loss, grads, learner = _tiny_conv4_meta_gradient(backend, device)
+    loss, grads, learner = _tiny_conv4_meta_gradient(backend, device, negative_slope=negative_slope)
     assert _fused_layers(learner._executions[(backend, True)].forward) == 4
     # Forward, backward, (second order) double backward and the inner update all ran on the compiled ops.
     assert all(calls[name] > 0 for name in calls), calls
-    ref_loss, ref_grads, _ = _tiny_conv4_meta_gradient("loop")
+    ref_loss, ref_grads, _ = _tiny_conv4_meta_gradient("loop", negative_slope=negative_slope)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
     relative = ((grads - ref_grads).norm() / ref_grads.norm()).item()
     assert relative <= 1e-9, relative

@@ -42,22 +42,24 @@ def pool_inputs(dtype=torch.float64):
 LABELS = torch.tensor([[0, 3, 1], [2, 2, 0]])
 
 
-def cases(dtype):
+def cases(dtype, negative_slope=0.0):
     """name -> (the op's OpOverload, a function of differentiable leaves, those leaves, the op's own
-    arguments for opcheck). The functions compose the backward ops with their forward op."""
+    arguments for opcheck). The functions compose the backward ops with their forward op; the BatchNorm+ReLU
+    ops take `negative_slope` (LeakyReLU where > 0)."""
     g = torch.Generator().manual_seed(2)
     x, w, b = bn_inputs(dtype)
     gy, ggx, ggw, ggb = leaf(7, 3, dtype=dtype, generator=g), leaf(7, 3, dtype=dtype, generator=g), \
         leaf(3, dtype=dtype, generator=g), leaf(3, dtype=dtype, generator=g)
-    y, mean, rstd = (t.detach() for t in ops.batch_norm_relu(x, w, b, EPS))
+    slope = negative_slope
+    y, mean, rstd = (t.detach() for t in ops.batch_norm_relu(x, w, b, EPS, slope))
 
     def bn_backward(gy, x, w, b):
-        y, mean, rstd = ops.batch_norm_relu(x, w, b, EPS)
-        return ops.batch_norm_relu_backward(gy, x, y, w, mean, rstd)
+        y, mean, rstd = ops.batch_norm_relu(x, w, b, EPS, slope)
+        return ops.batch_norm_relu_backward(gy, x, y, w, mean, rstd, slope)
 
     def bn_double_backward(ggx, ggw, ggb, gy, x, w, b):
-        y, mean, rstd = ops.batch_norm_relu(x, w, b, EPS)
-        return ops.batch_norm_relu_double_backward(ggx, ggw, ggb, gy, x, y, w, mean, rstd)
+        y, mean, rstd = ops.batch_norm_relu(x, w, b, EPS, slope)
+        return ops.batch_norm_relu_double_backward(ggx, ggw, ggb, gy, x, y, w, mean, rstd, slope)
 
     px, pw, pb = pool_inputs(dtype)
     pgy, pggx, pggw = leaf(1, 2, 1, 2, dtype=dtype, generator=g), leaf(1, 4, 3, 2, dtype=dtype, generator=g), \
@@ -110,12 +112,13 @@ def cases(dtype):
         "pooled_linear_double_backward": (ops.pooled_linear_double_backward.default,
                                           ops.pooled_linear_double_backward, (hggx, hggw, hggb, hgy, hx, hw),
                                           (hggx, hggw, hggb, hgy, hx, hw)),
-        "batch_norm_relu": (ops.batch_norm_relu.default, lambda x, w, b: ops.batch_norm_relu(x, w, b, EPS),
-                            (x, w, b), (x, w, b, EPS)),
+        "batch_norm_relu": (ops.batch_norm_relu.default, lambda x, w, b: ops.batch_norm_relu(x, w, b, EPS, slope),
+                            (x, w, b), (x, w, b, EPS, slope)),
         "batch_norm_relu_backward": (ops.batch_norm_relu_backward.default, bn_backward, (gy, x, w, b),
-                                     (gy, x, y, w, mean, rstd)),
+                                     (gy, x, y, w, mean, rstd, slope)),
         "batch_norm_relu_double_backward": (ops.batch_norm_relu_double_backward.default, bn_double_backward,
-                                            (ggx, ggw, ggb, gy, x, w, b), (ggx, ggw, ggb, gy, x, y, w, mean, rstd)),
+                                            (ggx, ggw, ggb, gy, x, w, b),
+                                            (ggx, ggw, ggb, gy, x, y, w, mean, rstd, slope)),
         "batch_norm_relu_max_pool": (ops.batch_norm_relu_max_pool.default,
                                      lambda x, w, b: ops.batch_norm_relu_max_pool(x, w, b, EPS), (px, pw, pb),
                                      (px, pw, pb, EPS)),
@@ -148,6 +151,11 @@ def cases(dtype):
 
 
 NAMES = list(cases(torch.float64))
+# Every op with ReLU's slope 0, and the BatchNorm+ReLU ops again with ResNet-12's LeakyReLU slope.
+LEAKY_SLOPE = 0.1
+CASES = [(name, 0.0) for name in NAMES] + [(name, LEAKY_SLOPE) for name in NAMES
+                                           if name.startswith("batch_norm_relu") and "max_pool" not in name]
+CASE_IDS = [name if not slope else f"{name}-slope{slope}" for name, slope in CASES]
 
 
 def test_every_op_is_covered():
@@ -158,9 +166,9 @@ def test_every_op_is_covered():
 # ------------------------------------------------------------------------------------ opcheck
 # (an op without a registered autograd kernel passes opcheck here with only this warning: an error)
 @pytest.mark.filterwarnings("error:.*an autograd kernel was not registered")
-@pytest.mark.parametrize("name", NAMES)
-def test_opcheck_with_inputs_that_require_grad(name):
-    overload, _, _, args = cases(torch.float32)[name]
+@pytest.mark.parametrize(("name", "negative_slope"), CASES, ids=CASE_IDS)
+def test_opcheck_with_inputs_that_require_grad(name, negative_slope):
+    overload, _, _, args = cases(torch.float32, negative_slope)[name]
     flat = [a for arg in args for a in (arg if isinstance(arg, list) else [arg])]
     assert any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
     result = torch.library.opcheck(overload, args)
@@ -168,9 +176,9 @@ def test_opcheck_with_inputs_that_require_grad(name):
 
 
 # ------------------------------------------------------------------------------------ derivatives
-@pytest.mark.parametrize("name", NAMES)
-def test_gradcheck_and_gradgradcheck_of_the_op_called_directly(name):
-    _, function, leaves, _ = cases(torch.float64)[name]
+@pytest.mark.parametrize(("name", "negative_slope"), CASES, ids=CASE_IDS)
+def test_gradcheck_and_gradgradcheck_of_the_op_called_directly(name, negative_slope):
+    _, function, leaves, _ = cases(torch.float64, negative_slope)[name]
     outputs = function(*leaves)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     assert all(o.grad_fn is not None for o in outputs if o.is_floating_point())  # an autograd graph, no warning
@@ -199,6 +207,8 @@ def _fused_conv(x, w, b):
 WRAPPERS = {
     "batch_norm_relu": (lambda x, w, b: bnr.batch_norm_relu_rows(x, w, b, EPS),
                         lambda x, w, b: bnr.batch_norm_relu_rows_reference(x, w, b, EPS)[0]),
+    "batch_norm_leaky_relu": (lambda x, w, b: bnr.batch_norm_relu_rows(x, w, b, EPS, LEAKY_SLOPE),
+                              lambda x, w, b: bnr.batch_norm_relu_rows_reference(x, w, b, EPS, LEAKY_SLOPE)[0]),
     "batch_norm_relu_max_pool": (lambda x, w, b: pool.batch_norm_relu_max_pool_nhwc(x, w, b, EPS),
                                  lambda x, w, b: pool.batch_norm_relu_max_pool_reference(x, w, b, EPS)[0]),
     "cross_entropy_per_task": (lambda logits: losses.fused_cross_entropy_per_task(logits, LABELS)[0],
@@ -218,7 +228,10 @@ def test_third_derivatives_of_the_op_equal_the_wrappers(name):
     """The op called directly is differentiable to the wrapper's order (three and more): its third
     derivatives equal the wrapper's (the same functions: bit for bit, but for the convolution, whose
     wrapper adds the bias in another op) and the pure-PyTorch reference's (float64)."""
-    _, function, leaves, _ = cases(torch.float64)[name]
+    if name == "batch_norm_leaky_relu":
+        _, function, leaves, _ = cases(torch.float64, LEAKY_SLOPE)["batch_norm_relu"]
+    else:
+        _, function, leaves, _ = cases(torch.float64)[name]
     wrapper, reference, *which = WRAPPERS[name]
     wrt = [leaves[i] for i in (which[0] if which else (0, 1)) if i < len(leaves)]
     direct = third_derivatives(function, leaves, wrt)

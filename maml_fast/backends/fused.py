@@ -4,10 +4,11 @@ layout), the same function runs as PyTorch ops.
 
 What it runs, beyond the "torch" backend's program:
 
-- BatchNorm with batch statistics followed by ReLU: one ``maml_fast::batch_norm_relu`` op with
-  closed-form backward and double backward (`maml_fast.ops.batch_norm_relu`); followed by ReLU and
-  ``MaxPool2d(2)``: one ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`)
-  (`fuse_batch_norm_relu`, its fusion rule);
+- BatchNorm with batch statistics followed by ReLU or LeakyReLU (slope >= 0): one
+  ``maml_fast::batch_norm_relu`` op with closed-form backward and double backward
+  (`maml_fast.ops.batch_norm_relu`); followed by ReLU and ``MaxPool2d(2)``: one
+  ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`) (`fuse_batch_norm_relu`,
+  its fusion rule);
 - the per-task cross-entropy (with accuracy) and MSE: ``maml_fast::cross_entropy_per_task`` /
   ``mse_per_task`` (`maml_fast.ops.losses.FUSED_LOSSES`);
 - the fast-weight update of all parameters in one ``maml_fast::fast_weight_update`` call;
@@ -109,27 +110,39 @@ def _is_max_pool_2x2(module: nn.Module | None) -> bool:
             and not module.return_indices)
 
 
+def _negative_slope(module: nn.Module | None) -> float | None:
+    """The negative slope of a ReLU (0) or of a LeakyReLU whose slope the fused op takes (finite, >= 0: its
+    derivative is read off y > 0); None for any other module."""
+    if type(module) is nn.ReLU:
+        return 0.0
+    if type(module) is nn.LeakyReLU and 0 <= module.negative_slope < float("inf"):
+        return float(module.negative_slope)
+    return None
+
+
 def fuse_batch_norm_relu(children, prefix: str, backend):
-    """This backend's fusion rule: a BatchNorm with batch statistics directly followed by a ReLU (and
-    then, optionally, a 2x2 max-pool), siblings in one nn.Sequential, as one fused op with closed-form
-    derivatives. With MAML++ per-step running statistics (evaluation) the same layers run unfused."""
+    """This backend's fusion rule: a BatchNorm with batch statistics directly followed by a ReLU or a
+    LeakyReLU of slope >= 0 (and then, after a ReLU, optionally a 2x2 max-pool), siblings in one
+    nn.Sequential or one chain of a traced model, as one fused op with closed-form derivatives. With MAML++
+    per-step running statistics (evaluation) the same layers run unfused."""
     from .. import program
 
     name, norm = children[0]
-    following = children[1][1] if len(children) > 1 else None
-    if not (program.is_batch_norm_with_batch_statistics(norm) and type(following) is nn.ReLU):
+    slope = _negative_slope(children[1][1]) if len(children) > 1 else None
+    if not (program.is_batch_norm_with_batch_statistics(norm) and slope is not None):
         return None
-    max_pool = len(children) > 2 and _is_max_pool_2x2(children[2][1])
-    fused = bn_relu_pool_ops.batch_norm_relu_max_pool if max_pool else bn_relu_ops.batch_norm_relu
+    max_pool = slope == 0 and len(children) > 2 and _is_max_pool_2x2(children[2][1])
     norm_prefix = f"{prefix}{name}."
     weight = lambda params: program.parameter(params, norm_prefix, "weight", norm)  # noqa: E731
     bias = lambda params: program.parameter(params, norm_prefix, "bias", norm)  # noqa: E731
 
     def run(x, params, tasks):
         if norm_prefix + "running_mean" in params:
-            y = torch.relu(program.batch_norm_with_statistics(x, params, norm_prefix, norm))
+            y = bn_relu_ops.activation(program.batch_norm_with_statistics(x, params, norm_prefix, norm), slope)
             return nn.functional.max_pool2d(y, 2) if max_pool else y
-        return fused(x, weight(params), bias(params), tasks, norm.eps)
+        if max_pool:
+            return bn_relu_pool_ops.batch_norm_relu_max_pool(x, weight(params), bias(params), tasks, norm.eps)
+        return bn_relu_ops.batch_norm_relu(x, weight(params), bias(params), tasks, norm.eps, slope)
     return run, 3 if max_pool else 2
 
 

@@ -72,27 +72,29 @@ def statistics_backward(x_rows: torch.Tensor, mean: torch.Tensor, rstd: torch.Te
 
 
 def register_batch_norm_autograd(name: str, grad_of_y: Callable) -> None:
-    """``register_autograd`` for a BatchNorm forward operator ``(x [..., C], weight, bias, eps) -> (y,
-    mean, rstd)``: y's derivatives by ``grad_of_y(grad_y, x, weight, bias, y, mean, rstd, eps)`` ->
-    (grad_x, grad_weight, grad_bias) (the glue's differentiable backward), mean's and rstd's by
-    `statistics_backward` over the rows of x."""
+    """``register_autograd`` for a BatchNorm forward operator ``(x [..., C], weight, bias, eps, *options) ->
+    (y, mean, rstd)`` (options: non-tensor arguments such as an activation's slope): y's derivatives by
+    ``grad_of_y(grad_y, x, weight, bias, y, mean, rstd, eps, *options)`` -> (grad_x, grad_weight,
+    grad_bias) (the glue's differentiable backward), mean's and rstd's by `statistics_backward` over the
+    rows of x."""
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, eps = inputs
+        x, weight, bias, eps, *options = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, *output)
-        ctx.eps = eps
+        ctx.eps, ctx.options = eps, options
 
     def backward(ctx, grad_y, grad_mean, grad_rstd):
         x, weight, bias, y, mean, rstd = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if grad_y is not None:
-            grad_x, grad_weight, grad_bias = grad_of_y(grad_y, x, weight, bias, y, mean, rstd, ctx.eps)
+            grad_x, grad_weight, grad_bias = grad_of_y(grad_y, x, weight, bias, y, mean, rstd, ctx.eps, *ctx.options)
         if grad_mean is not None or grad_rstd is not None:
             grad_stats = statistics_backward(x.reshape(-1, x.shape[-1]), mean, rstd, grad_mean, grad_rstd)
             grad_stats = grad_stats.reshape(x.shape)
             grad_x = grad_stats if grad_x is None else grad_x + grad_stats
         needs = ctx.needs_input_grad
-        return grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+                None, *(None for _ in ctx.options))
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
