@@ -28,8 +28,9 @@ needs_cpu_ops = pytest.mark.skipif(not bnr.is_available("cpu"), reason="; ".join
 # (rows, channels): the smallest batch, single channels, primes, T*C not a power of two, widths
 # around the kernels' 16-lane vectors, and enough rows for several 64-row groups and threads.
 SHAPES = [(2, 1), (2, 16), (3, 7), (5, 17), (13, 1), (31, 33), (7, 3 * 37), (97, 13), (300, 40), (64, 48)]
-# Negative slopes: ReLU, ResNet-12's LeakyReLU, and one above 1 (the op allows any finite slope >= 0).
-SLOPES = [0.0, 0.1, 1.5]
+# Negative slopes: ReLU, ResNet-12's LeakyReLU, the identity (BatchNorm alone) and one above 1 (the op
+# allows any finite slope >= 0).
+SLOPES = [0.0, 0.1, 1.0, 1.5]
 
 
 @pytest.fixture
@@ -499,9 +500,11 @@ def test_lowering_fuses_batch_norm_relu_only_for_the_extension_backend():
     program, _ = lower(net, get_backend("fused"))
     # (4 BatchNorm+ReLU pairs fused, and the head's pool, flatten and linear layer are one op)
     assert _fused_layers(program) == 4 and len(program.layers) == len(list(net.children())) - 4 - 2
-    # Not fused: BN followed by something other than ReLU, running statistics, a ReLU alone.
+    # BN followed by something other than an activation it takes: the op alone (the identity), the rest as
+    # layers; not fused: running statistics.
     other = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Identity(), nn.ReLU())
-    assert _fused_layers(lower(other, get_backend("fused"))[0]) == 0
+    program = lower(other, get_backend("fused"))[0]
+    assert _fused_layers(program) == 1 and len(program.layers) == 4
     tracked = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
     program, reason = lower(tracked, get_backend("fused"))
     assert program is None and "track_running_stats" in reason
@@ -510,8 +513,9 @@ def test_lowering_fuses_batch_norm_relu_only_for_the_extension_backend():
 @needs_cpu_ops
 def test_lowering_fuses_batch_norm_leaky_relu():
     """BatchNorm + LeakyReLU of slope >= 0 is one fused op (a following max-pool stays a layer: the pooled
-    op is ReLU only); a negative slope is not fused (its derivative cannot be read off y > 0). In a traced
-    model too: ResNet-12's blocks fuse their two BatchNorm+LeakyReLU pairs."""
+    op is ReLU only); before a negative slope the BatchNorm runs alone (the op with the identity: the slope's
+    derivative cannot be read off y > 0). In a traced model too: each ResNet-12 block fuses its two
+    BatchNorm+LeakyReLU pairs and runs its other two BatchNorms (before the sum) on the op alone."""
     def program_of(*layers):
         return lower(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), *layers),
                      get_backend("fused"))[0]
@@ -520,9 +524,10 @@ def test_lowering_fuses_batch_norm_leaky_relu():
     assert _fused_layers(leaky) == 1 and len(leaky.layers) == 2
     pooled = program_of(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
     assert _fused_layers(pooled) == 1 and len(pooled.layers) == 3
-    assert _fused_layers(program_of(nn.LeakyReLU(-0.5))) == 0
+    negative = program_of(nn.LeakyReLU(-0.5))
+    assert _fused_layers(negative) == 1 and len(negative.layers) == 3
     resnet = lower(mf.models.resnet12(3, 2, (2, 3, 4, 5)), get_backend("fused"))[0]
-    assert _fused_layers(resnet) == 2 * 4
+    assert _fused_layers(resnet) == 4 * 4
 
 
 def _tiny_conv4_meta_gradient(backend, device="cpu", inner_steps=2, first_order=False, negative_slope=0.0):

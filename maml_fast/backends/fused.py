@@ -4,11 +4,11 @@ layout), the same function runs as PyTorch ops.
 
 What it runs, beyond the "torch" backend's program:
 
-- BatchNorm with batch statistics followed by ReLU or LeakyReLU (slope >= 0): one
+- BatchNorm with batch statistics, followed by ReLU or LeakyReLU (slope >= 0) or by neither: one
   ``maml_fast::batch_norm_relu`` op with closed-form backward and double backward
-  (`maml_fast.ops.batch_norm_relu`); followed by ReLU and ``MaxPool2d(2)``: one
-  ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`) (`fuse_batch_norm_relu`,
-  its fusion rule);
+  (`maml_fast.ops.batch_norm_relu`; alone, with the identity as its activation); followed by ReLU and
+  ``MaxPool2d(2)``: one ``maml_fast::batch_norm_relu_max_pool`` op (`maml_fast.ops.batch_norm_relu_pool`)
+  (`fuse_batch_norm_relu`, its fusion rule);
 - the per-task cross-entropy (with accuracy) and MSE: ``maml_fast::cross_entropy_per_task`` /
   ``mse_per_task`` (`maml_fast.ops.losses.FUSED_LOSSES`);
 - the fast-weight update of all parameters in one ``maml_fast::fast_weight_update`` call;
@@ -123,14 +123,18 @@ def _negative_slope(module: nn.Module | None) -> float | None:
 def fuse_batch_norm_relu(children, prefix: str, backend):
     """This backend's fusion rule: a BatchNorm with batch statistics directly followed by a ReLU or a
     LeakyReLU of slope >= 0 (and then, after a ReLU, optionally a 2x2 max-pool), siblings in one
-    nn.Sequential or one chain of a traced model, as one fused op with closed-form derivatives. With MAML++
+    nn.Sequential or one chain of a traced model, as one fused op with closed-form derivatives; followed by
+    anything else, the BatchNorm alone as the same op with the identity as its activation. With MAML++
     per-step running statistics (evaluation) the same layers run unfused."""
     from .. import program
 
     name, norm = children[0]
-    slope = _negative_slope(children[1][1]) if len(children) > 1 else None
-    if not (program.is_batch_norm_with_batch_statistics(norm) and slope is not None):
+    if not program.is_batch_norm_with_batch_statistics(norm):
         return None
+    slope = _negative_slope(children[1][1]) if len(children) > 1 else None
+    layers = 2
+    if slope is None:
+        slope, layers = bn_relu_ops.IDENTITY_SLOPE, 1
     max_pool = slope == 0 and len(children) > 2 and _is_max_pool_2x2(children[2][1])
     norm_prefix = f"{prefix}{name}."
     weight = lambda params: program.parameter(params, norm_prefix, "weight", norm)  # noqa: E731
@@ -143,7 +147,7 @@ def fuse_batch_norm_relu(children, prefix: str, backend):
         if max_pool:
             return bn_relu_pool_ops.batch_norm_relu_max_pool(x, weight(params), bias(params), tasks, norm.eps)
         return bn_relu_ops.batch_norm_relu(x, weight(params), bias(params), tasks, norm.eps, slope)
-    return run, 3 if max_pool else 2
+    return run, 3 if max_pool else layers
 
 
 def fuse_pooled_linear(children, prefix: str, backend):

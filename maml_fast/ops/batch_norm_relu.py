@@ -3,7 +3,7 @@ closed-form backward and double backward.
 
 On the ``[rows, channels]`` view of a task-batched activation (``[B*H*W, T*C]`` for a channels-last
 ``[B, T*C, H, W]``, or a ``[B, T*C]`` matrix), per column, with N = rows and the negative slope
-s >= 0 (ReLU: s = 0):
+s >= 0 (ReLU: s = 0; s = 1, `IDENTITY_SLOPE`, is BatchNorm alone):
 
     mean = sum(x)/N,  var = sum((x - mean)^2)/N,  r = (var + eps)^-1/2,  x_hat = (x - mean) r
     y = leaky_relu(gamma x_hat + beta, s),        m = 1 where y > 0, else s
@@ -54,8 +54,14 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: The negative slope that makes the op's activation the identity: the op is then BatchNorm alone.
+IDENTITY_SLOPE = 1.0
+
+
 def activation(z, negative_slope: float = 0.0):
-    """The op's activation: F.relu at slope 0, else F.leaky_relu."""
+    """The op's activation: F.relu at slope 0, the identity at `IDENTITY_SLOPE`, else F.leaky_relu."""
+    if negative_slope == IDENTITY_SLOPE:
+        return z
     return F.leaky_relu(z, negative_slope) if negative_slope else F.relu(z)
 
 
