@@ -233,10 +233,21 @@ def test_conv2d_of_theta_expanded_over_the_tasks(case, primitives):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CONV_CASES[1:])
-def test_shared_weight_primitives_match_the_grouped_call(case, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_weight_primitives_match_the_grouped_call(case, dtype, threads):
     """The forward (with a shared, a per-task and no bias) and the input gradient of a weight expanded over
     the tasks, run as one convolution with the tasks as depth, equal the grouped call on the same weight
-    materialized per task; the weight gradient does not read the weight and stays the grouped call."""
+    materialized per task, channels-last like it (on one thread PyTorch's 1x1 conv3d returns another
+    layout); the weight gradient does not read the weight and stays the grouped call."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_shared_weight_primitives(case, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_shared_weight_primitives(case, dtype):
     prims = SHARED_CONV
     geo, xs, ws, ys = _geometry(case)
     x, g = rand(*xs, dtype=dtype, grad=False), rand(*ys, dtype=dtype, grad=False)
@@ -248,8 +259,12 @@ def test_shared_weight_primitives_match_the_grouped_call(case, dtype):
     bias = rand(ys[1] // geo.tasks, dtype=dtype, grad=False)
     for b, b_shared in [(None, None), (bias.expand(geo.tasks, -1), bias.expand(geo.tasks, -1)),
                         (rand(geo.tasks, ys[1] // geo.tasks, dtype=dtype, grad=False),) * 2]:
-        torch.testing.assert_close(prims.forward(x, shared, geo, bias=b_shared), prims.forward(x, per_task, geo, bias=b), **tol)
-    torch.testing.assert_close(prims.input_grad(g, shared, geo), prims.input_grad(g, per_task, geo), **tol)
+        y = prims.forward(x, shared, geo, bias=b_shared)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, prims.forward(x, per_task, geo, bias=b), **tol)
+    grad_x = prims.input_grad(g, shared, geo)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad_x, prims.input_grad(g, per_task, geo), **tol)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]])

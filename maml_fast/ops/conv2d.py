@@ -77,8 +77,11 @@ def _tasks_as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
 
 
 def _tasks_from_depth(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_tasks_as_depth`: ``[B, C, H, W, T]`` channels-last-3d as ``[B, T*C, H, W]``."""
+    """The inverse of `_tasks_as_depth`: ``[B, C, H, W, T]`` as the channels-last ``[B, T*C, H, W]``: a view
+    of a channels-last-3d t (oneDNN's output), else one copy into that layout (PyTorch's 1x1x1 conv3d on one
+    thread returns a contiguous output; the BatchNorm after it needs the channels-last view)."""
     batch, channels, height, width, tasks = t.shape
+    t = t.contiguous(memory_format=torch.channels_last_3d)
     return t.permute(0, 4, 1, 2, 3).reshape(batch, tasks * channels, height, width)
 
 
