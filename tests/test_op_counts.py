@@ -64,3 +64,22 @@ def test_fused_omniglot_step_stays_within_its_op_budget(one_thread):
     counter = count_step("fused", CONFIGS["omniglot_5w1s"])
     total = sum(counter.counts.values())
     assert total <= FUSED_OMNIGLOT_OPS, dict(counter.phase_counts)
+
+
+# The same for the narrow ResNet-12 step (benchmarks/RESULTS.md: 2076 before BatchNorm+LeakyReLU and BatchNorm
+# alone ran on the compiled op, and before the shared-θ convolution kept its output channels-last).
+FUSED_RESNET12_NARROW_OPS = 525
+
+
+def test_fused_resnet12_step_stays_within_its_op_budget(one_thread):
+    from maml_fast.backends import available_backends
+    reasons = available_backends("cpu")["fused"]
+    if reasons:
+        pytest.skip("the fused backend cannot run here: " + "; ".join(reasons))
+    counter = count_step("fused", CONFIGS["resnet12_narrow_5w1s_32px"])
+    total = sum(counter.counts.values())
+    assert total <= FUSED_RESNET12_NARROW_OPS, dict(counter.phase_counts)
+    # every BatchNorm (4 per block, each run on the support and on the query set) on the compiled op
+    batch_norms = {name: n for name, n in counter.counts.items() if "batch_norm" in str(name)}
+    assert batch_norms == {"maml_fast.batch_norm_relu.default": 32, "maml_fast.batch_norm_relu_backward.default": 48,
+                           "maml_fast.batch_norm_relu_double_backward.default": 16}, batch_norms
