@@ -123,15 +123,18 @@ def _cases() -> list[Case]:
     case(op, "pair on the CPU", "pairs[0]", "ValueError",
          lambda torch, d: sot(torch, d, pairs=lambda torch, d, p: [p[0].cpu()]), devices=("cuda",))
 
-    # batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) on x [rows, C]
-    def bnr(torch, d, x=None, weight=None, bias=None, eps=1e-5):
+    # batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps, float negative_slope=0.0) on x [rows, C]
+    def bnr(torch, d, x=None, weight=None, bias=None, eps=1e-5, negative_slope=0.0):
         return (t(torch, d, 6, 4) if x is None else x, t(torch, d, 4) if weight is None else weight,
-                t(torch, d, 4) if bias is None else bias, eps)
+                t(torch, d, 4) if bias is None else bias, eps, negative_slope)
 
     op = "batch_norm_relu"
     case(op, "eps=-1", "eps", "ValueError", lambda torch, d: bnr(torch, d, eps=-1.0))
     case(op, "eps=inf", "eps", "ValueError", lambda torch, d: bnr(torch, d, eps=float("inf")))
     case(op, "eps=nan", "eps", "ValueError", lambda torch, d: bnr(torch, d, eps=float("nan")))
+    case(op, "negative_slope=-0.1", "negative_slope", "ValueError", lambda torch, d: bnr(torch, d, negative_slope=-0.1))
+    case(op, "negative_slope=nan", "negative_slope", "ValueError",
+         lambda torch, d: bnr(torch, d, negative_slope=float("nan")))
     case(op, "integer x", "x", "TypeError", lambda torch, d: bnr(torch, d, x=torch.ones(6, 4, dtype=torch.int32, device=d)))
     case(op, "3-D x", "x", "ValueError", lambda torch, d: bnr(torch, d, x=t(torch, d, 6, 4, 1)))
     case(op, "one row", "x", "ValueError", lambda torch, d: bnr(torch, d, x=t(torch, d, 1, 4)))
@@ -158,6 +161,8 @@ def _cases() -> list[Case]:
     case(op, "wrong weight shape", "weight", "ValueError", bnr_backward(weight=lambda torch, d: t(torch, d, 3)))
     case(op, "float32 mean of float64 x", "mean", "TypeError", bnr_backward(mean=lambda torch, d: t(torch, d, 4).float()))
     case(op, "wrong rstd shape", "rstd", "ValueError", bnr_backward(rstd=lambda torch, d: t(torch, d, 2, 2)))
+    case(op, "negative_slope=-1", "negative_slope", "ValueError",
+         lambda torch, d: (*bnr_saved(torch, d).values(), -1.0))
 
     def bnr_double(gg_x=None, gg_w=None, gg_b=None, **change):
         def build(torch, d):
@@ -173,6 +178,8 @@ def _cases() -> list[Case]:
          bnr_double(gg_w=lambda torch, d: t(torch, d, 4).float()))
     case(op, "wrong grad_grad_bias shape", "grad_grad_bias", "ValueError", bnr_double(gg_b=lambda torch, d: t(torch, d, 5)))
     case(op, "wrong grad_y shape", "grad_y", "ValueError", bnr_double(grad_y=lambda torch, d: t(torch, d, 6, 3)))
+    case(op, "negative_slope=inf", "negative_slope", "ValueError",
+         lambda torch, d: (*bnr_double()(torch, d), float("inf")))
 
     # batch_norm_relu_max_pool(x [B, H, W, C], weight, bias, eps)
     def pool(torch, d, x=None, weight=None, bias=None, eps=1e-5):
