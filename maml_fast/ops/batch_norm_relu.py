@@ -15,7 +15,7 @@ s >= 0 (ReLU: s = 0; s = 1, `IDENTITY_SLOPE`, is BatchNorm alone):
     S1 = sum(ggx P(gz)), S2 = sum(ggx x_hat):
       dL/dgy    = m (gamma r P(ggx) + gg_gamma x_hat + gg_beta)
       dL/dx     = gg_gamma r P(gz) - gamma r^2 [S1/N x_hat + mean(gz x_hat) P(ggx) + S2/N P(gz)]
-      dL/dgamma = r S1,    dL/dbeta = 0 (the mask is piecewise constant)
+      dL/dgamma = r S1,    dL/dbeta = 0 (m is piecewise constant)
 
 These are `norm._BatchNormRows`'s formulas with gy replaced by gz = m gy. The compiled operators
 (``torch.ops.maml_fast.batch_norm_relu{,_backward,_double_backward}``, CPU and CUDA) evaluate them
@@ -140,7 +140,7 @@ class _BatchNormReluRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, negative_slope):
         y, mean, rstd = torch.ops.maml_fast.batch_norm_relu(x, weight, bias, eps, negative_slope)
-        # x_hat is not kept: the backward recomputes it from x, mean and rstd; y gives the mask.
+        # x_hat is not kept: the backward recomputes it from x, mean and rstd; y gives m.
         ctx.save_for_backward(x, weight, y, mean, rstd)
         ctx.eps, ctx.negative_slope = eps, negative_slope
         return y
@@ -158,8 +158,8 @@ class _BatchNormReluRowsBackward(torch.autograd.Function):
 
     mean and rstd are x's cached statistics and y supplies the activation's derivative m: none of them is
     differentiated. x is the differentiable input and the double backward returns the true
-    derivative with respect to it (statistics included). y gets no gradient: the mask is piecewise
-    constant (so does the bias, which enters the backward only through the mask).
+    derivative with respect to it (statistics included). y gets no gradient: m is piecewise
+    constant (so does the bias, which enters the backward only through m).
 
     The double backward runs the double-backward op, except when autograd records it (a third
     derivative was asked for: ``create_graph=True`` around the second backward); then the same
