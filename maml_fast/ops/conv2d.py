@@ -76,6 +76,15 @@ def _tasks_as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
     return t.view(batch, tasks, channels // tasks, height, width).permute(0, 2, 3, 4, 1)
 
 
+def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding, bias=None) -> torch.Tensor:
+    """The convolution of every task's block of ``x [B, T*C, H, W]`` with the one weight ``theta [O, C, kh, kw]``
+    (and the one ``bias [O]``), as one dense convolution: the tasks a depth dimension of kernel size 1, a view
+    of channels-last x. Its gradient with respect to theta is summed over the tasks by the convolution."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv3d(_tasks_as_depth(x, tasks), theta.unsqueeze(-1), bias, stride=(*stride, 1), padding=(*padding, 0))
+    return _tasks_from_depth(y)
+
+
 def _tasks_from_depth(t: torch.Tensor) -> torch.Tensor:
     """The inverse of `_tasks_as_depth`: ``[B, C, H, W, T]`` as the channels-last ``[B, T*C, H, W]``: a view
     of a channels-last-3d t (oneDNN's output), else one copy into that layout (PyTorch's 1x1x1 conv3d on one
@@ -156,10 +165,8 @@ class TorchConvPrimitives:
         tasks, out_ch, in_ch = weight.shape[:3]
         if self.shares_weight(weight):
             shared_bias = bias is None or bias.stride(0) == 0
-            y = F.conv3d(_tasks_as_depth(self._layout(x), tasks), weight[0].unsqueeze(-1),
-                         None if bias is None or not shared_bias else bias[0],
-                         stride=(*geo.stride, 1), padding=(*geo.padding, 0))
-            y = _tasks_from_depth(y)
+            y = shared_conv2d(x, weight[0], tasks, geo.stride, geo.padding,
+                              None if bias is None or not shared_bias else bias[0])
             return y if shared_bias else y + bias.reshape(1, -1, 1, 1)
         operands = [(self._layout(x), 1), (weight, None)]
         if bias is not None:

@@ -180,21 +180,11 @@ def correction(x_patches: torch.Tensor, update: Update, geo: conv_ops.ConvGeomet
     return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), batch, geo.output_hw())
 
 
-def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding) -> torch.Tensor:
-    """The convolution of every task's block of ``x [B, T*C, H, W]`` with the one weight
-    ``theta [O, C, kh, kw]``, as one dense convolution (the tasks a depth dimension of kernel size 1, a
-    view of channels-last x: `maml_fast.ops.conv2d`): its gradient with respect to theta is summed over
-    the tasks by the convolution itself."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = F.conv3d(conv_ops._tasks_as_depth(x, tasks), theta.unsqueeze(-1), stride=(*stride, 1), padding=(*padding, 0))
-    return conv_ops._tasks_from_depth(y)
-
-
 def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, stride=1, padding=0,
                     primitives=conv_ops.TORCH_CONV) -> torch.Tensor:
     """``conv2d(x, weight.dense(), bias)``. A weight with updates, or one whose layer keeps them factored
     (the first use of a recording weight asks ``primitives.factors_updates``; it then records ``(x, y)``
-    in ``weight.tape``): one `shared_conv2d` with θ and one `correction` per update. Otherwise the
+    in ``weight.tape``): one `conv_ops.shared_conv2d` with θ and one `correction` per update. Otherwise the
     plain per-task convolution with θ expanded."""
     geo = _geometry(weight.tasks, weight.theta.shape[2:], stride, padding, x)
     tape, theta = weight.tape, weight.theta
@@ -209,7 +199,7 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     if x.dim() != 4 or x.shape[1] != weight.tasks * weight.theta.shape[1]:
         raise ValueError(f"x must have shape [batch, tasks*in_channels={weight.tasks * weight.theta.shape[1]}, H, W] "
                          f"for weight {tuple(weight.shape)}, got {tuple(x.shape)}")
-    y = shared_conv2d(x, theta, weight.tasks, geo.stride, geo.padding)
+    y = conv_ops.shared_conv2d(x, theta, weight.tasks, geo.stride, geo.padding)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     x_patches = _patches(x, geo) if weight.updates else None  # (once for all updates)
