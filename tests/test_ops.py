@@ -238,7 +238,8 @@ def test_shared_weight_primitives_match_the_grouped_call(case, dtype, threads):
     """The forward (with a shared, a per-task and no bias) and the input gradient of a weight expanded over
     the tasks, run as one convolution with the tasks as depth, equal the grouped call on the same weight
     materialized per task, channels-last like it (on one thread PyTorch's 1x1 conv3d returns another
-    layout); the weight gradient does not read the weight and stays the grouped call."""
+    layout); the weight gradient does not read the weight and stays the grouped call (per task: autograd
+    sums it over the tasks)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -265,6 +266,52 @@ def _check_shared_weight_primitives(case, dtype):
     grad_x = prims.input_grad(g, shared, geo)
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(grad_x, prims.input_grad(g, per_task, geo), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_shared_weight_gradient_is_the_per_task_gradients_summed(case, dtype):
+    geo, xs, ws, ys = _geometry(case)
+    x, g = rand(*xs, dtype=dtype, grad=False), rand(*ys, dtype=dtype, grad=False)
+    grad_theta = conv_ops.SHARED_WEIGHT.weight_grad(x, g, geo)
+    assert grad_theta.shape == ws[1:]
+    if dtype == torch.float32:  # oneDNN's layout (PyTorch's float64 fallback returns contiguous)
+        assert grad_theta.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad_theta, conv_ops.TORCH_CONV.weight_grad(x, g, geo).sum(0), **TOLERANCES[dtype])
+
+
+def _autograd_node_names(tensors) -> set[str]:
+    """The names of every node in the autograd graph behind `tensors`."""
+    names, seen, stack = set(), set(), [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4]])
+def test_shared_conv2d_differentiates_through_its_own_primitives_to_second_order(case):
+    """`shared_conv2d` (θ shared by the tasks, as the factored fast weights read it) equals the per-task
+    reference with θ expanded, to second order; its derivatives are the shared primitives again, not
+    PyTorch's conv3d autograd (whose double backward computes weight gradients as slow convolutions)."""
+    x, weight, _, stride, pad = _conv_inputs(case)
+    theta, tasks = weight[0].detach().requires_grad_(), weight.shape[0]
+
+    def op(x, theta):
+        return conv_ops.shared_conv2d(x, theta, tasks, stride, pad)
+
+    def ref(x, theta):
+        return conv_ops.conv2d_reference(x, theta.expand(tasks, *theta.shape), None, stride, pad)
+    assert_same_function(op, ref, (x, theta), torch.float64)
+    check_grads(op, (x, theta))
+    y = op(x, theta)
+    grads = torch.autograd.grad((y * torch.randn_like(y)).sum(), (x, theta), create_graph=True)
+    names = _autograd_node_names(grads)
+    assert {"_ConvInputGradBackward", "_ConvWeightGradBackward"} <= names and "ConvolutionBackward0" not in names
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]])

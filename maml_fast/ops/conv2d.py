@@ -76,15 +76,6 @@ def _tasks_as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
     return t.view(batch, tasks, channels // tasks, height, width).permute(0, 2, 3, 4, 1)
 
 
-def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding, bias=None) -> torch.Tensor:
-    """The convolution of every task's block of ``x [B, T*C, H, W]`` with the one weight ``theta [O, C, kh, kw]``
-    (and the one ``bias [O]``), as one dense convolution: the tasks a depth dimension of kernel size 1, a view
-    of channels-last x. Its gradient with respect to theta is summed over the tasks by the convolution."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = F.conv3d(_tasks_as_depth(x, tasks), theta.unsqueeze(-1), bias, stride=(*stride, 1), padding=(*padding, 0))
-    return _tasks_from_depth(y)
-
-
 def _tasks_from_depth(t: torch.Tensor) -> torch.Tensor:
     """The inverse of `_tasks_as_depth`: ``[B, C, H, W, T]`` as the channels-last ``[B, T*C, H, W]``: a view
     of a channels-last-3d t (oneDNN's output), else one copy into that layout (PyTorch's 1x1x1 conv3d on one
@@ -92,6 +83,57 @@ def _tasks_from_depth(t: torch.Tensor) -> torch.Tensor:
     batch, channels, height, width, tasks = t.shape
     t = t.contiguous(memory_format=torch.channels_last_3d)
     return t.permute(0, 4, 1, 2, 3).reshape(batch, tasks * channels, height, width)
+
+
+class SharedWeightPrimitives:
+    """The three primitives of one weight θ ``[O, C, kh, kw]`` that every task shares, each one dense
+    convolution over all the tasks, the tasks a depth dimension of kernel size 1 (`_tasks_as_depth`, a
+    view of channels-last activations): the weight gradient comes out summed over the tasks. Through
+    `conv2d_forward` and its siblings they are differentiable to any order, the double backward's weight
+    gradients being oneDNN's too (PyTorch's double backward of ``conv3d`` computes them as convolutions
+    with batch and channels swapped, several times slower)."""
+
+    @staticmethod
+    def prepare_weight(theta: torch.Tensor) -> torch.Tensor:
+        """θ channels-last on the CPU (oneDNN's dense convolutions are up to 2.7x slower with a contiguous
+        weight, benchmarks/RESULTS.md), contiguous elsewhere."""
+        layout = torch.channels_last if theta.device.type == "cpu" else torch.contiguous_format
+        return theta.contiguous(memory_format=layout)
+
+    @staticmethod
+    def _as_depth(t: torch.Tensor, tasks: int) -> torch.Tensor:
+        return _tasks_as_depth(t.contiguous(memory_format=torch.channels_last), tasks)
+
+    def forward(self, x, theta, geo: ConvGeometry, bias=None):
+        """Every task's block of x convolved with θ, plus the one ``bias [O]``."""
+        return _tasks_from_depth(F.conv3d(self._as_depth(x, geo.tasks), theta.unsqueeze(-1), bias,
+                                          stride=(*geo.stride, 1), padding=(*geo.padding, 0)))
+
+    def input_grad(self, grad_out, theta, geo: ConvGeometry):
+        return _tasks_from_depth(F.conv_transpose3d(
+            self._as_depth(grad_out, geo.tasks), theta.unsqueeze(-1), stride=(*geo.stride, 1),
+            padding=(*geo.padding, 0), output_padding=(*geo.output_padding(), 0)))
+
+    def weight_grad(self, x, grad_out, geo: ConvGeometry):
+        """``[O, C, kh, kw]``, summed over the tasks (channels-last where oneDNN computes it)."""
+        out_ch, in_ch = grad_out.shape[1] // geo.tasks, x.shape[1] // geo.tasks
+        layout = torch.channels_last_3d if x.device.type == "cpu" else torch.contiguous_format
+        weight_shape = torch.empty((out_ch, in_ch, *geo.kernel_hw, 1), dtype=x.dtype, device=x.device,
+                                   memory_format=layout)
+        return torch.ops.aten.convolution_backward(
+            self._as_depth(grad_out, geo.tasks), self._as_depth(x, geo.tasks), weight_shape, None,
+            [*geo.stride, 1], [*geo.padding, 0], [1, 1, 1], False, [0, 0, 0], 1, [False, True, False])[1].squeeze(-1)
+
+
+SHARED_WEIGHT = SharedWeightPrimitives()
+
+
+def shared_conv2d(x: torch.Tensor, theta: torch.Tensor, tasks: int, stride, padding) -> torch.Tensor:
+    """The convolution of every task's block of ``x [B, T*C, H, W]`` with the one weight ``theta [O, C, kh,
+    kw]`` (`SharedWeightPrimitives`), differentiable to any order; θ's gradient is summed over the tasks."""
+    geo = ConvGeometry(tasks, _pair(stride, "stride"), _pair(padding, "padding"), tuple(x.shape[2:]),
+                       tuple(theta.shape[2:]))
+    return conv2d_forward(x, SHARED_WEIGHT.prepare_weight(theta), geo, SHARED_WEIGHT)
 
 
 class TorchConvPrimitives:
@@ -165,8 +207,7 @@ class TorchConvPrimitives:
         tasks, out_ch, in_ch = weight.shape[:3]
         if self.shares_weight(weight):
             shared_bias = bias is None or bias.stride(0) == 0
-            y = shared_conv2d(x, weight[0], tasks, geo.stride, geo.padding,
-                              None if bias is None or not shared_bias else bias[0])
+            y = SHARED_WEIGHT.forward(x, weight[0], geo, None if bias is None or not shared_bias else bias[0])
             return y if shared_bias else y + bias.reshape(1, -1, 1, 1)
         operands = [(self._layout(x), 1), (weight, None)]
         if bias is not None:
@@ -179,9 +220,7 @@ class TorchConvPrimitives:
     def input_grad(self, grad_out, weight, geo: ConvGeometry):
         tasks, out_ch, in_ch = weight.shape[:3]
         if self.shares_weight(weight):
-            return _tasks_from_depth(F.conv_transpose3d(
-                _tasks_as_depth(self._layout(grad_out), tasks), weight[0].unsqueeze(-1), stride=(*geo.stride, 1),
-                padding=(*geo.padding, 0), output_padding=(*geo.output_padding(), 0)))
+            return SHARED_WEIGHT.input_grad(grad_out, weight[0], geo)
 
         def dgrad(g, w, *, groups):
             return F.conv_transpose2d(g, w, stride=geo.stride, padding=geo.padding,
