@@ -1,13 +1,16 @@
 """maml_fast/ops/low_rank_conv.py: a conv weight kept as θ and its inner-loop updates.
 
 Its materialised weight (`LowRankFastWeight.dense`) is checked against autograd's weight gradient of the
-plain per-task convolution; the factored convolution (`low_rank_conv2d`) against the convolution with that
-weight, in float64, on awkward geometries, to second order (gradcheck, gradgradcheck); and the tape: which
-layers record, and what."""
+plain per-task convolution; the products of the patches (`patch_products`) against F.unfold's patches; the
+factored convolution (`low_rank_conv2d`) against the convolution with that weight, in float64, on awkward
+geometries, to second order (gradcheck, gradgradcheck); and the tape: which layers record, and what."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maml_fast.ops import conv2d as conv_ops
 from maml_fast.ops import low_rank_conv
@@ -33,6 +36,44 @@ def make_weight(tasks, in_ch, out_ch, kernel, stride, padding, size, support, up
         terms = tuple(tuple(t.requires_grad_() for t in term) for term in terms)
     return LowRankFastWeight(theta, tasks, terms, expanded=None if updates else theta.expand(tasks, *theta.shape),
                              max_updates=max(updates, 1))
+
+
+def unfolded_patches(x, geo):
+    """The definition of P(x): ``[T, B*Ho*Wo, C*kh*kw]``, each task's kh x kw patches of x, a row per output
+    pixel (F.unfold)."""
+    batch, tasks = x.shape[0], geo.tasks
+    columns = F.unfold(x, geo.kernel_hw, padding=geo.padding, stride=geo.stride)  # [B, T*C*kh*kw, Ho*Wo]
+    return columns.view(batch, tasks, -1, columns.shape[-1]).permute(1, 0, 3, 2).reshape(
+        tasks, batch * columns.shape[-1], -1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("update_hw", [None, (6, 5)])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_patch_products_are_the_products_of_the_unfolded_patches(geometry, update_hw, channels_last):
+    tasks, in_ch, _, kernel, stride, padding, size, support, query = geometry
+    geo = conv_ops.ConvGeometry(tasks, (stride, stride), (padding, padding), size, kernel)
+    update_geo = dataclasses.replace(geo, input_hw=update_hw or size)
+    x = torch.randn(query, tasks * in_ch, *size, dtype=torch.float64)
+    x_update = torch.randn(support, tasks * in_ch, *update_geo.input_hw, dtype=torch.float64)
+    if channels_last:
+        x, x_update = (t.contiguous(memory_format=torch.channels_last) for t in (x, x_update))
+    expected = torch.bmm(unfolded_patches(x, geo), unfolded_patches(x_update, update_geo).transpose(1, 2))
+    got = low_rank_conv.patch_products(x, x_update, geo, update_geo)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:])
+def test_patch_products_gradcheck_and_gradgradcheck(geometry):
+    tasks, in_ch, _, kernel, stride, padding, size, support, query = geometry
+    geo = conv_ops.ConvGeometry(tasks, (stride, stride), (padding, padding), size, kernel)
+    inputs = (torch.randn(query, tasks * in_ch, *size, dtype=torch.float64, requires_grad=True),
+              torch.randn(support, tasks * in_ch, *size, dtype=torch.float64, requires_grad=True))
+
+    def products(x, x_update):
+        return low_rank_conv.patch_products(x, x_update, geo, geo)
+    assert torch.autograd.gradcheck(products, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(products, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -72,8 +113,8 @@ def test_factored_conv_gradcheck_and_gradgradcheck(geometry):
     def conv(x, theta, *flat):
         updates = tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
         return low_rank_conv2d(x, LowRankFastWeight(theta, tasks, updates), None, stride, padding)
-    assert torch.autograd.gradcheck(conv, leaves)
-    assert torch.autograd.gradgradcheck(conv, leaves)
+    assert torch.autograd.gradcheck(conv, leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(conv, leaves, fast_mode=True)
 
 
 class _Decides:

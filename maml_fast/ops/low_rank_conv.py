@@ -29,7 +29,6 @@ input and output (``tape``), the output being what the inner gradient is taken w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -145,13 +144,31 @@ def _geometry(tasks: int, kernel_hw, stride, padding, x: torch.Tensor) -> conv_o
                                  tuple(x.shape[2:]), tuple(kernel_hw))
 
 
-def _patches(x: torch.Tensor, geo: conv_ops.ConvGeometry) -> torch.Tensor:
-    """``[T, B*Ho*Wo, C*kh*kw]``: each task's patches of ``x [B, T*C, H, W]``, a row per output pixel,
-    in the weight's (C, kh, kw) order."""
-    batch, tasks = x.shape[0], geo.tasks
-    columns = F.unfold(x, geo.kernel_hw, padding=geo.padding, stride=geo.stride)  # [B, T*C*kh*kw, Ho*Wo]
-    pixels = columns.shape[-1]
-    return columns.view(batch, tasks, -1, pixels).permute(1, 0, 3, 2).reshape(tasks, batch * pixels, -1)
+def _pixel_rows(x: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``[T, B*H*W, C]``: each task's channels of ``x [B, T*C, H, W]``, a row per pixel (a view of
+    channels-last x)."""
+    batch, channels, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch * height * width, tasks, channels // tasks).transpose(0, 1)
+
+
+def patch_products(x: torch.Tensor, x_update: torch.Tensor, geo: conv_ops.ConvGeometry,
+                   update_geo: conv_ops.ConvGeometry) -> torch.Tensor:
+    """``P(x) P(x_j)^T``, ``[T, B*Ho*Wo, Bj*Ho_j*Wo_j]``: the inner product of every kh x kw patch of x
+    (geometry `geo`) with every patch of x_j (`update_geo`), per task, rows in (image, pixel) order. Two
+    patches' product is the sum, over the kernel positions, of the products of the pixels they hold there;
+    so it is taken from the products of all pixel pairs, one matrix product over the channels, summed along
+    the kh*kw shifted diagonals: kh*kw times fewer FLOPs than multiplying the patches, and no patch copies."""
+    tasks = geo.tasks
+    pixels = torch.bmm(_pixel_rows(x, tasks), _pixel_rows(x_update, tasks).transpose(1, 2))
+    pixels = pixels.view(tasks, x.shape[0], *geo.input_hw, x_update.shape[0], *update_geo.input_hw)
+    (ph, pw), (sh, sw), (kh, kw) = geo.padding, geo.stride, geo.kernel_hw
+    pixels = F.pad(pixels, (pw, pw, ph, ph, 0, 0, pw, pw, ph, ph))  # (zero padding: its products are zero)
+    (ho, wo), (hu, wu) = geo.output_hw(), update_geo.output_hw()
+    terms = [pixels[:, :, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw,
+                    :, dy:dy + sh * (hu - 1) + 1:sh, dx:dx + sw * (wu - 1) + 1:sw]
+             for dy in range(kh) for dx in range(kw)]
+    products = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+    return products.reshape(tasks, x.shape[0] * ho * wo, x_update.shape[0] * hu * wu)
 
 
 def _rows(y: torch.Tensor, tasks: int) -> torch.Tensor:
@@ -170,14 +187,13 @@ def _from_rows(rows: torch.Tensor, batch: int, output_hw: tuple[int, int]) -> to
             .reshape(batch, height, width, tasks * out_ch).permute(0, 3, 1, 2))
 
 
-def correction(x_patches: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> torch.Tensor:
-    """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``, from x's `_patches`: the
-    convolution of x with the update's weight ``lr gy_j^T P(x_j)``, through its factors."""
+def correction(x: torch.Tensor, update: Update, geo: conv_ops.ConvGeometry) -> torch.Tensor:
+    """``lr (P(x) P(x_j)^T) gy_j`` of one update, ``[B, T*O, Ho, Wo]``: the convolution of x with the
+    update's weight ``lr gy_j^T P(x_j)``, through its factors."""
     lr, x_update, grad_y = update
     update_geo = dataclasses.replace(geo, input_hw=tuple(x_update.shape[2:]))
-    kernel = torch.bmm(x_patches, _patches(x_update, update_geo).transpose(1, 2))
-    batch = x_patches.shape[1] // math.prod(geo.output_hw())
-    return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), batch, geo.output_hw())
+    kernel = patch_products(x, x_update, geo, update_geo)
+    return lr * _from_rows(torch.bmm(kernel, _rows(grad_y, geo.tasks)), x.shape[0], geo.output_hw())
 
 
 def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, stride=1, padding=0,
@@ -202,9 +218,8 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     y = conv_ops.shared_conv2d(x, theta, weight.tasks, geo.stride, geo.padding)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
-    x_patches = _patches(x, geo) if weight.updates else None  # (once for all updates)
     for update in weight.updates:
-        y = y - correction(x_patches, update, geo)
+        y = y - correction(x, update, geo)
     if tape is not None:
         tape.uses.append((x, y))
     return y
