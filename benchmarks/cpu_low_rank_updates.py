@@ -26,7 +26,7 @@ from maml_fast.ops import conv2d as conv_ops
 from .bench_table import environment, time_peers
 
 # (channels, image side, support images per task)
-LAYERS = ((640, 4, 5), (640, 4, 10), (640, 4, 20), (640, 4, 40), (320, 8, 5))
+LAYERS = ((640, 4, 5), (640, 4, 10), (640, 4, 20), (640, 4, 40), (320, 8, 5), (320, 8, 10), (320, 8, 20))
 TASKS, WAYS = 8, 5
 FRACTIONS = {"factored": float("inf"), "materialised": 0.0}
 

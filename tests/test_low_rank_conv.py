@@ -181,3 +181,27 @@ def test_flatten_and_unflatten_round_trip():
         assert copy.theta is original.theta and copy.expanded is original.expanded and copy.tasks == original.tasks
         assert copy.max_updates == original.max_updates
         assert all(a is b for u, v in zip(original.updates, copy.updates, strict=True) for a, b in zip(u, v))
+
+
+# ResNet-12's per-task-weight convs on 32-px images, T=8, 5 support images: (in, out, kernel, input side)
+RESNET12_32PX_CONVS = [(64, 64, 3, 32), (160, 160, 3, 16), (160, 320, 3, 8), (320, 320, 3, 8), (160, 320, 1, 8),
+                       (320, 640, 3, 4), (640, 640, 3, 4), (320, 640, 1, 4)]
+
+
+@pytest.mark.parametrize("steps,factored", [
+    (1, {(320, 320, 3, 8), (320, 640, 3, 4), (640, 640, 3, 4), (320, 640, 1, 4)}),
+    (2, {(320, 640, 3, 4), (640, 640, 3, 4), (320, 640, 1, 4)}),
+    (5, {(320, 640, 3, 4), (640, 640, 3, 4)}),
+    (9, set()),
+])
+def test_which_resnet12_convs_keep_their_updates_factored_on_the_cpu(steps, factored):
+    """Wide layers (256 x 256 channels or more) whose updates' rank, 5 support images x output pixels x
+    steps, is at most the weight's smaller side (the README's "most convs of ResNet-12's last two blocks")."""
+    tasks, support = 8, 5
+    decided = set()
+    for in_ch, out_ch, kernel, side in RESNET12_32PX_CONVS:
+        geo = conv_ops.ConvGeometry(tasks, (1, 1), (kernel // 2,) * 2, (side, side), (kernel, kernel))
+        x = torch.empty(support, tasks * in_ch, side, side)
+        if conv_ops.TORCH_CONV.factors_updates(x, geo, out_ch, steps):
+            decided.add((in_ch, out_ch, kernel, side))
+    assert decided == factored

@@ -155,7 +155,7 @@ class TorchConvPrimitives:
     #: A wide (`per_task`) layer keeps its inner-loop updates factored (`maml_fast.ops.low_rank_conv`) when
     #: the rank they reach, support pixels per task x inner steps, is at most this fraction of the
     #: weight's smaller side (benchmarks/RESULTS.md).
-    low_rank_max_fraction = 0.25
+    low_rank_max_fraction = 1.0
 
     def per_task(self, t: torch.Tensor, in_ch: int, out_ch: int) -> bool:
         return t.device.type == "cpu" and in_ch * out_ch >= self.per_task_min_channels
