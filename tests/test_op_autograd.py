@@ -42,15 +42,14 @@ def pool_inputs(dtype=torch.float64):
 LABELS = torch.tensor([[0, 3, 1], [2, 2, 0]])
 
 
-def cases(dtype, negative_slope=0.0):
+def cases(dtype, slope=0.0):
     """name -> (the op's OpOverload, a function of differentiable leaves, those leaves, the op's own
     arguments for opcheck). The functions compose the backward ops with their forward op; the BatchNorm+ReLU
-    ops take `negative_slope` (LeakyReLU where > 0)."""
+    ops take the negative `slope` (LeakyReLU where > 0)."""
     g = torch.Generator().manual_seed(2)
     x, w, b = bn_inputs(dtype)
     gy, ggx, ggw, ggb = leaf(7, 3, dtype=dtype, generator=g), leaf(7, 3, dtype=dtype, generator=g), \
         leaf(3, dtype=dtype, generator=g), leaf(3, dtype=dtype, generator=g)
-    slope = negative_slope
     y, mean, rstd = (t.detach() for t in ops.batch_norm_relu(x, w, b, EPS, slope))
 
     def bn_backward(gy, x, w, b):

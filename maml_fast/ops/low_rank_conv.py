@@ -207,8 +207,8 @@ def low_rank_conv2d(x: torch.Tensor, weight: LowRankFastWeight, bias=None, strid
     if tape is not None and tape.factored is None:
         factors = getattr(primitives, "factors_updates", None)
         tape.factored = bool(factors and factors(x, geo, theta.shape[0], weight.max_updates))
-        if tape.factored and theta.is_cpu:
-            tape.theta = theta.contiguous(memory_format=torch.channels_last)
+        if tape.factored:
+            tape.theta = conv_ops.SHARED_WEIGHT.prepare_weight(theta)
     if not weight.updates and not (tape and tape.factored):
         return conv_ops.conv2d(x, weight.expanded, bias, stride, padding, primitives)
     theta = tape.theta if tape is not None and tape.theta is not None else theta
